@@ -1,0 +1,22 @@
+"""lshrs: vector similarity search over the database you already have.
+
+A locality-sensitive-hash index lives in Redis; vectors stay in your store
+(Postgres, any SQLAlchemy database, Redis, or memory) and are fetched only to
+rerank a query's few best candidates by exact cosine.
+"""
+
+from ._config import IndexConfig, collision_probability
+from ._lshrs import LSHRS
+from ._types import Hit, ProgressCallback, Rows, VectorStore, WritableStore
+
+__all__ = [
+    "LSHRS",
+    "Hit",
+    "IndexConfig",
+    "ProgressCallback",
+    "Rows",
+    "VectorStore",
+    "WritableStore",
+    "collision_probability",
+]
+__version__ = "0.1.0"

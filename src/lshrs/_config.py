@@ -1,0 +1,76 @@
+"""Index configuration: defaults, the banding model, and its stored JSON form."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+
+#: Bump when the Redis layout changes incompatibly.
+LAYOUT_VERSION = 1
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_MAX_BANDS = 48
+_MIN_BANDS = 8
+
+
+def choose_rows(expected_size: int) -> int:
+    """Rows per band grow with log2 of the corpus, so the share of the corpus a
+    random query collides with stays roughly constant as it grows."""
+    return min(16, max(8, round(math.log2(max(expected_size, 2))) - 7))
+
+
+def choose_bands(threshold: float, rows: int, target: float = 0.9) -> int:
+    """Fewest bands for which a neighbour at cosine ``threshold`` shares at least
+    one band with the query with probability ``target`` (random hyperplanes:
+    one bit agrees with p = 1 - theta/pi, a band with p**rows, some band with
+    1 - (1 - p**rows)**bands). Multi-probe raises the real figure above this."""
+    p = 1.0 - math.acos(threshold) / math.pi
+    band_hit = p**rows
+    bands = math.ceil(math.log(1.0 - target) / math.log(1.0 - band_hit))
+    return min(_MAX_BANDS, max(_MIN_BANDS, bands))
+
+
+def collision_probability(cosine: float, rows: int, bands: int) -> float:
+    """Chance that a vector at ``cosine`` to the query lands in a shared bucket."""
+    p = 1.0 - math.acos(max(-1.0, min(1.0, cosine))) / math.pi
+    return 1.0 - (1.0 - p**rows) ** bands
+
+
+def check_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
+        raise ValueError(
+            f"prefix {prefix!r} is not allowed: use 1-64 characters from "
+            "letters, digits, '_', '-' and '.' (no braces, spaces or ':')"
+        )
+    return prefix
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """What two clients must agree on to share an index. Stored as JSON in Redis."""
+
+    dim: int
+    num_bands: int
+    rows_per_band: int
+    seed: int
+    shards: int
+    layout: int = LAYOUT_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> IndexConfig:
+        data = json.loads(raw)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: int(v) for k, v in data.items() if k in names})
+
+    def conflicts(self, stored: IndexConfig, given: set[str]) -> list[str]:
+        """Fields the caller set explicitly that differ from the stored index."""
+        return [
+            f"{name}: given {getattr(self, name)}, stored {getattr(stored, name)}"
+            for name in sorted(given | {"dim", "layout"})
+            if getattr(self, name) != getattr(stored, name)
+        ]

@@ -1,0 +1,41 @@
+"""Opening a Redis or Redis Cluster client from a URL, and checking a given one."""
+
+from __future__ import annotations
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+
+from ._index import Client
+
+
+async def connect(url: str, timeout: float | None) -> Client:
+    """A client for ``url``; a node that reports cluster mode gets a cluster client,
+    so the same URL form works for both."""
+    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    pool = BlockingConnectionPool.from_url(url, max_connections=64, **options)
+    single: Redis[bytes] = Redis.from_pool(pool)
+    try:
+        info = await single.info("cluster")
+    except BaseException:
+        await single.aclose()
+        raise
+    if not info.get("cluster_enabled"):
+        return single
+    await single.aclose()
+    cluster: RedisCluster[bytes] = RedisCluster.from_url(url, **options)
+    await cluster.initialize()
+    return cluster
+
+
+def check_client(client: object) -> Client:
+    if not isinstance(client, (Redis, RedisCluster)):
+        raise TypeError(
+            "redis= takes a redis.asyncio.Redis or redis.asyncio.cluster.RedisCluster "
+            f"client, got {type(client).__name__}"
+        )
+    if client.get_encoder().decode_responses:
+        raise TypeError(
+            "the Redis client decodes responses to str; lshrs stores binary "
+            "signatures: create it with decode_responses=False"
+        )
+    return client

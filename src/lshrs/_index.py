@@ -1,0 +1,137 @@
+"""The Redis side of the index: key layout, sharding, and the scripts that write
+and read it. Knows nothing of vectors; it moves ids and packed signatures."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import numpy.typing as npt
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from . import _scripts
+from ._hashing import Bands
+
+Client = Union["Redis[bytes]", "RedisCluster[bytes]"]
+IdArray = npt.NDArray[np.int64]
+ByteArray = npt.NDArray[np.uint8]
+
+#: Ids per script call: keeps each atomic step short so other clients are not
+#: stalled behind a long script.
+WRITE_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Candidates:
+    ids: IdArray
+    signatures: ByteArray  # (n, signature_bytes)
+
+
+def meta_keys(prefix: str) -> tuple[str, str]:
+    """Configuration and projection keys; one hash tag, so one script sees both."""
+    return f"{{{prefix}}}:cfg", f"{{{prefix}}}:proj"
+
+
+class ShardedIndex:
+    """Ids spread over ``shards`` key groups; each group is one hash tag, hence
+    one cluster slot, so per-shard scripts are atomic and run on one node."""
+
+    def __init__(
+        self, client: Client, prefix: str, shards: int, bands: Bands, max_in_flight: int = 64
+    ) -> None:
+        self._client = client
+        # Bounds the calls in flight, so thousands of concurrent tasks queue here
+        # instead of exhausting the client's connection pool.
+        self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._prefix = prefix
+        self._shards = shards
+        self._bands = bands
+        self._upsert = client.register_script(_scripts.UPSERT)
+        self._delete = client.register_script(_scripts.DELETE)
+        self._query = client.register_script(_scripts.QUERY)
+
+    def signature_key(self, shard: int) -> str:
+        return f"{{{self._prefix}:{shard}}}:s"
+
+    def bucket_base(self, shard: int) -> bytes:
+        return f"{{{self._prefix}:{shard}}}:b".encode()
+
+    def shard_of(self, ids: IdArray) -> npt.NDArray[np.int64]:
+        return np.mod(ids, self._shards)
+
+    def _static_args(self, shard: int) -> list[Any]:
+        return [self.bucket_base(shard), self._bands.band_bytes, self._bands.num_bands]
+
+    async def _per_shard(
+        self, ids: IdArray, payload: Sequence[Any] | None, script: Any
+    ) -> int:
+        """Run ``script`` over ``ids`` (and their payload) in chunks, shards concurrently."""
+        shard_of = self.shard_of(ids)
+        calls = []
+        for shard in range(self._shards):
+            rows = np.flatnonzero(shard_of == shard)
+            for start in range(0, len(rows), WRITE_CHUNK):
+                chunk = rows[start : start + WRITE_CHUNK]
+                args = self._static_args(shard)
+                for row in chunk:
+                    args.append(int(ids[row]))
+                    if payload is not None:
+                        args.append(payload[row])
+                calls.append(self._call(script, self.signature_key(shard), args))
+        results = await asyncio.gather(*calls)
+        return sum(int(r) for r in results)
+
+    async def _call(self, script: Any, key: str, args: list[Any]) -> Any:
+        async with self._in_flight:
+            return await script(keys=[key], args=args)
+
+    async def upsert(self, ids: IdArray, signatures: ByteArray) -> int:
+        """Insert or replace; returns how many ids changed (same signature: no-op)."""
+        packed = [row.tobytes() for row in signatures]
+        return await self._per_shard(ids, packed, self._upsert)
+
+    async def delete(self, ids: IdArray) -> int:
+        """Remove every bucket membership and the signature; returns how many existed."""
+        return await self._per_shard(ids, None, self._delete)
+
+    async def signatures(self, ids: IdArray) -> list[bytes | None]:
+        """Stored signatures of ``ids`` (None where absent), in order."""
+        shard_of = self.shard_of(ids)
+        out: list[bytes | None] = [None] * len(ids)
+
+        async def read(shard: int) -> None:
+            rows = np.flatnonzero(shard_of == shard)
+            if len(rows):
+                async with self._in_flight:
+                    got = await self._client.hmget(self.signature_key(shard), [int(i) for i in ids[rows]])
+                for row, sig in zip(rows, got):
+                    out[row] = sig
+
+        await asyncio.gather(*(read(s) for s in range(self._shards)))
+        return out
+
+    async def candidates(self, probe_keys: list[bytes], cap: int) -> Candidates:
+        """Ids in the probed buckets with their signatures: one script per shard,
+        all shards at once."""
+        replies = await asyncio.gather(
+            *(
+                self._call(self._query, self.signature_key(shard), [self.bucket_base(shard), cap, *probe_keys])
+                for shard in range(self._shards)
+            )
+        )
+        width = self._bands.signature_bytes
+        ids = [np.array(reply[0].split(), dtype=np.int64) for reply in replies if reply[0]]
+        sigs = [np.frombuffer(reply[1], dtype=np.uint8) for reply in replies if reply[0]]
+        if not ids:
+            return Candidates(np.empty(0, np.int64), np.empty((0, width), np.uint8))
+        return Candidates(np.concatenate(ids), np.concatenate(sigs).reshape(-1, width))
+
+    async def count(self) -> int:
+        counts = await asyncio.gather(
+            *(self._client.hlen(self.signature_key(s)) for s in range(self._shards))
+        )
+        return int(sum(counts))

@@ -1,0 +1,360 @@
+"""``LSHRS``: hash vectors, keep the buckets in Redis, rerank through a store."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import numpy as np
+import numpy.typing as npt
+
+from . import _progress, _scripts
+from ._config import IndexConfig, check_prefix, choose_bands, choose_rows
+from ._connect import check_client, connect
+from ._hashing import Bands, hamming, make_projection, probe_keys, project
+from ._index import Client, ShardedIndex, meta_keys
+from ._types import Hit, ProgressCallback, Rows, VectorStore, WritableStore
+from ._validate import as_id, as_ids, as_vectors, check_batch, check_top
+
+FloatArray = npt.NDArray[np.float32]
+
+#: Batches at least this large are hashed in a worker thread, off the event loop.
+_THREAD_ROWS = 256
+
+
+class LSHRS:
+    """A locality-sensitive-hash index in Redis over vectors kept in a store.
+
+    Every argument is keyword-only and defaulted but ``dim``. Left as None,
+    ``num_bands`` and ``rows_per_band`` follow from ``threshold`` (the cosine a
+    neighbour should have to be found with probability 0.9 by exact buckets
+    alone) and ``expected_size``; ``seed`` defaults to 0 and ``shards`` to 1.
+    Opening a prefix that already holds an index adopts its configuration;
+    explicitly given values that differ raise ``ValueError``.
+
+    Use it as ``async with LSHRS(dim=384) as lsh:``, or call :meth:`open`
+    (also done on first use) and :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        redis_url: str | None = None,
+        redis: Any = None,
+        prefix: str = "lshrs",
+        store: VectorStore | None = None,
+        num_bands: int | None = None,
+        rows_per_band: int | None = None,
+        threshold: float = 0.75,
+        expected_size: int = 1_000_000,
+        seed: int | None = None,
+        shards: int | None = None,
+        probes: int | None = None,
+        rerank: int = 256,
+        max_candidates: int = 50_000,
+        batch_size: int = 10_000,
+        timeout: float | None = 10.0,
+        progress: bool | ProgressCallback | None = None,
+    ) -> None:
+        _positive_int("dim", dim)
+        if redis_url is not None and redis is not None:
+            raise ValueError("pass redis_url or redis, not both")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be a cosine in (0, 1), got {threshold}")
+        for name, value in (("rerank", rerank), ("max_candidates", max_candidates),
+                            ("batch_size", batch_size), ("expected_size", expected_size)):
+            _positive_int(name, value)
+        given = {"num_bands": num_bands, "rows_per_band": rows_per_band, "seed": seed, "shards": shards}
+        self._explicit = {name for name, value in given.items() if value is not None}
+        rows = rows_per_band if rows_per_band is not None else choose_rows(expected_size)
+        _positive_int("rows_per_band", rows, most=64)
+        bands = num_bands if num_bands is not None else choose_bands(threshold, rows)
+        _positive_int("num_bands", bands, most=255)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        _positive_int("shards", shards if shards is not None else 1, most=4096)
+        if probes is not None:
+            _positive_int("probes", probes, least=0)
+        self._wanted = IndexConfig(
+            dim=dim, num_bands=bands, rows_per_band=rows,
+            seed=seed if seed is not None else 0, shards=shards if shards is not None else 1,
+        )  # fmt: skip
+        self._prefix = check_prefix(prefix)
+        self._url = redis_url or "redis://localhost:6379/0"
+        self._given_client = check_client(redis) if redis is not None else None
+        self._client: Client | None = None
+        self._store = store
+        self._probes = probes
+        self._rerank = rerank
+        self._max_candidates = max_candidates
+        self._batch_size = batch_size
+        self._timeout = timeout
+        self._progress = _progress.resolve(progress)
+        self._open_lock = asyncio.Lock()
+        self._opened: tuple[IndexConfig, Bands, FloatArray, ShardedIndex] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> LSHRS:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Connect, then adopt the stored configuration or store this one."""
+        async with self._open_lock:
+            if self._opened is None:
+                self._opened = await self._open()
+
+    async def _open(self) -> tuple[IndexConfig, Bands, FloatArray, ShardedIndex]:
+        client = self._given_client or await connect(self._url, self._timeout)
+        self._client = client
+        cfg_key, proj_key = meta_keys(self._prefix)
+        raw_cfg = await client.get(cfg_key)
+        if raw_cfg is None:
+            wanted = self._wanted
+            matrix = make_projection(wanted.dim, wanted.num_bands * wanted.rows_per_band, wanted.seed)
+            opener = client.register_script(_scripts.OPEN)
+            raw_cfg, raw_proj = await opener(keys=[cfg_key, proj_key], args=[wanted.to_json(), matrix.tobytes()])
+        else:
+            raw_proj = await client.get(proj_key)
+        stored = IndexConfig.from_json(raw_cfg)
+        conflicts = self._wanted.conflicts(stored, self._explicit)
+        if conflicts:
+            raise ValueError(
+                f"prefix {self._prefix!r} holds an index with another configuration "
+                f"({'; '.join(conflicts)}): open it without those arguments to adopt it, "
+                "or use another prefix"
+            )
+        bands = Bands(stored.num_bands, stored.rows_per_band)
+        if raw_proj is None or len(raw_proj) != 4 * stored.dim * bands.num_bits:
+            raise ValueError(f"prefix {self._prefix!r} has a damaged projection matrix; drop the index")
+        projection = np.frombuffer(raw_proj, dtype=np.float32).reshape(stored.dim, bands.num_bits)
+        if self._store is not None:
+            store_dim = await self._store.dimension()
+            if store_dim is not None and store_dim != stored.dim:
+                raise ValueError(f"the store holds {store_dim}-d vectors but the index is {stored.dim}-d")
+        return stored, bands, projection, ShardedIndex(client, self._prefix, stored.shards, bands)
+
+    async def close(self) -> None:
+        """Close the Redis client lshrs opened (not one passed in) and the store."""
+        client, self._client, self._opened = self._client, None, None
+        if client is not None and client is not self._given_client:
+            await client.aclose()
+        if self._store is not None:
+            await self._store.close()
+
+    async def _ready(self) -> tuple[IndexConfig, Bands, FloatArray, ShardedIndex]:
+        if self._opened is None:
+            await self.open()
+        assert self._opened is not None
+        return self._opened
+
+    @property
+    def config(self) -> IndexConfig:
+        """The configuration in force (the stored one once open)."""
+        return self._opened[0] if self._opened else self._wanted
+
+    @property
+    def store(self) -> VectorStore | None:
+        return self._store
+
+    # -- writing -------------------------------------------------------------------
+
+    async def _signatures(self, vectors: FloatArray) -> npt.NDArray[np.uint8]:
+        _, bands, projection, _ = await self._ready()
+
+        def work() -> npt.NDArray[np.uint8]:
+            return bands.pack(project(vectors, projection) > 0)
+
+        if len(vectors) >= _THREAD_ROWS:
+            return await anyio.to_thread.run_sync(work)
+        return work()
+
+    async def index(
+        self,
+        ids: Iterable[int] | npt.NDArray[np.integer[Any]] | None = None,
+        vectors: Any = None,
+        *,
+        texts: Sequence[str | None] | None = None,
+        progress: bool | ProgressCallback | None = None,
+    ) -> int:
+        """Add or replace a batch; with no arguments, stream every row of the store.
+
+        Returns how many vectors were read. Re-running a build is idempotent:
+        ids whose signature is unchanged cost one lookup and no write.
+        """
+        config, *_ = await self._ready()
+        report = _progress.resolve(progress) if progress is not None else self._progress
+        if ids is None and vectors is None:
+            return await self._index_store(report)
+        if ids is None or vectors is None:
+            raise TypeError("index() takes both ids and vectors, or neither (to read the store)")
+        id_array = as_ids(ids)
+        matrix = as_vectors(vectors, config.dim)
+        check_batch(id_array, matrix, texts)
+        if isinstance(self._store, WritableStore):
+            await self._store.put(id_array, matrix, texts)
+        for start in range(0, len(id_array), self._batch_size):
+            stop = start + self._batch_size
+            await self._write(id_array[start:stop], matrix[start:stop])
+            if report:
+                report(min(stop, len(id_array)), len(id_array))
+        return len(id_array)
+
+    async def _index_store(self, report: ProgressCallback | None) -> int:
+        """Read batch i+1 while batch i is hashed and written."""
+        store = self._require_store("index() with no arguments")
+        config, *_ = await self._ready()
+        total = await store.count()
+        send, receive = anyio.create_memory_object_stream[Rows](1)
+        done = 0
+
+        async def read() -> None:
+            async with send:
+                async for rows in store.batches(self._batch_size):
+                    await send.send(rows)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(read)
+            async with receive:
+                async for rows in receive:
+                    if len(rows):
+                        await self._write(rows.ids, as_vectors(rows.vectors, config.dim))
+                    done += len(rows)
+                    if report:
+                        report(done, total)
+        return done
+
+    async def _write(self, ids: npt.NDArray[np.int64], vectors: FloatArray) -> None:
+        *_, index = await self._ready()
+        await index.upsert(ids, await self._signatures(vectors))
+
+    async def ingest(self, id: int, vector: Any, *, text: str | None = None) -> None:
+        """Insert one id, or replace it (it moves to its new buckets)."""
+        await self.index([as_id(id)], vector, texts=None if text is None else [text])
+
+    async def delete(self, ids: Iterable[int] | npt.NDArray[np.integer[Any]]) -> int:
+        """Remove every trace of ``ids``; returns how many were indexed (unknown
+        ids are ignored, so ``len(ids) - result`` of them were not there)."""
+        id_array = np.unique(as_ids(ids, unique=False))
+        if len(id_array) == 0:
+            return 0
+        *_, index = await self._ready()
+        removed = await index.delete(id_array)
+        if isinstance(self._store, WritableStore):
+            await self._store.remove(id_array)
+        return removed
+
+    # -- reading -------------------------------------------------------------------
+
+    async def count(self) -> int:
+        """How many ids the index holds."""
+        *_, index = await self._ready()
+        return await index.count()
+
+    async def query(self, vector: Any, *, top_k: int = 10, top_p: float | None = None) -> list[Hit]:
+        """Nearest ids to ``vector``, best first.
+
+        With a store, candidates are reranked by exact cosine; ``top_p`` keeps the
+        best fraction of that reranked pool (``top_k`` still caps it). Without a
+        store, scores are LSH estimates (``Hit.exact`` is False).
+        """
+        config, *_ = await self._ready()
+        matrix = as_vectors(vector, config.dim, what="vector")
+        if len(matrix) != 1:
+            raise ValueError(f"query() takes one vector, got {len(matrix)}; use query_many()")
+        return (await self.query_many(matrix, top_k=top_k, top_p=top_p))[0]
+
+    async def query_many(
+        self, vectors: Any, *, top_k: int = 10, top_p: float | None = None
+    ) -> list[list[Hit]]:
+        """Many queries at once: one matrix product, Redis reads in flight
+        together, and one store round trip for all their candidates."""
+        check_top(top_k, top_p)
+        if top_p is not None:
+            self._require_store("top_p")
+        config, bands, projection, index = await self._ready()
+        matrix = as_vectors(vectors, config.dim)
+        margins = project(matrix, projection)
+        signatures = bands.pack(margins > 0)
+        probes = self._probes if self._probes is not None else 2 * bands.num_bands
+        found = await asyncio.gather(
+            *(index.candidates(probe_keys(bands, m, probes), self._max_candidates) for m in margins)
+        )
+        shortlists = []
+        for candidates, signature in zip(found, signatures):
+            distance = hamming(candidates.signatures, signature)
+            keep = min(len(distance), self._rerank if self._store is not None else top_k)
+            best = np.argpartition(distance, keep - 1)[:keep] if keep else np.empty(0, np.int64)
+            best = best[np.lexsort((candidates.ids[best], distance[best]))]
+            shortlists.append((candidates.ids[best], distance[best]))
+        if self._store is None:
+            return [
+                [Hit(int(i), float(np.cos(np.pi * d / bands.num_bits)), None, False) for i, d in zip(ids, dist)]
+                for ids, dist in shortlists
+            ]
+        return await self._rerank_exact(matrix, [ids for ids, _ in shortlists], top_k, top_p)
+
+    async def _rerank_exact(
+        self, queries: FloatArray, shortlists: list[npt.NDArray[np.int64]], top_k: int, top_p: float | None
+    ) -> list[list[Hit]]:
+        assert self._store is not None
+        wanted = np.unique(np.concatenate(shortlists)) if shortlists else np.empty(0, np.int64)
+        rows = await self._store.fetch(wanted) if len(wanted) else Rows(wanted, np.empty((0, queries.shape[1]), np.float32))
+        order = np.argsort(rows.ids, kind="stable")
+        sorted_ids = rows.ids[order]
+        norms = np.linalg.norm(rows.vectors, axis=1)
+        norms[norms == 0] = 1.0
+        unit = rows.vectors / norms[:, None]
+        results = []
+        for query, ids in zip(queries, shortlists):
+            at = np.searchsorted(sorted_ids, ids)
+            present = (at < len(sorted_ids)) & (sorted_ids[np.minimum(at, len(sorted_ids) - 1)] == ids)
+            rows_of = order[at[present]]
+            scores = unit[rows_of] @ (query / np.linalg.norm(query))
+            keep = len(scores) if top_p is None else math.ceil(top_p * len(scores))
+            best = np.lexsort((rows.ids[rows_of], -scores))[: min(top_k, keep)]
+            results.append([
+                Hit(int(rows.ids[rows_of[i]]), float(scores[i]),
+                    rows.texts[rows_of[i]] if rows.texts is not None else None)
+                for i in best
+            ])  # fmt: skip
+        return results
+
+    def _require_store(self, what: str) -> VectorStore:
+        if self._store is None:
+            raise ValueError(f"{what} needs a store: pass store= to LSHRS (e.g. InMemoryStore())")
+        return self._store
+
+    async def drop(self) -> int:
+        """Delete every key of this prefix (a keyspace scan: for tearing down)."""
+        config, *_ = await self._ready()
+        client = self._client
+        assert client is not None
+        deleted = 0
+        patterns = [f"{{{self._prefix}}}:*"] + [f"{{{self._prefix}:{s}}}:*" for s in range(config.shards)]
+        for pattern in patterns:  # one hash tag per pattern, so one slot per DEL
+            keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
+            for start in range(0, len(keys), 500):
+                deleted += await client.delete(*keys[start : start + 500])
+        self._opened = None
+        return deleted
+
+
+def _positive_int(name: str, value: Any, most: int | None = None, least: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < least or (most is not None and value > most):
+        bound = f" and at most {most}" if most is not None else ""
+        raise ValueError(f"{name} must be at least {least}{bound}, got {value}")

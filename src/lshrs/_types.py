@@ -1,0 +1,78 @@
+"""Public value types and the storage protocol the adapters implement."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One search result. ``exact`` is False when ``score`` is the LSH estimate
+    of cosine (no store to rerank with), True when it is the exact cosine."""
+
+    id: int
+    score: float
+    text: str | None = None
+    exact: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """Vectors a store returned: ``ids[i]`` owns ``vectors[i]`` and ``texts[i]``.
+    Ids the store does not have are simply absent."""
+
+    ids: npt.NDArray[np.int64]
+    vectors: npt.NDArray[np.float32]
+    texts: Sequence[str | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+#: Called after each written batch with (vectors done, total or None if unknown).
+ProgressCallback = Callable[[int, "int | None"], None]
+
+
+@runtime_checkable
+class VectorStore(Protocol):
+    """Where the vectors live. lshrs keeps only hashes; it asks the store for
+    vectors to rerank candidates and, for ``LSHRS.index()``, to stream a build."""
+
+    async def dimension(self) -> int | None:
+        """The vector dimension, or None while the store is empty and does not know."""
+        ...
+
+    async def fetch(self, ids: npt.NDArray[np.int64]) -> Rows:
+        """Vectors (and texts, if the store has them) of ``ids``, in one round trip."""
+        ...
+
+    def batches(self, batch_size: int) -> AsyncIterator[Rows]:
+        """Every row, in batches, for a full build."""
+        ...
+
+    async def count(self) -> int | None:
+        """How many rows a full build will read, if cheap to know."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class WritableStore(VectorStore, Protocol):
+    """A store that lshrs owns and keeps in step with the index (in-memory,
+    Redis). Vectors are written before the index points at them, and removed
+    after the index forgets them, so the index never names a missing vector."""
+
+    async def put(
+        self,
+        ids: npt.NDArray[np.int64],
+        vectors: npt.NDArray[np.float32],
+        texts: Sequence[str | None] | None = None,
+    ) -> None: ...
+
+    async def remove(self, ids: npt.NDArray[np.int64]) -> None: ...

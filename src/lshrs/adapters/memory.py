@@ -1,0 +1,99 @@
+"""``InMemoryStore``: vectors in one numpy array, the embedded default and the
+fastest baseline. lshrs owns it: index/ingest/delete keep it in step."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from .._types import Rows
+
+
+class InMemoryStore:
+    """Rows live in a growing float32 matrix; an id maps to its row."""
+
+    def __init__(self) -> None:
+        self._row_of: dict[int, int] = {}
+        self._ids = np.empty(0, dtype=np.int64)
+        self._vectors: npt.NDArray[np.float32] | None = None
+        self._texts: list[str | None] = []
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    async def dimension(self) -> int | None:
+        return None if self._vectors is None else self._vectors.shape[1]
+
+    async def count(self) -> int:
+        return self._size
+
+    async def close(self) -> None:
+        """Nothing to release; the data stays until the store is dropped."""
+
+    def _grow(self, needed: int, dim: int) -> None:
+        capacity = 0 if self._vectors is None else len(self._vectors)
+        if needed <= capacity:
+            return
+        capacity = max(needed, 2 * capacity, 1024)
+        vectors = np.empty((capacity, dim), dtype=np.float32)
+        ids = np.empty(capacity, dtype=np.int64)
+        if self._vectors is not None:
+            vectors[: self._size] = self._vectors[: self._size]
+            ids[: self._size] = self._ids[: self._size]
+        self._vectors, self._ids = vectors, ids
+
+    async def put(
+        self,
+        ids: npt.NDArray[np.int64],
+        vectors: npt.NDArray[np.float32],
+        texts: Sequence[str | None] | None = None,
+    ) -> None:
+        if self._vectors is not None and vectors.shape[1] != self._vectors.shape[1]:
+            raise ValueError(f"the store holds {self._vectors.shape[1]}-d vectors, got {vectors.shape[1]}-d")
+        self._grow(self._size + len(ids), vectors.shape[1])
+        assert self._vectors is not None
+        for i, id_ in enumerate(ids.tolist()):
+            row = self._row_of.get(id_)
+            if row is None:
+                row = self._row_of[id_] = self._size
+                self._size += 1
+                self._texts.append(None)
+                self._ids[row] = id_
+            self._vectors[row] = vectors[i]
+            self._texts[row] = texts[i] if texts is not None else None
+
+    async def remove(self, ids: npt.NDArray[np.int64]) -> None:
+        """Swap each removed row with the last one, so the matrix stays dense."""
+        for id_ in ids.tolist():
+            row = self._row_of.pop(id_, None)
+            if row is None:
+                continue
+            last = self._size - 1
+            if row != last:
+                assert self._vectors is not None
+                moved = int(self._ids[last])
+                self._vectors[row] = self._vectors[last]
+                self._ids[row] = moved
+                self._texts[row] = self._texts[last]
+                self._row_of[moved] = row
+            self._texts.pop()
+            self._size -= 1
+
+    async def fetch(self, ids: npt.NDArray[np.int64]) -> Rows:
+        rows = [r for r in map(self._row_of.get, ids.tolist()) if r is not None]
+        dim = 0 if self._vectors is None else self._vectors.shape[1]
+        if self._vectors is None or not rows:
+            return Rows(np.empty(0, np.int64), np.empty((0, dim), np.float32), [])
+        at = np.asarray(rows, dtype=np.int64)
+        return Rows(self._ids[at], self._vectors[at], [self._texts[r] for r in rows])
+
+    async def batches(self, batch_size: int) -> AsyncIterator[Rows]:
+        """Snapshots of consecutive rows; safe against removals during the build."""
+        for start in range(0, self._size, batch_size):
+            stop = min(start + batch_size, self._size)
+            assert self._vectors is not None
+            yield Rows(self._ids[start:stop].copy(), self._vectors[start:stop].copy(),
+                       self._texts[start:stop])  # fmt: skip
