@@ -114,7 +114,11 @@ class LSHRS:
         """Connect, then adopt the stored configuration or store this one."""
         async with self._open_lock:
             if self._opened is None:
-                self._opened = await self._open()
+                try:
+                    self._opened = await self._open()
+                except BaseException:
+                    await self.close()
+                    raise
 
     async def _open(self) -> tuple[IndexConfig, Bands, FloatArray, ShardedIndex]:
         client = self._given_client or await connect(self._url, self._timeout)
@@ -164,6 +168,10 @@ class LSHRS:
     def config(self) -> IndexConfig:
         """The configuration in force (the stored one once open)."""
         return self._opened[0] if self._opened else self._wanted
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
 
     @property
     def store(self) -> VectorStore | None:

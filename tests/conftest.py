@@ -1,0 +1,127 @@
+"""Fixtures: real Redis, Redis Cluster and PostgreSQL servers on loopback.
+
+Every test that takes ``redis_url`` runs twice: on a single Redis and on a
+3-master Redis Cluster, each emptied before the test.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from pytest_redis import factories
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from servers import postgres, redis_cluster
+
+from lshrs import LSHRS
+
+redis_proc = factories.redis_proc(port=None)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def cluster_ports() -> Iterator[list[int]]:
+    with redis_cluster(masters=3) as ports:
+        yield ports
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    with postgres() as dsn:
+        yield dsn
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def shards(backend: str) -> int:
+    """Default shard count of the suite: several on the cluster, to spread over nodes."""
+    return 4 if backend == "cluster" else 1
+
+
+@pytest.fixture
+async def redis_url(request: pytest.FixtureRequest, backend: str) -> AsyncIterator[str]:
+    """URL of an empty Redis: a single server, then a cluster."""
+    if backend == "redis":
+        proc = request.getfixturevalue("redis_proc")
+        url = f"redis://{proc.host}:{proc.port}/0"
+        client: Any = Redis.from_url(url)
+    else:
+        ports = request.getfixturevalue("cluster_ports")
+        url = f"redis://127.0.0.1:{ports[0]}/0"
+        client = RedisCluster.from_url(url)
+    await client.flushall()
+    await client.aclose()
+    yield url
+
+
+@pytest.fixture
+async def raw_redis(redis_url: str) -> AsyncIterator[Any]:
+    """A plain client on the same server(s), for inspecting the keyspace."""
+    client: Any = Redis.from_url(redis_url)
+    if (await client.info("cluster")).get("cluster_enabled"):
+        await client.aclose()
+        client = RedisCluster.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture
+async def make_lsh(redis_url: str, shards: int) -> AsyncIterator[Callable[..., Awaitable[LSHRS]]]:
+    """Opens LSHRS objects on the test's Redis and closes them afterwards."""
+    opened: list[LSHRS] = []
+
+    async def make(**options: Any) -> LSHRS:
+        options.setdefault("dim", 32)
+        options.setdefault("expected_size", 10_000)
+        options.setdefault("shards", shards)
+        lsh = LSHRS(redis_url=redis_url, **options)
+        await lsh.open()
+        opened.append(lsh)
+        return lsh
+
+    yield make
+    for lsh in opened:
+        await lsh.close()
+
+
+async def keyspace(client: Any) -> dict[bytes, Any]:
+    """Every key with its type and value: a dump to compare before and after."""
+    dump: dict[bytes, Any] = {}
+    async for key in client.scan_iter(count=1000):
+        kind = (await client.type(key)).decode()
+        if kind == "set":
+            dump[key] = ("set", frozenset(await client.smembers(key)))
+        elif kind == "hash":
+            dump[key] = ("hash", dict(await client.hgetall(key)))
+        else:
+            dump[key] = (kind, await client.get(key))
+    return dump
+
+
+def clustered(n: int, dim: int, *, centers: int = 50, spread: float = 0.15, seed: int = 7) -> np.ndarray:
+    """Unit vectors around random centres: a corpus with clear neighbourhoods."""
+    rng = np.random.default_rng(seed)
+    middle = rng.standard_normal((centers, dim))
+    points = middle[rng.integers(0, centers, n)] + spread * rng.standard_normal((n, dim))
+    return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute_force(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    unit = base / np.linalg.norm(base, axis=1, keepdims=True)
+    scores = queries @ unit.T
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]

@@ -1,0 +1,107 @@
+"""Real servers on loopback for the tests: a 3-master Redis Cluster and PostgreSQL.
+
+The single Redis comes from pytest-redis; these two have no such fixture that
+fits (cluster creation; PostgreSQL refusing to run as root), so they are run
+with mirakuru, the process executor pytest-redis and pytest-postgresql use.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import port_for
+from mirakuru import TCPExecutor
+
+
+def _free_port() -> int:
+    return int(port_for.select_random())
+
+
+@contextmanager
+def redis_cluster(masters: int = 3) -> Iterator[list[int]]:
+    """``masters`` redis-server nodes joined into one cluster; yields their ports."""
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        raise RuntimeError("redis-server is not installed: run scripts/install-servers.sh")
+    ports = [_free_port() for _ in range(masters)]
+    with ExitStack() as stack:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lshrs-cluster-")))
+        for port in ports:
+            node = root / str(port)
+            node.mkdir()
+            command = [
+                redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(node), "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+            ]  # fmt: skip
+            executor = TCPExecutor(command, host="127.0.0.1", port=port, timeout=30)
+            executor.start()
+            stack.callback(executor.stop)
+        addresses = [f"127.0.0.1:{p}" for p in ports]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        while not all(_cluster_ok(p) for p in ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok in 30 s")
+            time.sleep(0.1)
+        yield ports
+
+
+def _cluster_ok(port: int) -> bool:
+    out = subprocess.run(
+        ["redis-cli", "-p", str(port), "cluster", "info"], capture_output=True, text=True, check=False
+    ).stdout
+    return "cluster_state:ok" in out
+
+
+def _postgres_bin() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+    explicit = os.environ.get("LSHRS_PG_BIN")
+    if explicit:
+        return Path(explicit) / "postgres"
+    if not found:
+        raise RuntimeError("PostgreSQL server binaries not found: run scripts/install-servers.sh")
+    return Path(found[-1])
+
+
+@contextmanager
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL on a loopback port; yields a DSN for its superuser.
+    As root, the server runs as the ``postgres`` user (initdb refuses root)."""
+    bindir = _postgres_bin().parent
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    port = _free_port()
+    with ExitStack() as stack:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lshrs-pg-")))
+        if as_postgres:
+            shutil.chown(root, "postgres")
+        data = root / "data"
+        subprocess.run(
+            [*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+             "--no-sync", "-E", "UTF8"],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        command = [
+            *as_postgres, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(root),
+            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+            "-c", "full_page_writes=off",
+        ]  # fmt: skip
+        # SIGINT is PostgreSQL's fast shutdown; SIGTERM would wait for clients.
+        executor = TCPExecutor(command, host="127.0.0.1", port=port, timeout=60, stop_signal=signal.SIGINT)
+        executor.start()
+        stack.callback(executor.stop)
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"

@@ -1,0 +1,106 @@
+"""Bad input gets a clear error and leaves the index byte-for-byte unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import clustered, keyspace
+
+from lshrs import LSHRS
+from lshrs.adapters import InMemoryStore
+
+pytestmark = pytest.mark.anyio
+
+DIM = 32
+good = clustered(4, DIM, seed=11)
+nan_row = good.copy()
+nan_row[1, 3] = np.nan
+inf_row = good.copy()
+inf_row[2, 0] = np.inf
+zero_row = good.copy()
+zero_row[0] = 0.0
+
+Call = Callable[[LSHRS], Any]
+CASES: list[tuple[str, Call, type[Exception], str]] = [
+    ("wrong dim", lambda l: l.index([1, 2, 3, 4], good[:, :16]), ValueError, r"shape \(n, 32\)"),
+    ("3-d array", lambda l: l.index([1], good[None]), ValueError, "shape"),
+    ("NaN", lambda l: l.index([1, 2, 3, 4], nan_row), ValueError, "row 1 holds NaN"),
+    ("inf", lambda l: l.index([1, 2, 3, 4], inf_row), ValueError, "row 2 holds NaN or infinity"),
+    ("zero vector", lambda l: l.index([1, 2, 3, 4], zero_row), ValueError, "row 0 is all zeros"),
+    ("string vector", lambda l: l.ingest(1, "0.1 0.2"), TypeError, "must be numbers"),
+    ("string elements", lambda l: l.ingest(1, ["a"] * DIM), TypeError, "real numbers"),
+    ("bool vector", lambda l: l.ingest(1, [True] * DIM), TypeError, "real numbers"),
+    ("complex vector", lambda l: l.ingest(1, np.ones(DIM, complex)), TypeError, "real numbers"),
+    ("ragged", lambda l: l.index([1, 2], [[1.0] * DIM, [1.0]]), ValueError, "rectangular"),
+    ("float id", lambda l: l.ingest(1.5, good[0]), TypeError, "ids must be integers"),
+    ("string id", lambda l: l.ingest("7", good[0]), TypeError, "ids must be integers"),
+    ("bool id", lambda l: l.ingest(True, good[0]), TypeError, "ids must be integers"),
+    ("huge id", lambda l: l.ingest(2**63, good[0]), ValueError, "64-bit"),
+    ("huge uint64 ids", lambda l: l.index(np.array([2**63], np.uint64), good[:1]), ValueError, "64-bit"),
+    ("ids not a sequence", lambda l: l.index(5, good[:1]), TypeError, "sequence of integers"),
+    ("length mismatch", lambda l: l.index([1, 2, 3], good), ValueError, "3 ids but 4 vectors"),
+    ("texts mismatch", lambda l: l.index([1, 2, 3, 4], good, texts=["a"]), ValueError, "4 ids but 1 texts"),
+    ("empty batch", lambda l: l.index([], np.empty((0, DIM))), ValueError, "empty"),
+    ("duplicate ids", lambda l: l.index([1, 2, 2, 3], good), ValueError, "id 2 appears more than once"),
+    ("only ids", lambda l: l.index([1, 2], None), TypeError, "both ids and vectors"),
+    ("two vectors to ingest", lambda l: l.ingest(1, good[:2]), ValueError, "1 ids but 2 vectors"),
+    ("top_k 0", lambda l: l.query(good[0], top_k=0), ValueError, "top_k must be at least 1"),
+    ("top_k float", lambda l: l.query(good[0], top_k=2.5), TypeError, "top_k must be an integer"),
+    ("top_p 0", lambda l: l.query(good[0], top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
+    ("top_p above 1", lambda l: l.query(good[0], top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
+    ("query wrong dim", lambda l: l.query(np.ones(DIM + 1)), ValueError, "shape"),
+    ("query two vectors", lambda l: l.query(good[:2]), ValueError, "query_many"),
+    ("query NaN", lambda l: l.query(nan_row[1]), ValueError, "NaN"),
+    ("delete string id", lambda l: l.delete(["x"]), TypeError, "ids must be integers"),
+]
+
+
+@pytest.mark.parametrize(("name", "call", "error", "message"), CASES, ids=[c[0] for c in CASES])
+async def test_bad_input_is_refused_and_writes_nothing(
+    make_lsh: Any, raw_redis: Any, name: str, call: Call, error: type[Exception], message: str
+) -> None:
+    store = InMemoryStore()
+    lsh = await make_lsh(dim=DIM, store=store)
+    await lsh.index([100, 101], clustered(2, DIM, seed=3), texts=["a", "b"])
+    before = await keyspace(raw_redis)
+    with pytest.raises(error, match=message):
+        await call(lsh)
+    assert await keyspace(raw_redis) == before
+    assert len(store) == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"dim": 0}, ValueError, "dim must be at least 1"),
+        ({"dim": "384"}, TypeError, "dim must be an integer"),
+        ({"num_bands": 0}, ValueError, "num_bands"),
+        ({"num_bands": 300}, ValueError, "at most 255"),
+        ({"rows_per_band": 65}, ValueError, "at most 64"),
+        ({"threshold": 1.0}, ValueError, "threshold"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"shards": 0}, ValueError, "shards"),
+        ({"prefix": "a{b}"}, ValueError, "prefix"),
+        ({"prefix": ""}, ValueError, "prefix"),
+        ({"prefix": "a:b"}, ValueError, "prefix"),
+        ({"redis": object()}, TypeError, "redis.asyncio.Redis"),
+        ({"redis_url": "redis://x", "redis": object()}, ValueError, "not both"),
+        ({"progress": "yes"}, TypeError, "progress"),
+    ],
+)
+def test_bad_configuration_is_refused(options: dict[str, Any], error: type[Exception], message: str) -> None:
+    options.setdefault("dim", 8)
+    with pytest.raises(error, match=message):
+        LSHRS(**options)
+
+
+async def test_decoding_client_is_refused() -> None:
+    from redis.asyncio import Redis
+
+    client = Redis(decode_responses=True)
+    with pytest.raises(TypeError, match="decode_responses=False"):
+        LSHRS(dim=8, redis=client)
+    await client.aclose()

@@ -1,0 +1,206 @@
+"""The core contract on a real Redis and a real Redis Cluster (DESIGN sections 2-3)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import brute_force, clustered, keyspace
+
+from lshrs import LSHRS, Hit
+from lshrs.adapters import InMemoryStore
+
+pytestmark = pytest.mark.anyio
+
+
+async def index_state(client: Any, lsh: LSHRS) -> dict[int, bytes]:
+    """Signature records of the prefix, after checking that they and the bucket
+    sets agree exactly: every id sits in one bucket per band, the one its
+    signature names, and no bucket holds an id without a signature."""
+    signatures: dict[int, bytes] = {}
+    buckets: dict[tuple[bytes, int], set[int]] = {}
+    async for key in client.scan_iter(match=f"{{{lsh.prefix}:*}}:*", count=1000):
+        tag, kind = key.split(b"}:", 1)
+        if kind == b"s":
+            for id_, sig in (await client.hgetall(key)).items():
+                signatures[int(id_)] = sig
+        else:
+            assert kind.startswith(b"b"), key
+            buckets[(kind[1:], int(tag.rsplit(b":", 1)[1]))] = {int(m) for m in await client.smembers(key)}
+    assert all(buckets.values()), "an empty bucket set was left behind"
+    expected: dict[bytes, set[int]] = {}
+    width = (lsh.config.rows_per_band + 7) // 8
+    for id_, sig in signatures.items():
+        assert len(sig) == width * lsh.config.num_bands
+        for band in range(lsh.config.num_bands):
+            expected.setdefault(bytes((band,)) + sig[band * width : (band + 1) * width], set()).add(id_)
+    actual: dict[bytes, set[int]] = {}
+    for (suffix, _shard), members in buckets.items():
+        actual.setdefault(suffix, set()).update(members)
+    assert actual == expected
+    return signatures
+
+
+async def test_stored_vector_is_its_own_best_hit(make_lsh: Any) -> None:
+    base = clustered(500, 32)
+    lsh = await make_lsh(store=InMemoryStore())
+    assert await lsh.index(np.arange(500), base) == 500
+    for i in (0, 123, 499):
+        hits = await lsh.query(base[i], top_k=3)
+        assert hits[0].id == i
+        assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert hits[0].exact
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+async def test_recall_at_10_against_brute_force(make_lsh: Any) -> None:
+    base, queries = clustered(4000, 32, seed=1), clustered(100, 32, seed=1)[:100]
+    queries = queries + 0.05 * np.random.default_rng(3).standard_normal(queries.shape).astype(np.float32)
+    lsh = await make_lsh(store=InMemoryStore())
+    await lsh.index(np.arange(len(base)), base)
+    truth = brute_force(base, queries, 10)
+    results = await lsh.query_many(queries, top_k=10)
+    recall = np.mean([len({h.id for h in hits} & set(row)) / 10 for hits, row in zip(results, truth)])
+    assert recall >= 0.9, recall
+
+
+async def test_query_many_matches_single_queries(make_lsh: Any) -> None:
+    base = clustered(800, 32)
+    lsh = await make_lsh(store=InMemoryStore())
+    await lsh.index(np.arange(800), base)
+    many = await lsh.query_many(base[:20], top_k=5)
+    single = [await lsh.query(v, top_k=5) for v in base[:20]]
+    assert many == single
+
+
+async def test_without_store_scores_are_marked_estimates(make_lsh: Any) -> None:
+    base = clustered(300, 32)
+    lsh = await make_lsh()
+    await lsh.index(np.arange(300), base)
+    hits = await lsh.query(base[7], top_k=4)
+    assert hits[0] == Hit(7, 1.0, None, False)
+    assert all(not h.exact and -1.0 <= h.score <= 1.0 for h in hits)
+    with pytest.raises(ValueError, match="top_p needs a store"):
+        await lsh.query(base[7], top_p=0.5)
+
+
+async def test_top_p_keeps_a_fraction_of_the_reranked_pool(make_lsh: Any) -> None:
+    base = clustered(600, 32, centers=3)
+    lsh = await make_lsh(store=InMemoryStore(), rerank=40)
+    await lsh.index(np.arange(600), base)
+    everything = await lsh.query(base[0], top_k=1000)
+    assert len(everything) == 40
+    tenth = await lsh.query(base[0], top_k=1000, top_p=0.1)
+    assert tenth == everything[:4]
+    assert await lsh.query(base[0], top_k=2, top_p=0.5) == everything[:2]
+
+
+async def test_empty_index_returns_nothing(make_lsh: Any) -> None:
+    lsh = await make_lsh(store=InMemoryStore())
+    assert await lsh.query(np.ones(32), top_k=5) == []
+    assert await lsh.count() == 0
+
+
+async def test_delete_removes_every_trace(make_lsh: Any, raw_redis: Any) -> None:
+    base = clustered(300, 32)
+    lsh = await make_lsh(store=InMemoryStore())
+    await lsh.index(np.arange(300), base)
+    before = await index_state(raw_redis, lsh)
+    assert set(before) == set(range(300))
+    assert await lsh.delete([5, 6, 7, 10_000]) == 3
+    after = await index_state(raw_redis, lsh)
+    assert set(after) == set(range(300)) - {5, 6, 7}
+    dump = await keyspace(raw_redis)
+    for value in dump.values():
+        members = value[1] if value[0] == "set" else set(value[1]) if value[0] == "hash" else set()
+        assert not members & {b"5", b"6", b"7"}
+    assert all(h.id not in (5, 6, 7) for h in await lsh.query(base[5], top_k=50))
+    assert await lsh.delete(range(300)) == 297
+    assert {k for k in await keyspace(raw_redis) if not k.endswith((b":cfg", b":proj"))} == set()
+
+
+async def test_reingest_moves_an_id(make_lsh: Any, raw_redis: Any) -> None:
+    base = clustered(400, 32, centers=4)
+    lsh = await make_lsh(store=InMemoryStore())
+    await lsh.index(np.arange(400), base)
+    far = -base[0]
+    await lsh.ingest(0, far, text="moved")
+    state = await index_state(raw_redis, lsh)
+    assert len(state) == 400
+    hits = await lsh.query(far, top_k=1)
+    assert hits == [Hit(0, pytest.approx(1.0, abs=1e-5), "moved")]  # type: ignore[arg-type]
+    assert 0 not in {h.id for h in await lsh.query(base[0], top_k=10) if h.score > 0.99}
+    assert await lsh.count() == 400
+
+
+async def test_two_clients_share_a_prefix_and_conflicts_are_refused(make_lsh: Any) -> None:
+    base = clustered(200, 32)
+    first = await make_lsh(num_bands=12, rows_per_band=9, seed=5, store=InMemoryStore())
+    await first.index(np.arange(200), base)
+    second = await make_lsh(store=InMemoryStore())
+    assert second.config == first.config
+    await second.ingest(1000, base[3])
+    view = await make_lsh()  # no store: scores are signature agreement
+    hits = await view.query(base[3], top_k=2)
+    assert {h.id for h in hits} == {3, 1000}
+    assert [h.score for h in hits] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="num_bands: given 20, stored 12"):
+        await make_lsh(num_bands=20)
+    with pytest.raises(ValueError, match="dim: given 16, stored 32"):
+        await make_lsh(dim=16)
+    with pytest.raises(ValueError, match="seed"):
+        await make_lsh(seed=6)
+    other = await make_lsh(prefix="other", num_bands=20)
+    assert other.config.num_bands == 20
+
+
+async def test_reindex_is_idempotent(make_lsh: Any, raw_redis: Any) -> None:
+    base = clustered(300, 32)
+    lsh = await make_lsh()
+    await lsh.index(np.arange(300), base)
+    dump = await keyspace(raw_redis)
+    await lsh.index(np.arange(300), base)
+    assert await keyspace(raw_redis) == dump
+
+
+async def test_concurrent_tasks_end_like_a_dict_model(make_lsh: Any, raw_redis: Any) -> None:
+    """200 tasks on one loop, each doing its own random ingest/delete/query; ids
+    are owned by one task each so the final state is deterministic."""
+    vectors = clustered(1000, 32)
+    lsh = await make_lsh(store=InMemoryStore())
+    model: dict[int, int] = {}
+
+    async def worker(task: int) -> None:
+        rng = random.Random(task)
+        mine = [task * 5 + k for k in range(5)]
+        for _ in range(6):
+            id_ = rng.choice(mine)
+            action = rng.random()
+            if action < 0.5:
+                row = rng.randrange(1000)
+                await lsh.ingest(id_, vectors[row])
+                model[id_] = row
+            elif action < 0.75:
+                await lsh.delete([id_])
+                model.pop(id_, None)
+            else:
+                await lsh.query(vectors[rng.randrange(1000)], top_k=3)
+
+    await asyncio.gather(*(worker(t) for t in range(200)))
+    state = await index_state(raw_redis, lsh)
+    assert set(state) == set(model)
+    assert await lsh.count() == len(model)
+    for id_, row in list(model.items())[:30]:
+        assert (await lsh.query(vectors[row], top_k=1))[0].score == pytest.approx(1.0, abs=1e-5)
+    assert len(lsh.store) == len(model)  # type: ignore[arg-type]
+
+
+async def test_context_manager_opens_and_closes(redis_url: str) -> None:
+    async with LSHRS(dim=8, redis_url=redis_url, store=InMemoryStore()) as lsh:
+        await lsh.ingest(1, np.arange(1, 9))
+        assert (await lsh.query(np.arange(1, 9)))[0].id == 1
+    async with LSHRS(dim=8, redis_url=redis_url) as again:
+        assert await again.count() == 1
