@@ -15,14 +15,14 @@ import pytest
 from pytest_redis import factories
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from servers import postgres, redis_cluster
 
 from lshrs import LSHRS
+from servers import postgres, redis_cluster
 
 redis_proc = factories.redis_proc(port=None)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
 

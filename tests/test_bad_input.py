@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import clustered, keyspace
 
+from conftest import clustered, keyspace
 from lshrs import LSHRS
 from lshrs.adapters import InMemoryStore
 
@@ -25,36 +25,36 @@ zero_row[0] = 0.0
 
 Call = Callable[[LSHRS], Any]
 CASES: list[tuple[str, Call, type[Exception], str]] = [
-    ("wrong dim", lambda l: l.index([1, 2, 3, 4], good[:, :16]), ValueError, r"shape \(n, 32\)"),
-    ("3-d array", lambda l: l.index([1], good[None]), ValueError, "shape"),
-    ("NaN", lambda l: l.index([1, 2, 3, 4], nan_row), ValueError, "row 1 holds NaN"),
-    ("inf", lambda l: l.index([1, 2, 3, 4], inf_row), ValueError, "row 2 holds NaN or infinity"),
-    ("zero vector", lambda l: l.index([1, 2, 3, 4], zero_row), ValueError, "row 0 is all zeros"),
-    ("string vector", lambda l: l.ingest(1, "0.1 0.2"), TypeError, "must be numbers"),
-    ("string elements", lambda l: l.ingest(1, ["a"] * DIM), TypeError, "real numbers"),
-    ("bool vector", lambda l: l.ingest(1, [True] * DIM), TypeError, "real numbers"),
-    ("complex vector", lambda l: l.ingest(1, np.ones(DIM, complex)), TypeError, "real numbers"),
-    ("ragged", lambda l: l.index([1, 2], [[1.0] * DIM, [1.0]]), ValueError, "rectangular"),
-    ("float id", lambda l: l.ingest(1.5, good[0]), TypeError, "ids must be integers"),
-    ("string id", lambda l: l.ingest("7", good[0]), TypeError, "ids must be integers"),
-    ("bool id", lambda l: l.ingest(True, good[0]), TypeError, "ids must be integers"),
-    ("huge id", lambda l: l.ingest(2**63, good[0]), ValueError, "64-bit"),
-    ("huge uint64 ids", lambda l: l.index(np.array([2**63], np.uint64), good[:1]), ValueError, "64-bit"),
-    ("ids not a sequence", lambda l: l.index(5, good[:1]), TypeError, "sequence of integers"),
-    ("length mismatch", lambda l: l.index([1, 2, 3], good), ValueError, "3 ids but 4 vectors"),
-    ("texts mismatch", lambda l: l.index([1, 2, 3, 4], good, texts=["a"]), ValueError, "4 ids but 1 texts"),
-    ("empty batch", lambda l: l.index([], np.empty((0, DIM))), ValueError, "empty"),
-    ("duplicate ids", lambda l: l.index([1, 2, 2, 3], good), ValueError, "id 2 appears more than once"),
-    ("only ids", lambda l: l.index([1, 2], None), TypeError, "both ids and vectors"),
-    ("two vectors to ingest", lambda l: l.ingest(1, good[:2]), ValueError, "1 ids but 2 vectors"),
-    ("top_k 0", lambda l: l.query(good[0], top_k=0), ValueError, "top_k must be at least 1"),
-    ("top_k float", lambda l: l.query(good[0], top_k=2.5), TypeError, "top_k must be an integer"),
-    ("top_p 0", lambda l: l.query(good[0], top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
-    ("top_p above 1", lambda l: l.query(good[0], top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
-    ("query wrong dim", lambda l: l.query(np.ones(DIM + 1)), ValueError, "shape"),
-    ("query two vectors", lambda l: l.query(good[:2]), ValueError, "query_many"),
-    ("query NaN", lambda l: l.query(nan_row[1]), ValueError, "NaN"),
-    ("delete string id", lambda l: l.delete(["x"]), TypeError, "ids must be integers"),
+    ("wrong dim", lambda x: x.index([1, 2, 3, 4], good[:, :16]), ValueError, r"shape \(n, 32\)"),
+    ("3-d array", lambda x: x.index([1], good[None]), ValueError, "shape"),
+    ("NaN", lambda x: x.index([1, 2, 3, 4], nan_row), ValueError, "row 1 holds NaN"),
+    ("inf", lambda x: x.index([1, 2, 3, 4], inf_row), ValueError, "row 2 holds NaN or infinity"),
+    ("zero vector", lambda x: x.index([1, 2, 3, 4], zero_row), ValueError, "row 0 is all zeros"),
+    ("string vector", lambda x: x.ingest(1, "0.1 0.2"), TypeError, "must be numbers"),
+    ("string elements", lambda x: x.ingest(1, ["a"] * DIM), TypeError, "real numbers"),
+    ("bool vector", lambda x: x.ingest(1, [True] * DIM), TypeError, "real numbers"),
+    ("complex vector", lambda x: x.ingest(1, np.ones(DIM, complex)), TypeError, "real numbers"),
+    ("ragged", lambda x: x.index([1, 2], [[1.0] * DIM, [1.0]]), ValueError, "rectangular"),
+    ("float id", lambda x: x.ingest(1.5, good[0]), TypeError, "ids must be integers"),
+    ("string id", lambda x: x.ingest("7", good[0]), TypeError, "ids must be integers"),
+    ("bool id", lambda x: x.ingest(True, good[0]), TypeError, "ids must be integers"),
+    ("huge id", lambda x: x.ingest(2**63, good[0]), ValueError, "64-bit"),
+    ("huge uint64 ids", lambda x: x.index(np.array([2**63], np.uint64), good[:1]), ValueError, "64-bit"),
+    ("ids not a sequence", lambda x: x.index(5, good[:1]), TypeError, "sequence of integers"),
+    ("length mismatch", lambda x: x.index([1, 2, 3], good), ValueError, "3 ids but 4 vectors"),
+    ("texts mismatch", lambda x: x.index([1, 2, 3, 4], good, texts=["a"]), ValueError, "4 ids but 1 texts"),
+    ("empty batch", lambda x: x.index([], np.empty((0, DIM))), ValueError, "empty"),
+    ("duplicate ids", lambda x: x.index([1, 2, 2, 3], good), ValueError, "id 2 appears more than once"),
+    ("only ids", lambda x: x.index([1, 2], None), TypeError, "both ids and vectors"),
+    ("two vectors to ingest", lambda x: x.ingest(1, good[:2]), ValueError, "1 ids but 2 vectors"),
+    ("top_k 0", lambda x: x.query(good[0], top_k=0), ValueError, "top_k must be at least 1"),
+    ("top_k float", lambda x: x.query(good[0], top_k=2.5), TypeError, "top_k must be an integer"),
+    ("top_p 0", lambda x: x.query(good[0], top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
+    ("top_p above 1", lambda x: x.query(good[0], top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
+    ("query wrong dim", lambda x: x.query(np.ones(DIM + 1)), ValueError, "shape"),
+    ("query two vectors", lambda x: x.query(good[:2]), ValueError, "query_many"),
+    ("query NaN", lambda x: x.query(nan_row[1]), ValueError, "NaN"),
+    ("delete string id", lambda x: x.delete(["x"]), TypeError, "ids must be integers"),
 ]
 
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import clustered
 from redis.asyncio import Redis
 
+from conftest import clustered
 from lshrs import LSHRS
 from lshrs.adapters import InMemoryStore
 

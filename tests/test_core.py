@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import brute_force, clustered, keyspace
 
+from conftest import brute_force, clustered, keyspace
 from lshrs import LSHRS, Hit
 from lshrs.adapters import InMemoryStore
 
@@ -193,7 +193,7 @@ async def test_concurrent_tasks_end_like_a_dict_model(make_lsh: Any, raw_redis: 
     state = await index_state(raw_redis, lsh)
     assert set(state) == set(model)
     assert await lsh.count() == len(model)
-    for id_, row in list(model.items())[:30]:
+    for row in list(model.values())[:30]:
         assert (await lsh.query(vectors[row], top_k=1))[0].score == pytest.approx(1.0, abs=1e-5)
     assert len(lsh.store) == len(model)  # type: ignore[arg-type]
 

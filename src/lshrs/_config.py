@@ -62,7 +62,7 @@ class IndexConfig:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> IndexConfig:
+    def from_json(cls, raw: bytes | str) -> IndexConfig:
         data = json.loads(raw)
         names = {f.name for f in fields(cls)}
         return cls(**{k: int(v) for k, v in data.items() if k in names})

@@ -13,7 +13,7 @@ async def connect(url: str, timeout: float | None) -> Client:
     so the same URL form works for both."""
     options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     pool = BlockingConnectionPool.from_url(url, max_connections=64, **options)
-    single: Redis[bytes] = Redis.from_pool(pool)
+    single = Redis.from_pool(pool)
     try:
         info = await single.info("cluster")
     except BaseException:
@@ -22,7 +22,7 @@ async def connect(url: str, timeout: float | None) -> Client:
     if not info.get("cluster_enabled"):
         return single
     await single.aclose()
-    cluster: RedisCluster[bytes] = RedisCluster.from_url(url, **options)
+    cluster = RedisCluster.from_url(url, **options)
     await cluster.initialize()
     return cluster
 

@@ -68,7 +68,8 @@ def project(vectors: FloatArray, projection: FloatArray) -> FloatArray:
 
 def hamming(signatures: ByteArray, query: ByteArray) -> npt.NDArray[np.int64]:
     """Bit distance of every row of ``signatures`` to one ``query`` signature."""
-    return np.bitwise_count(signatures ^ query).sum(axis=1, dtype=np.int64)
+    distance: npt.NDArray[np.int64] = np.bitwise_count(signatures ^ query).sum(axis=1, dtype=np.int64)
+    return distance
 
 
 def _flip_masks(rows: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:

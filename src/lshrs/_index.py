@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -16,7 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 from . import _scripts
 from ._hashing import Bands
 
-Client = Union["Redis[bytes]", "RedisCluster[bytes]"]
+Client = Redis | RedisCluster
 IdArray = npt.NDArray[np.int64]
 ByteArray = npt.NDArray[np.uint8]
 
@@ -40,9 +40,7 @@ class ShardedIndex:
     """Ids spread over ``shards`` key groups; each group is one hash tag, hence
     one cluster slot, so per-shard scripts are atomic and run on one node."""
 
-    def __init__(
-        self, client: Client, prefix: str, shards: int, bands: Bands, max_in_flight: int = 64
-    ) -> None:
+    def __init__(self, client: Client, prefix: str, shards: int, bands: Bands, max_in_flight: int = 64) -> None:
         self._client = client
         # Bounds the calls in flight, so thousands of concurrent tasks queue here
         # instead of exhausting the client's connection pool.
@@ -66,9 +64,7 @@ class ShardedIndex:
     def _static_args(self, shard: int) -> list[Any]:
         return [self.bucket_base(shard), self._bands.band_bytes, self._bands.num_bands]
 
-    async def _per_shard(
-        self, ids: IdArray, payload: Sequence[Any] | None, script: Any
-    ) -> int:
+    async def _per_shard(self, ids: IdArray, payload: Sequence[Any] | None, script: Any) -> int:
         """Run ``script`` over ``ids`` (and their payload) in chunks, shards concurrently."""
         shard_of = self.shard_of(ids)
         calls = []
@@ -109,7 +105,7 @@ class ShardedIndex:
                 async with self._in_flight:
                     got = await self._client.hmget(self.signature_key(shard), [int(i) for i in ids[rows]])
                 for row, sig in zip(rows, got):
-                    out[row] = sig
+                    out[row] = sig if isinstance(sig, bytes) else None
 
         await asyncio.gather(*(read(s) for s in range(self._shards)))
         return out
@@ -131,7 +127,5 @@ class ShardedIndex:
         return Candidates(np.concatenate(ids), np.concatenate(sigs).reshape(-1, width))
 
     async def count(self) -> int:
-        counts = await asyncio.gather(
-            *(self._client.hlen(self.signature_key(s)) for s in range(self._shards))
-        )
+        counts = await asyncio.gather(*(self._client.hlen(self.signature_key(s)) for s in range(self._shards)))
         return int(sum(counts))

@@ -67,8 +67,12 @@ class LSHRS:
             raise ValueError("pass redis_url or redis, not both")
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be a cosine in (0, 1), got {threshold}")
-        for name, value in (("rerank", rerank), ("max_candidates", max_candidates),
-                            ("batch_size", batch_size), ("expected_size", expected_size)):
+        for name, value in (
+            ("rerank", rerank),
+            ("max_candidates", max_candidates),
+            ("batch_size", batch_size),
+            ("expected_size", expected_size),
+        ):
             _positive_int(name, value)
         given = {"num_bands": num_bands, "rows_per_band": rows_per_band, "seed": seed, "shards": shards}
         self._explicit = {name for name, value in given.items() if value is not None}
@@ -284,9 +288,7 @@ class LSHRS:
             raise ValueError(f"query() takes one vector, got {len(matrix)}; use query_many()")
         return (await self.query_many(matrix, top_k=top_k, top_p=top_p))[0]
 
-    async def query_many(
-        self, vectors: Any, *, top_k: int = 10, top_p: float | None = None
-    ) -> list[list[Hit]]:
+    async def query_many(self, vectors: Any, *, top_k: int = 10, top_p: float | None = None) -> list[list[Hit]]:
         """Many queries at once: one matrix product, Redis reads in flight
         together, and one store round trip for all their candidates."""
         check_top(top_k, top_p)
@@ -319,7 +321,11 @@ class LSHRS:
     ) -> list[list[Hit]]:
         assert self._store is not None
         wanted = np.unique(np.concatenate(shortlists)) if shortlists else np.empty(0, np.int64)
-        rows = await self._store.fetch(wanted) if len(wanted) else Rows(wanted, np.empty((0, queries.shape[1]), np.float32))
+        rows = (
+            await self._store.fetch(wanted)
+            if len(wanted)
+            else Rows(wanted, np.empty((0, queries.shape[1]), np.float32))
+        )
         order = np.argsort(rows.ids, kind="stable")
         sorted_ids = rows.ids[order]
         norms = np.linalg.norm(rows.vectors, axis=1)

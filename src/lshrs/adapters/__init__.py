@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .memory import InMemoryStore
+from ._memory import InMemoryStore
 
 if TYPE_CHECKING:
-    from .postgres import PostgresStore
-    from .redis import RedisStore
-    from .sqlalchemy import SQLAlchemyStore
+    from ._postgres import PostgresStore
+    from ._redis import RedisStore
+    from ._sqlalchemy import SQLAlchemyStore
 
 __all__ = ["InMemoryStore", "PostgresStore", "RedisStore", "SQLAlchemyStore"]
 
-_LAZY = {"PostgresStore": "postgres", "RedisStore": "redis", "SQLAlchemyStore": "sqlalchemy"}
+_LAZY = {"PostgresStore": "_postgres", "RedisStore": "_redis", "SQLAlchemyStore": "_sqlalchemy"}
 
 
 def __getattr__(name: str) -> Any:

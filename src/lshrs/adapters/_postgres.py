@@ -1,0 +1,140 @@
+"""``PostgresStore``: an existing table read through an asyncpg pool, never written."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .._types import Rows
+from ._codecs import decode, kind_of, quote_ident
+
+try:
+    import asyncpg
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("PostgresStore needs asyncpg: pip install 'lshrs[postgres]'") from exc
+
+logger = logging.getLogger("lshrs")
+
+_SEND = {"real[]": "array_send", "double precision[]": "array_send", "vector": "vector_send"}
+
+
+class PostgresStore:
+    """Rows of ``table`` (``id_column``, ``vector_column``, optional ``text_column``).
+
+    ``dsn_or_pool`` is a DSN (the store opens and closes its own pool) or an
+    ``asyncpg.Pool`` (left open). The vector column may be ``real[]``,
+    ``double precision[]``, ``bytea`` (little-endian float32) or pgvector
+    ``vector``; rows with a NULL vector are skipped and counted in
+    ``skipped_nulls``.
+    """
+
+    def __init__(
+        self,
+        dsn_or_pool: str | asyncpg.Pool,
+        *,
+        table: str,
+        id_column: str = "id",
+        vector_column: str = "embedding",
+        text_column: str | None = None,
+        pool_size: int = 10,
+        command_timeout: float | None = 30.0,
+    ) -> None:
+        self._dsn = dsn_or_pool if isinstance(dsn_or_pool, str) else None
+        self._pool: asyncpg.Pool | None = None if isinstance(dsn_or_pool, str) else dsn_or_pool
+        self._table, self._columns = table, (id_column, vector_column, text_column)
+        self._pool_size, self._timeout = pool_size, command_timeout
+        self._kind: str | None = None
+        self._dim: int | None = None
+        self.skipped_nulls = 0
+        table_sql = quote_ident(table)
+        id_sql, vec_sql = quote_ident(id_column), quote_ident(vector_column)
+        text_sql = f", {quote_ident(text_column)}" if text_column else ""
+        self._select = f"SELECT {id_sql}, {{vec}}{text_sql} FROM {table_sql}"
+        self._where_ids = f" WHERE {id_sql} = ANY($1::bigint[]) AND {vec_sql} IS NOT NULL"
+        self._vec_sql, self._table_sql, self._id_sql = vec_sql, table_sql, id_sql
+
+    async def _ready(self) -> asyncpg.Pool:
+        """Open the pool and check the table on first use, so errors name the column."""
+        if self._pool is None:
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=self._pool_size, command_timeout=self._timeout
+            )
+        if self._kind is None:
+            self._kind, self._dim = await self._inspect(self._pool)
+        return self._pool
+
+    async def _inspect(self, pool: asyncpg.Pool) -> tuple[str, int | None]:
+        relation = await pool.fetchval("SELECT to_regclass($1)::oid", self._table_sql)
+        if relation is None:
+            raise ValueError(f"table {self._table!r} does not exist")
+        types = dict(
+            await pool.fetch(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                "WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+                relation,
+            )
+        )
+        for column in self._columns:
+            if column is not None and column not in types:
+                raise ValueError(f"table {self._table!r} has no column {column!r} (it has {sorted(types)})")
+        kind = kind_of(types[self._columns[1]])
+        typed_dim = types[self._columns[1]].partition("(")[2].rstrip(")")
+        if typed_dim.isdigit():
+            return kind, int(typed_dim)
+        sample = await pool.fetchval(
+            f"SELECT {self._send(kind)} FROM {self._table_sql} WHERE {self._vec_sql} IS NOT NULL LIMIT 1"
+        )
+        return kind, None if sample is None else decode(kind, [sample]).shape[1]
+
+    def _send(self, kind: str | None = None) -> str:
+        send = _SEND.get(kind or self._kind or "")
+        return f"{send}({self._vec_sql})" if send else self._vec_sql
+
+    def _rows(self, records: list[Any]) -> Rows:
+        assert self._kind is not None
+        ids = np.fromiter((r[0] for r in records), dtype=np.int64, count=len(records))
+        vectors = decode(self._kind, [r[1] for r in records])
+        texts = [r[2] for r in records] if self._columns[2] else None
+        return Rows(ids, vectors.reshape(len(records), -1), texts)
+
+    async def dimension(self) -> int | None:
+        await self._ready()
+        return self._dim
+
+    async def count(self) -> int:
+        pool = await self._ready()
+        return int(await pool.fetchval(f"SELECT count(*) FROM {self._table_sql} WHERE {self._vec_sql} IS NOT NULL"))
+
+    async def fetch(self, ids: npt.NDArray[np.int64]) -> Rows:
+        """One ``id = ANY($1)`` round trip; ids the table lacks are absent from the result."""
+        pool = await self._ready()
+        query = self._select.format(vec=self._send()) + self._where_ids
+        records = await pool.fetch(query, ids.tolist())
+        if len(records) < len(ids):
+            logger.debug("%d of %d candidate ids are not in %s", len(ids) - len(records), len(ids), self._table)
+        return self._rows(records)
+
+    async def batches(self, batch_size: int) -> AsyncIterator[Rows]:
+        """The whole table through a server-side cursor, ``batch_size`` rows at a time."""
+        pool = await self._ready()
+        self.skipped_nulls = 0
+        query = self._select.format(vec=self._send())
+        async with pool.acquire() as conn, conn.transaction(readonly=True):
+            cursor = await conn.cursor(query)
+            while records := await cursor.fetch(batch_size):
+                kept = [r for r in records if r[1] is not None]
+                self.skipped_nulls += len(records) - len(kept)
+                if kept:
+                    yield self._rows(kept)
+        if self.skipped_nulls:
+            logger.warning("skipped %d rows of %s with a NULL vector", self.skipped_nulls, self._table)
+
+    async def close(self) -> None:
+        """Close the pool if this store opened it."""
+        if self._dsn is not None and self._pool is not None:
+            await self._pool.close()
+            self._pool = None

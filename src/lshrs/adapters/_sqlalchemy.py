@@ -1,0 +1,127 @@
+"""``SQLAlchemyStore``: an existing table in any database SQLAlchemy 2.0 reaches
+through an async engine (PostgreSQL, SQLite, MySQL, ...); read, never written."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .._types import Rows
+
+try:
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("SQLAlchemyStore needs SQLAlchemy: pip install 'lshrs[sqlalchemy]'") from exc
+
+
+class SQLAlchemyStore:
+    """Rows of ``table`` through SQLAlchemy Core.
+
+    The vector column may hold little-endian float32 bytes (``LargeBinary``,
+    ``bytea``, ``BLOB``), a numeric array (PostgreSQL ``ARRAY``) or pgvector's
+    text form. ``engine_or_url`` is an ``AsyncEngine`` (left open) or a URL
+    such as ``sqlite+aiosqlite:///file.db`` (the store disposes its engine).
+    """
+
+    def __init__(
+        self,
+        engine_or_url: str | AsyncEngine,
+        *,
+        table: str,
+        id_column: str = "id",
+        vector_column: str = "embedding",
+        text_column: str | None = None,
+        schema: str | None = None,
+    ) -> None:
+        self._owns_engine = isinstance(engine_or_url, str)
+        self._engine = create_async_engine(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
+        self._names = (table, id_column, vector_column, text_column, schema)
+        self._table: sa.Table | None = None
+        self._dim: int | None = None
+        self.skipped_nulls = 0
+
+    async def _ready(self) -> sa.Table:
+        """Reflect the table once, so a wrong table or column fails early and clearly."""
+        if self._table is not None:
+            return self._table
+        name, id_column, vector_column, text_column, schema = self._names
+
+        def reflect(sync_conn: Any) -> sa.Table:
+            if not sa.inspect(sync_conn).has_table(name, schema=schema):
+                raise ValueError(f"table {name!r} does not exist")
+            return sa.Table(name, sa.MetaData(), autoload_with=sync_conn, schema=schema)
+
+        async with self._engine.connect() as conn:
+            table = await conn.run_sync(reflect)
+            for column in (id_column, vector_column, text_column):
+                if column is not None and column not in table.c:
+                    raise ValueError(f"table {name!r} has no column {column!r} (it has {sorted(table.c.keys())})")
+            sample = (
+                await conn.execute(
+                    sa.select(table.c[vector_column]).where(table.c[vector_column].is_not(None)).limit(1)
+                )
+            ).scalar()
+        self._table = table
+        self._dim = None if sample is None else len(_decode([sample])[0])
+        return table
+
+    def _select(self, table: sa.Table) -> sa.Select[Any]:
+        _, id_column, vector_column, text_column, _ = self._names
+        columns = [table.c[id_column], table.c[vector_column]]
+        if text_column:
+            columns.append(table.c[text_column])
+        return sa.select(*columns).where(table.c[vector_column].is_not(None))
+
+    def _rows(self, records: Sequence[Any]) -> Rows:
+        ids = np.fromiter((r[0] for r in records), dtype=np.int64, count=len(records))
+        texts = [r[2] for r in records] if self._names[3] else None
+        return Rows(ids, _decode([r[1] for r in records]), texts)
+
+    async def dimension(self) -> int | None:
+        await self._ready()
+        return self._dim
+
+    async def count(self) -> int:
+        table = await self._ready()
+        vector = table.c[self._names[2]]
+        async with self._engine.connect() as conn:
+            return int((await conn.execute(sa.select(sa.func.count()).where(vector.is_not(None)))).scalar_one())
+
+    async def fetch(self, ids: npt.NDArray[np.int64]) -> Rows:
+        table = await self._ready()
+        query = self._select(table).where(table.c[self._names[1]].in_(ids.tolist()))
+        async with self._engine.connect() as conn:
+            return self._rows((await conn.execute(query)).all())
+
+    async def batches(self, batch_size: int) -> AsyncIterator[Rows]:
+        table = await self._ready()
+        vector = table.c[self._names[2]]
+        async with self._engine.connect() as conn:
+            self.skipped_nulls = int(
+                (await conn.execute(sa.select(sa.func.count()).where(vector.is_(None)))).scalar_one()
+            )
+            result = await conn.stream(self._select(table).execution_options(yield_per=batch_size))
+            async for part in result.partitions(batch_size):
+                yield self._rows(part)
+
+    async def close(self) -> None:
+        if self._owns_engine:
+            await self._engine.dispose()
+
+
+def _decode(values: Sequence[Any]) -> npt.NDArray[np.float32]:
+    """Bytes as little-endian float32, sequences as numbers, pgvector text '[1,2]'."""
+    if not values:
+        return np.empty((0, 0), np.float32)
+    first = values[0]
+    if isinstance(first, (bytes, bytearray, memoryview)):
+        return (
+            np.frombuffer(b"".join(bytes(v) for v in values), dtype="<f4").reshape(len(values), -1).astype(np.float32)
+        )
+    if isinstance(first, str):
+        return np.array([np.array(v.strip("[]").split(","), dtype=np.float32) for v in values], dtype=np.float32)
+    return np.asarray(values, dtype=np.float32).reshape(len(values), -1)

@@ -1,0 +1,209 @@
+"""One suite for every store: in-memory, Redis, PostgreSQL (each column type)
+through asyncpg, and SQLAlchemy on PostgreSQL and SQLite. Real servers only."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import numpy as np
+import pytest
+
+from conftest import brute_force, clustered
+from lshrs import LSHRS, VectorStore, WritableStore
+from lshrs.adapters import InMemoryStore, PostgresStore, RedisStore, SQLAlchemyStore
+
+pytestmark = pytest.mark.anyio
+
+N, DIM = 1500, 32
+BASE = clustered(N, DIM, seed=21)
+TEXTS = [f"passage number {i}" for i in range(N)]
+NULL_ID = 10_000_000  # a row whose vector is NULL: skipped, counted
+
+PG_COLUMNS = {
+    "real": ("real[]", lambda v: v.tolist()),
+    "double": ("double precision[]", lambda v: v.astype(np.float64).tolist()),
+    "bytea": ("bytea", lambda v: v.astype("<f4").tobytes()),
+    "vector": (f"vector({DIM})", lambda v: "[" + ",".join(map(str, v.tolist())) + "]"),
+}
+STORES = ["memory", "redis", *(f"postgres-{k}" for k in PG_COLUMNS), "sqlalchemy-postgres", "sqlalchemy-sqlite"]
+
+
+async def fill_pg_table(conn: Any, table: str, column_type: str, encode: Any, rows: int = N) -> None:
+    await conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+    await conn.execute(f'CREATE TABLE "{table}" (id bigint PRIMARY KEY, embedding {column_type}, body text)')
+    cast = "::vector" if column_type.startswith("vector") else ""
+    await conn.executemany(
+        f'INSERT INTO "{table}" VALUES ($1, $2{cast}, $3)',
+        [(i, encode(BASE[i % N]), TEXTS[i % N]) for i in range(rows)],
+    )
+    await conn.execute(f'INSERT INTO "{table}" VALUES ($1, NULL, $2)', NULL_ID, "no vector")
+
+
+@pytest.fixture(scope="session")
+async def pg_tables(postgres_dsn: str) -> str:
+    """One table per vector column type, filled once."""
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    for name, (column_type, encode) in PG_COLUMNS.items():
+        await fill_pg_table(conn, f"passages_{name}", column_type, encode)
+    await conn.close()
+    return postgres_dsn
+
+
+async def sqlite_table(path: Path) -> str:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE passages (id INTEGER PRIMARY KEY, embedding BLOB, body TEXT)")
+    db.executemany(
+        "INSERT INTO passages VALUES (?, ?, ?)", [(i, BASE[i].astype("<f4").tobytes(), TEXTS[i]) for i in range(N)]
+    )
+    db.execute("INSERT INTO passages VALUES (?, NULL, ?)", (NULL_ID, "no vector"))
+    db.commit()
+    db.close()
+    return f"sqlite+aiosqlite:///{path}"
+
+
+@pytest.fixture(params=STORES)
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, pg_tables: str, redis_proc: Any
+) -> AsyncIterator[VectorStore]:
+    kind = request.param
+    made: VectorStore
+    if kind == "memory":
+        made = InMemoryStore()
+    elif kind == "redis":
+        made = RedisStore(f"redis://{redis_proc.host}:{redis_proc.port}/1")
+        await made.drop()
+    elif kind.startswith("postgres-"):
+        made = PostgresStore(pg_tables, table=f"public.passages_{kind.split('-')[1]}", text_column="body")
+    elif kind == "sqlalchemy-postgres":
+        url = pg_tables.replace("postgresql://", "postgresql+asyncpg://")
+        made = SQLAlchemyStore(url, table="passages_bytea", text_column="body")
+    else:
+        made = SQLAlchemyStore(await sqlite_table(tmp_path / "db.sqlite"), table="passages", text_column="body")
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+def single_redis_url(redis_proc: Any) -> str:
+    return f"redis://{redis_proc.host}:{redis_proc.port}/0"
+
+
+async def build(store: VectorStore, url: str) -> LSHRS:
+    lsh = LSHRS(dim=DIM, redis_url=url, store=store, expected_size=10_000, batch_size=400)
+    await lsh.drop()
+    if isinstance(store, WritableStore):
+        assert await lsh.index(np.arange(N), BASE, texts=TEXTS) == N
+    else:
+        seen: list[tuple[int, int | None]] = []
+        assert await lsh.index(progress=lambda done, total: seen.append((done, total))) == N
+        assert seen[-1] == (N, N)
+        assert len(seen) == -(-N // 400)
+    return lsh
+
+
+async def test_store_build_and_query(store: VectorStore, single_redis_url: str) -> None:
+    lsh = await build(store, single_redis_url)
+    try:
+        assert await store.dimension() == DIM
+        assert await lsh.count() == N
+        hits = await lsh.query(BASE[42], top_k=5)
+        assert hits[0].id == 42
+        assert hits[0].text == "passage number 42"
+        assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+        queries = BASE[:60] + 0.05 * np.random.default_rng(1).standard_normal((60, DIM)).astype(np.float32)
+        truth = brute_force(BASE, queries, 10)
+        found = await lsh.query_many(queries, top_k=10)
+        recall = np.mean([len({h.id for h in hits} & set(row)) / 10 for hits, row in zip(found, truth)])
+        assert recall >= 0.9
+    finally:
+        await lsh.close()
+
+
+async def test_store_fetch_skips_missing_ids(store: VectorStore, single_redis_url: str) -> None:
+    lsh = await build(store, single_redis_url)
+    rows = await store.fetch(np.array([3, 999_999, 7, NULL_ID], dtype=np.int64))
+    assert sorted(rows.ids.tolist()) == [3, 7]
+    at = {int(i): k for k, i in enumerate(rows.ids)}
+    np.testing.assert_allclose(rows.vectors[at[7]], BASE[7], rtol=1e-6)
+    assert rows.texts is not None and rows.texts[at[3]] == "passage number 3"
+    await lsh.close()
+
+
+async def test_read_only_stores_skip_and_count_null_vectors(store: VectorStore, single_redis_url: str) -> None:
+    if isinstance(store, WritableStore):
+        pytest.skip("owned stores never hold a NULL vector")
+    lsh = await build(store, single_redis_url)
+    assert store.skipped_nulls == 1  # type: ignore[attr-defined]
+    assert await store.count() == N
+    await lsh.close()
+
+
+async def test_owned_stores_follow_delete(store: VectorStore, single_redis_url: str) -> None:
+    if not isinstance(store, WritableStore):
+        pytest.skip("lshrs never writes the user's tables")
+    lsh = await build(store, single_redis_url)
+    await lsh.delete([1, 2])
+    assert len(await store.fetch(np.array([1, 2, 3]))) == 1
+    await lsh.ingest(1, BASE[1], text="back")
+    assert (await lsh.query(BASE[1], top_k=1))[0].text == "back"
+    await lsh.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"table": "no_such_table"}, "does not exist"),
+        ({"table": "passages_bytea", "vector_column": "nope"}, "has no column 'nope'"),
+        ({"table": "passages_bytea", "text_column": "nope"}, "has no column 'nope'"),
+        ({"table": 'passages_bytea"; DROP TABLE passages_real; --'}, "does not exist"),
+    ],
+)
+async def test_postgres_wrong_names_fail_at_open(
+    pg_tables: str, single_redis_url: str, options: Any, message: str
+) -> None:
+    store = PostgresStore(pg_tables, **options)
+    with pytest.raises(ValueError, match=message):
+        await LSHRS(dim=DIM, redis_url=single_redis_url, prefix="wrong", store=store).open()
+    conn = await asyncpg.connect(pg_tables)
+    assert await conn.fetchval("SELECT count(*) FROM passages_real") == N + 1  # the hostile name did nothing
+    await conn.close()
+
+
+async def test_sqlalchemy_wrong_names_fail_at_open(pg_tables: str, single_redis_url: str) -> None:
+    url = pg_tables.replace("postgresql://", "postgresql+asyncpg://")
+    for options, message in (
+        ({"table": "missing"}, "does not exist"),
+        ({"table": "passages_bytea", "id_column": "pk"}, "no column 'pk'"),
+    ):
+        store = SQLAlchemyStore(url, **options)
+        with pytest.raises(ValueError, match=message):
+            await LSHRS(dim=DIM, redis_url=single_redis_url, prefix="wrong", store=store).open()
+
+
+async def test_dimension_mismatch_fails_at_open(pg_tables: str, single_redis_url: str) -> None:
+    store = PostgresStore(pg_tables, table="passages_vector")
+    with pytest.raises(ValueError, match="store holds 32-d vectors but the index is 64-d"):
+        await LSHRS(dim=64, redis_url=single_redis_url, prefix="dims", store=store).open()
+
+
+async def test_streaming_build_of_a_50k_row_table(pg_tables: str, single_redis_url: str) -> None:
+    conn = await asyncpg.connect(pg_tables)
+    await fill_pg_table(conn, "big", "bytea", PG_COLUMNS["bytea"][1], rows=50_000)
+    await conn.close()
+    store = PostgresStore(pg_tables, table="big", text_column="body")
+    async with LSHRS(dim=DIM, redis_url=single_redis_url, prefix="big", store=store, expected_size=50_000) as lsh:
+        await lsh.drop()
+        assert await lsh.index() == 50_000
+        assert await lsh.count() == 50_000
+        assert store.skipped_nulls == 1
+        hits = await lsh.query(BASE[5], top_k=40)
+        assert {h.id for h in hits if h.score > 0.9999} >= {5, 5 + N, 5 + 2 * N}
+        assert await lsh.index() == 50_000  # a re-run changes nothing
+        assert await lsh.count() == 50_000
+        await lsh.drop()
