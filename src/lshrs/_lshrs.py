@@ -51,7 +51,7 @@ class LSHRS:
         store: VectorStore | None = None,
         num_bands: int | None = None,
         rows_per_band: int | None = None,
-        threshold: float = 0.75,
+        threshold: float = 0.6,
         expected_size: int = 1_000_000,
         seed: int | None = None,
         shards: int | None = None,

