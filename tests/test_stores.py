@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import brute_force, clustered
+from redis.asyncio import Redis
 from lshrs import LSHRS, VectorStore, WritableStore
 from lshrs.adapters import InMemoryStore, PostgresStore, RedisStore, SQLAlchemyStore
 
@@ -90,8 +91,13 @@ async def store(
 
 
 @pytest.fixture
-def single_redis_url(redis_proc: Any) -> str:
-    return f"redis://{redis_proc.host}:{redis_proc.port}/0"
+async def single_redis_url(redis_proc: Any) -> str:
+    """An emptied single Redis: the stores' suite does not need to run twice."""
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    client = Redis.from_url(url)
+    await client.flushdb()
+    await client.aclose()
+    return url
 
 
 async def build(store: VectorStore, url: str) -> LSHRS:
