@@ -27,6 +27,8 @@ async def index_state(client: Any, lsh: LSHRS) -> dict[int, bytes]:
         if kind == b"s":
             for id_, sig in (await client.hgetall(key)).items():
                 signatures[int(id_)] = sig
+        elif kind == b"g":  # the shard's generation counter, not an id's data
+            assert int(await client.get(key)) >= 0
         else:
             assert kind.startswith(b"b"), key
             buckets[(kind[1:], int(tag.rsplit(b":", 1)[1]))] = {int(m) for m in await client.smembers(key)}
@@ -119,7 +121,7 @@ async def test_delete_removes_every_trace(make_lsh: Any, raw_redis: Any) -> None
         assert not members & {b"5", b"6", b"7"}
     assert all(h.id not in (5, 6, 7) for h in await lsh.query(base[5], top_k=50))
     assert await lsh.delete(range(300)) == 297
-    assert {k for k in await keyspace(raw_redis) if not k.endswith((b":cfg", b":proj"))} == set()
+    assert {k for k in await keyspace(raw_redis) if not k.endswith((b":cfg", b":proj", b":g"))} == set()
 
 
 async def test_reingest_moves_an_id(make_lsh: Any, raw_redis: Any) -> None:
@@ -204,3 +206,19 @@ async def test_context_manager_opens_and_closes(redis_url: str) -> None:
         assert (await lsh.query(np.arange(1, 9)))[0].id == 1
     async with LSHRS(dim=8, redis_url=redis_url) as again:
         assert await again.count() == 1
+
+
+async def test_signature_cache_never_serves_a_replaced_signature(make_lsh: Any) -> None:
+    """A reader caches signatures; another client replaces and re-adds ids. The
+    reader's estimates (no store: ranked by signature alone) must follow."""
+    base = clustered(1000, 32, centers=5)
+    writer = await make_lsh()
+    await writer.index(np.arange(1000), base)
+    reader = await make_lsh()
+    assert (await reader.query(base[5], top_k=1))[0] == Hit(5, 1.0, None, False)  # warms its cache
+    await writer.ingest(5, -base[5])
+    assert (await reader.query(-base[5], top_k=1))[0] == Hit(5, 1.0, None, False)
+    await writer.delete([6])
+    await writer.ingest(6, -base[6])
+    assert (await reader.query(-base[6], top_k=1))[0] == Hit(6, 1.0, None, False)
+    assert 6 not in {h.id for h in await reader.query(base[6], top_k=5) if h.score > 0.99}

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from . import _scripts
+from ._cache import SignatureCache
 from ._hashing import Bands
 
 Client = Redis | RedisCluster
@@ -40,8 +41,11 @@ class ShardedIndex:
     """Ids spread over ``shards`` key groups; each group is one hash tag, hence
     one cluster slot, so per-shard scripts are atomic and run on one node."""
 
-    def __init__(self, client: Client, prefix: str, shards: int, bands: Bands, max_in_flight: int = 64) -> None:
+    def __init__(
+        self, client: Client, prefix: str, shards: int, bands: Bands, cache_size: int, max_in_flight: int = 64
+    ) -> None:
         self._client = client
+        self._cache = SignatureCache(shards, bands.signature_bytes, cache_size)
         # Bounds the calls in flight, so thousands of concurrent tasks queue here
         # instead of exhausting the client's connection pool.
         self._in_flight = asyncio.Semaphore(max_in_flight)
@@ -54,6 +58,10 @@ class ShardedIndex:
 
     def signature_key(self, shard: int) -> str:
         return f"{{{self._prefix}:{shard}}}:s"
+
+    def script_keys(self, shard: int) -> list[str]:
+        """The signature hash and the generation counter of a shard."""
+        return [self.signature_key(shard), f"{{{self._prefix}:{shard}}}:g"]
 
     def bucket_base(self, shard: int) -> bytes:
         return f"{{{self._prefix}:{shard}}}:b".encode()
@@ -77,18 +85,23 @@ class ShardedIndex:
                     args.append(int(ids[row]))
                     if payload is not None:
                         args.append(payload[row])
-                calls.append(self._call(script, self.signature_key(shard), args))
+                calls.append(self._call(script, shard, args))
         results = await asyncio.gather(*calls)
         return sum(int(r) for r in results)
 
-    async def _call(self, script: Any, key: str, args: list[Any]) -> Any:
+    async def _call(self, script: Any, shard: int, args: list[Any]) -> Any:
         async with self._in_flight:
-            return await script(keys=[key], args=args)
+            return await script(keys=self.script_keys(shard), args=args)
 
     async def upsert(self, ids: IdArray, signatures: ByteArray) -> int:
         """Insert or replace; returns how many ids changed (same signature: no-op)."""
         packed = [row.tobytes() for row in signatures]
-        return await self._per_shard(ids, packed, self._upsert)
+        changed = await self._per_shard(ids, packed, self._upsert)
+        shard_of = self.shard_of(ids)
+        for shard in range(self._shards):
+            rows = shard_of == shard
+            self._cache.add(shard, ids[rows], signatures[rows])
+        return changed
 
     async def delete(self, ids: IdArray) -> int:
         """Remove every bucket membership and the signature; returns how many existed."""
@@ -112,19 +125,34 @@ class ShardedIndex:
 
     async def candidates(self, probe_keys: list[bytes], cap: int) -> Candidates:
         """Ids in the probed buckets with their signatures: one script per shard,
-        all shards at once."""
-        replies = await asyncio.gather(
-            *(
-                self._call(self._query, self.signature_key(shard), [self.bucket_base(shard), cap, *probe_keys])
-                for shard in range(self._shards)
+        all shards at once; a second round trip only for signatures not cached."""
+        found = await asyncio.gather(*(self._shard_candidates(s, probe_keys, cap) for s in range(self._shards)))
+        return Candidates(np.concatenate([c.ids for c in found]), np.concatenate([c.signatures for c in found]))
+
+    async def _shard_candidates(self, shard: int, probe_keys: list[bytes], cap: int) -> Candidates:
+        generation, members = await self._call(self._query, shard, [self.bucket_base(shard), *probe_keys])
+        self._cache.observe(shard, int(generation))
+        found = np.fromstring(members, dtype=np.int64, sep=" ") if members else np.empty(0, np.int64)
+        ids, hits = np.unique(found, return_counts=True)
+        if len(ids) > cap:  # keep the ids seen in the most probed buckets
+            ids = ids[np.sort(np.argpartition(-hits, cap - 1)[:cap])]
+        signatures, missing = self._cache.lookup(shard, ids)
+        if not missing.any():
+            return Candidates(ids, signatures)
+        async with self._in_flight:
+            fetched = await self._client.hmget(self.signature_key(shard), ids[missing].tolist())
+        # An id deleted since the bucket read has no signature any more: drop it.
+        present = np.array([sig is not None for sig in fetched], dtype=bool)
+        rows = np.flatnonzero(missing)[present]
+        if len(rows):
+            width = self._bands.signature_bytes
+            signatures[rows] = np.frombuffer(b"".join(s for s in fetched if isinstance(s, bytes)), np.uint8).reshape(
+                -1, width
             )
-        )
-        width = self._bands.signature_bytes
-        ids = [np.array(reply[0].split(), dtype=np.int64) for reply in replies if reply[0]]
-        sigs = [np.frombuffer(reply[1], dtype=np.uint8) for reply in replies if reply[0]]
-        if not ids:
-            return Candidates(np.empty(0, np.int64), np.empty((0, width), np.uint8))
-        return Candidates(np.concatenate(ids), np.concatenate(sigs).reshape(-1, width))
+            self._cache.add(shard, ids[rows], signatures[rows])
+        keep = ~missing
+        keep[rows] = True
+        return Candidates(ids[keep], signatures[keep])
 
     async def count(self) -> int:
         counts = await asyncio.gather(*(self._client.hlen(self.signature_key(s)) for s in range(self._shards)))

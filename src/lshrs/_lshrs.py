@@ -58,6 +58,7 @@ class LSHRS:
         probes: int | None = None,
         rerank: int = 256,
         max_candidates: int = 50_000,
+        signature_cache: int = 2_000_000,
         batch_size: int = 10_000,
         timeout: float | None = 10.0,
         progress: bool | ProgressCallback | None = None,
@@ -97,6 +98,7 @@ class LSHRS:
         self._probes = probes
         self._rerank = rerank
         self._max_candidates = max_candidates
+        self._cache_size = signature_cache
         self._batch_size = batch_size
         self._timeout = timeout
         self._progress = _progress.resolve(progress)
@@ -152,7 +154,7 @@ class LSHRS:
             store_dim = await self._store.dimension()
             if store_dim is not None and store_dim != stored.dim:
                 raise ValueError(f"the store holds {store_dim}-d vectors but the index is {stored.dim}-d")
-        return stored, bands, projection, ShardedIndex(client, self._prefix, stored.shards, bands)
+        return stored, bands, projection, ShardedIndex(client, self._prefix, stored.shards, bands, self._cache_size)
 
     async def close(self) -> None:
         """Close the Redis client lshrs opened (not one passed in) and the store."""

@@ -7,13 +7,15 @@ is a byte slice of the signature, so scripts derive bucket keys from stored
 signatures and never need the vector or a keyspace scan.
 """
 
+# KEYS: the shard's signature hash, its generation counter.
 # ARGV: bucket key base, bytes per band, bands, then (id, signature) pairs.
 # An id's signature is written last: it is the mark that the id is fully in.
-# A replaced id leaves only the buckets of bands whose value changed.
+# A replaced id leaves only the buckets of bands whose value changed, and
+# bumps the generation, which tells other clients' signature caches.
 UPSERT = """
 local sigs, base = KEYS[1], ARGV[1]
 local width, bands = tonumber(ARGV[2]), tonumber(ARGV[3])
-local changed = 0
+local changed, replaced = 0, 0
 for i = 4, #ARGV, 2 do
   local id, sig = ARGV[i], ARGV[i + 1]
   local old = redis.call('HGET', sigs, id)
@@ -22,6 +24,7 @@ for i = 4, #ARGV, 2 do
       local band = string.char(j)
       local value = string.sub(sig, j * width + 1, (j + 1) * width)
       if old then
+        replaced = 1
         local was = string.sub(old, j * width + 1, (j + 1) * width)
         if was ~= value then
           redis.call('SREM', base .. band .. was, id)
@@ -35,10 +38,11 @@ for i = 4, #ARGV, 2 do
     changed = changed + 1
   end
 end
+if replaced == 1 then redis.call('INCR', KEYS[2]) end
 return changed
 """
 
-# ARGV: bucket key base, bytes per band, bands, then ids. Returns how many existed.
+# KEYS and ARGV as UPSERT, with ids only. Returns how many existed.
 DELETE = """
 local sigs, base = KEYS[1], ARGV[1]
 local width, bands = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -54,48 +58,19 @@ for i = 4, #ARGV do
     removed = removed + 1
   end
 end
+if removed > 0 then redis.call('INCR', KEYS[2]) end
 return removed
 """
 
-# ARGV: bucket key base, candidate cap, then bucket suffixes to read.
-# Returns {space-separated ids, their signatures concatenated}: two bulk
-# strings parse far faster on the client than thousands of replies.
-# Past the cap, keep the ids found in the most probed buckets.
+# KEYS as UPSERT. ARGV: bucket key base, then the bucket suffixes to read.
+# Returns {generation, every member of every bucket, space-separated}: the
+# client counts and dedupes them with numpy. Measured on 48 x 10 at 100k:
+# SUNION costs the server 6-8 ms per query building its result set, this
+# 5 ms; pipelined SMEMBERS cost 1.5 ms but thousands of Python objects.
 QUERY = """
-local sigs, base, cap = KEYS[1], ARGV[1], tonumber(ARGV[2])
-local keys = {}
-for i = 3, #ARGV do keys[#keys + 1] = base .. ARGV[i] end
-local ids = redis.call('SUNION', unpack(keys))
-if #ids > cap then
-  local counts, hist = {}, {}
-  for _, key in ipairs(keys) do
-    for _, id in ipairs(redis.call('SMEMBERS', key)) do counts[id] = (counts[id] or 0) + 1 end
-  end
-  for _, c in pairs(counts) do hist[c] = (hist[c] or 0) + 1 end
-  local cutoff, kept = #keys, 0
-  while cutoff > 1 and kept + (hist[cutoff] or 0) < cap do
-    kept = kept + (hist[cutoff] or 0)
-    cutoff = cutoff - 1
-  end
-  ids = {}
-  local room = cap - kept
-  for id, c in pairs(counts) do
-    if c > cutoff then ids[#ids + 1] = id
-    elseif c == cutoff and room > 0 then ids[#ids + 1] = id; room = room - 1 end
-  end
-end
-local found_ids, found_sigs = {}, {}
-for start = 1, #ids, 2000 do
-  local chunk = {unpack(ids, start, math.min(start + 1999, #ids))}
-  local got = redis.call('HMGET', sigs, unpack(chunk))
-  for i = 1, #chunk do
-    if got[i] then
-      found_ids[#found_ids + 1] = chunk[i]
-      found_sigs[#found_sigs + 1] = got[i]
-    end
-  end
-end
-return {table.concat(found_ids, ' '), table.concat(found_sigs)}
+local members = {}
+for i = 2, #ARGV do members[#members + 1] = table.concat(redis.call('SMEMBERS', ARGV[1] .. ARGV[i]), ' ') end
+return {redis.call('GET', KEYS[2]) or '0', table.concat(members, ' ')}
 """
 
 # KEYS: configuration, projection. ARGV: their values if the prefix is new.
