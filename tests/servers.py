@@ -26,13 +26,23 @@ def _free_port() -> int:
     return int(port_for.select_random())
 
 
+def _cluster_port(taken: list[int]) -> int:
+    """A free port whose cluster-bus port (port + 10000) is free and valid too."""
+    while True:
+        port = int(port_for.select_random(ports=set(range(20000, 45000))))
+        if port not in taken and port + 10000 not in taken and port_for.is_available(port + 10000):
+            return port
+
+
 @contextmanager
 def redis_cluster(masters: int = 3) -> Iterator[list[int]]:
     """``masters`` redis-server nodes joined into one cluster; yields their ports."""
     redis_server = shutil.which("redis-server")
     if redis_server is None:
         raise RuntimeError("redis-server is not installed: run scripts/install-servers.sh")
-    ports = [_free_port() for _ in range(masters)]
+    ports: list[int] = []
+    for _ in range(masters):
+        ports.append(_cluster_port(ports))
     with ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lshrs-cluster-")))
         for port in ports:

@@ -10,9 +10,9 @@ from typing import Any
 import asyncpg
 import numpy as np
 import pytest
+from redis.asyncio import Redis
 
 from conftest import brute_force, clustered
-from redis.asyncio import Redis
 from lshrs import LSHRS, VectorStore, WritableStore
 from lshrs.adapters import InMemoryStore, PostgresStore, RedisStore, SQLAlchemyStore
 
