@@ -35,6 +35,24 @@ def _cluster_port(taken: list[int]) -> int:
 
 
 @contextmanager
+def redis_server(*extra: str) -> Iterator[int]:
+    """One throwaway redis-server on a loopback port (for benchmarks; the tests use pytest-redis)."""
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        raise RuntimeError("redis-server is not installed: run scripts/install-servers.sh")
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="lshrs-redis-") as root:
+        command = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--dir", root, *extra]  # fmt: skip
+        executor = TCPExecutor(command, host="127.0.0.1", port=port, timeout=30)
+        executor.start()
+        try:
+            yield port
+        finally:
+            executor.stop()
+
+
+@contextmanager
 def redis_cluster(masters: int = 3) -> Iterator[list[int]]:
     """``masters`` redis-server nodes joined into one cluster; yields their ports."""
     redis_server = shutil.which("redis-server")

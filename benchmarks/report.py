@@ -1,0 +1,77 @@
+"""Results as JSON, a recall-versus-QPS plot and a markdown table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write(result: dict[str, Any], stem: Path) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(markdown(result))
+    plot(result, stem.with_suffix(".png"))
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; client and servers share the cores.  ",
+        f"Data: {result['dataset']}; {result['queries']} real held-out queries; exact brute-force ground truth.",
+        "",
+        "| system | setting | recall@10 | recall@100 | p50 ms | p95 ms | p99 ms | QPS (64 concurrent) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in result["points"]:
+        lines.append(
+            f"| {p['system']} | {p['setting']} | {p['recall@10']:.3f} | {p.get('recall@100', float('nan')):.3f} | "
+            f"{p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | {p['qps64']} |"
+        )
+    lines += ["", "| build | setting | seconds | vectors/s | memory per vector |", "|---|---|---|---|---|"]
+    for b in result["builds"]:
+        setting = b.get("setting") or f"{b['bands']} bands x {b['rows']} rows"
+        per_s = b.get("vectors_per_s", round(result["size"] / b["build_s"]) if b["build_s"] else "")
+        memory = (
+            f"{b['redis_bytes_per_vector']} B in Redis"
+            if "redis_bytes_per_vector" in b
+            else f"{b['index_bytes_per_vector']} B index"
+            if "index_bytes_per_vector" in b
+            else ""
+        )
+        lines.append(f"| {b['system']} | {setting} | {b['build_s']} | {per_s} | {memory} |")
+    if result.get("stores"):
+        lines += [
+            "",
+            "| store | fetch 100 p50/p95 ms | fetch 1,000 p50/p95 ms | fetch 5,000 p50/p95 ms | query p50/p95 ms |",
+            "|---|---|---|---|---|",
+        ]
+        for s in result["stores"]:
+            cells = [f"{s[f'fetch{n}_p50_ms']} / {s[f'fetch{n}_p95_ms']}" for n in (100, 1000, 5000)]
+            query = f"{s['query_p50_ms']} / {s['query_p95_ms']}" if "query_p50_ms" in s else "n/a"
+            lines.append(f"| {s['store']} | {' | '.join(cells)} | {query} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    systems: dict[str, list[dict[str, Any]]] = {}
+    for p in result["points"]:
+        systems.setdefault(p["system"], []).append(p)
+    for name, points in systems.items():
+        points.sort(key=lambda p: p["recall@10"])
+        axes.plot([p["recall@10"] for p in points], [p["qps64"] for p in points], marker="o", label=name)
+    axes.set_xlabel("recall@10")
+    axes.set_ylabel("queries per second (64 concurrent)")
+    axes.set_yscale("log")
+    axes.set_title(f"{result['dataset']}")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

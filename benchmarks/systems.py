@@ -1,0 +1,249 @@
+"""The systems compared, each measured the same way on the same vectors:
+lshrs (a sweep of its knobs), numpy exact search, faiss IndexLSH and
+IndexHNSWFlat, and pgvector HNSW in a real PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from lshrs import LSHRS
+from lshrs.adapters import InMemoryStore
+
+from .datasets import Dataset
+from .measure import concurrent_qps, one_client, recall, sync_latency
+
+
+def point(
+    system: str,
+    setting: str,
+    found: list[list[int]],
+    truth: np.ndarray,
+    latency: dict[str, float],
+    qps: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    row = {"system": system, "setting": setting, "recall@10": round(recall(found, truth, 10), 4)}
+    if all(len(f) >= 100 for f in found):
+        row["recall@100"] = round(recall(found, truth, 100), 4)
+    return {**row, **latency, "qps64": qps, **extra}
+
+
+async def redis_memory(url: str) -> int:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url)
+    used = int((await client.info("memory"))["used_memory"])
+    await client.aclose()
+    return used
+
+
+async def lshrs_runs(
+    data: Dataset,
+    url: str,
+    structures: list[tuple[int | None, int | None]],
+    probe_factors: list[float],
+    reranks: list[int],
+    sample: int,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Build one index per (bands, rows) structure, then sweep the query-time knobs."""
+    points, builds = [], []
+    store = InMemoryStore()
+    await store.put(np.arange(len(data.base)), data.base)
+    queries, truth = data.queries[:sample], data.truth[:sample]
+    for bands, rows in structures:
+        prefix = f"bench-{bands}-{rows}"
+        async with LSHRS(
+            dim=data.base.shape[1],
+            redis_url=url,
+            prefix=prefix,
+            num_bands=bands,
+            rows_per_band=rows,
+            expected_size=len(data.base),
+        ) as lsh:
+            await lsh.drop()
+        before = await redis_memory(url)
+        async with LSHRS(
+            dim=data.base.shape[1],
+            redis_url=url,
+            prefix=prefix,
+            num_bands=bands,
+            rows_per_band=rows,
+            expected_size=len(data.base),
+        ) as lsh:
+            started = time.perf_counter()
+            for start in range(0, len(data.base), 100_000):
+                await lsh.index(
+                    np.arange(start, min(start + 100_000, len(data.base))), data.base[start : start + 100_000]
+                )
+            seconds = time.perf_counter() - started
+            config = lsh.config
+        memory = await redis_memory(url) - before
+        builds.append(
+            {
+                "bands": config.num_bands,
+                "rows": config.rows_per_band,
+                "build_s": round(seconds, 2),
+                "vectors_per_s": round(len(data.base) / seconds),
+                "redis_bytes_per_vector": round(memory / len(data.base), 1),
+            }
+        )
+        print(
+            f"  lshrs {config.num_bands}x{config.rows_per_band}: built in {seconds:.1f} s, "
+            f"{memory / len(data.base):.0f} B/vector"
+        )
+        for factor in probe_factors:
+            for rerank in reranks:
+                probes = int(factor * config.num_bands)
+                async with LSHRS(
+                    dim=data.base.shape[1], redis_url=url, prefix=prefix, store=store, probes=probes, rerank=rerank
+                ) as lsh:
+                    await lsh.index(np.arange(min(50_000, len(data.base))), data.base[:50_000])  # warms the cache
+
+                    async def call(query: np.ndarray) -> list[int]:
+                        return [h.id for h in await lsh.query(query, top_k=100)]
+
+                    found, latency = await one_client(call, queries)
+                    qps = await concurrent_qps(call, queries)
+                setting = f"{config.num_bands}x{config.rows_per_band}, probes={probes}, rerank={rerank}"
+                points.append(point("lshrs", setting, found, truth, latency, qps))
+                print(f"    {setting}: recall@10 {points[-1]['recall@10']}, p50 {latency['p50_ms']} ms, {qps} QPS")
+    return points, builds
+
+
+def numpy_exact(data: Dataset, sample: int) -> dict[str, Any]:
+    base = data.base
+
+    def call(query: np.ndarray) -> list[int]:
+        scores = base @ query
+        top = np.argpartition(-scores, 100)[:100]
+        return top[np.argsort(-scores[top])].tolist()
+
+    found, latency = sync_latency(call, data.queries[:sample])
+    started = time.perf_counter()
+    batch = data.queries[:sample]
+    for start in range(0, len(batch), 64):
+        np.argpartition(-(batch[start : start + 64] @ base.T), 100, axis=1)
+    qps = round(len(batch) / (time.perf_counter() - started), 1)
+    return point("numpy exact", "brute force, batches of 64", found, data.truth[:sample], latency, qps)
+
+
+def faiss_runs(data: Dataset, sample: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    import faiss
+
+    d = data.base.shape[1]
+    points, builds = [], []
+    queries, truth = data.queries[:sample], data.truth[:sample]
+
+    def measure(index: Any, name: str, setting: str) -> None:
+        def call(query: np.ndarray) -> list[int]:
+            return index.search(query[None], 100)[1][0].tolist()  # type: ignore[no-any-return]
+
+        found, latency = sync_latency(call, queries)
+        started = time.perf_counter()
+        for start in range(0, len(queries), 64):
+            index.search(queries[start : start + 64], 100)
+        qps = round(len(queries) / (time.perf_counter() - started), 1)
+        points.append(point(name, setting, found, truth, latency, qps))
+        print(f"    {name} {setting}: recall@10 {points[-1]['recall@10']}, p50 {latency['p50_ms']} ms, {qps} QPS")
+
+    for nbits in (512, 1024):
+        started = time.perf_counter()
+        lsh = faiss.IndexLSH(d, nbits)
+        refine = faiss.IndexRefineFlat(lsh)  # exact rerank of the Hamming shortlist: IndexLSH's best use
+        refine.add(data.base)
+        builds.append(
+            {
+                "system": "faiss IndexLSH",
+                "setting": f"nbits={nbits}",
+                "build_s": round(time.perf_counter() - started, 2),
+            }
+        )
+        for k_factor in (4, 16):
+            params = faiss.IndexRefineSearchParameters(k_factor=k_factor)
+            measure(_WithParams(refine, params), "faiss IndexLSH+refine", f"nbits={nbits}, k_factor={k_factor}")
+    started = time.perf_counter()
+    hnsw = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = 100
+    hnsw.add(data.base)
+    builds.append(
+        {
+            "system": "faiss IndexHNSWFlat",
+            "setting": "M=32, efConstruction=100",
+            "build_s": round(time.perf_counter() - started, 2),
+        }
+    )
+    for ef in (100, 200, 400):  # efSearch below k=100 would cap the results
+        hnsw.hnsw.efSearch = ef
+        measure(hnsw, "faiss HNSWFlat", f"M=32, efSearch={ef}")
+    return points, builds
+
+
+class _WithParams:
+    def __init__(self, index: Any, params: Any) -> None:
+        self.index, self.params = index, params
+
+    def search(self, queries: np.ndarray, k: int) -> Any:
+        return self.index.search(queries, k, params=self.params)
+
+
+async def pgvector_runs(data: Dataset, dsn: str, sample: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    import asyncpg
+
+    d = data.base.shape[1]
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    await conn.execute("DROP TABLE IF EXISTS bench_hnsw")
+    await conn.execute(f"CREATE TABLE bench_hnsw (id bigint PRIMARY KEY, embedding vector({d}))")
+    await _vector_codec(conn)
+    await conn.copy_records_to_table("bench_hnsw", records=((i, v) for i, v in enumerate(data.base)))
+    await conn.execute("SET maintenance_work_mem = '4GB'")
+    await conn.execute("SET max_parallel_maintenance_workers = 1")
+    started = time.perf_counter()
+    await conn.execute(
+        "CREATE INDEX ON bench_hnsw USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
+    )
+    build_s = time.perf_counter() - started
+    size = await conn.fetchval("SELECT pg_relation_size('bench_hnsw_embedding_idx')")
+    await conn.close()
+    builds = [
+        {
+            "system": "pgvector HNSW",
+            "setting": "m=16, ef_construction=64",
+            "build_s": round(build_s, 2),
+            "index_bytes_per_vector": round(size / len(data.base), 1),
+        }
+    ]
+    print(f"  pgvector HNSW built in {build_s:.1f} s, index {size / len(data.base):.0f} B/vector")
+    points = []
+    for ef in (100, 200, 400):  # pgvector returns at most ef_search rows; we ask for 100
+        pool = await asyncpg.create_pool(
+            dsn, min_size=8, max_size=8, init=_vector_codec, server_settings={"hnsw.ef_search": str(ef)}
+        )
+
+        async def call(query: np.ndarray) -> list[int]:
+            rows = await pool.fetch("SELECT id FROM bench_hnsw ORDER BY embedding <=> $1 LIMIT 100", query)  # noqa: B023
+            return [r[0] for r in rows]
+
+        found, latency = await one_client(call, data.queries[:sample])
+        qps = await concurrent_qps(call, data.queries[:sample])
+        await pool.close()
+        points.append(point("pgvector HNSW", f"m=16, ef_search={ef}", found, data.truth[:sample], latency, qps))
+        print(
+            f"    pgvector ef_search={ef}: recall@10 {points[-1]['recall@10']}, p50 {latency['p50_ms']} ms, {qps} QPS"
+        )
+    return points, builds
+
+
+async def _vector_codec(conn: Any) -> None:
+    """pgvector's binary form: >HH (dim, 0) then big-endian float32."""
+
+    def encode(v: np.ndarray) -> bytes:
+        return len(v).to_bytes(2, "big") + b"\0\0" + np.asarray(v, ">f4").tobytes()
+
+    def decode(b: bytes) -> np.ndarray:
+        return np.frombuffer(b, ">f4", offset=4).astype(np.float32)
+
+    await conn.set_type_codec("vector", schema="public", encoder=encode, decoder=decode, format="binary")
