@@ -27,7 +27,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[postgres,sqlalchemy]", "mypy")
+    session.install("-e", ".[postgres,sqlalchemy,cli]", "mypy")
     session.run("mypy")
 
 

@@ -29,8 +29,9 @@ def load() -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
 
 async def run(redis_url: str, shown: int) -> None:
     corpus, texts, queries, query_texts = load()
-    async with LSHRS(dim=corpus.shape[1], redis_url=redis_url, prefix="lshrs-demo",
-                     store=InMemoryStore(), expected_size=len(corpus)) as lsh:  # fmt: skip
+    async with LSHRS(
+        dim=corpus.shape[1], redis_url=redis_url, prefix="lshrs-demo", store=InMemoryStore(), expected_size=len(corpus)
+    ) as lsh:
         await lsh.drop()
         started = time.perf_counter()
         await lsh.index(np.arange(len(corpus)), corpus, texts=texts)

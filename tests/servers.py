@@ -42,8 +42,20 @@ def redis_server(*extra: str) -> Iterator[int]:
         raise RuntimeError("redis-server is not installed: run scripts/install-servers.sh")
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="lshrs-redis-") as root:
-        command = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                   "--dir", root, *extra]  # fmt: skip
+        command = [
+            redis_server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            root,
+            *extra,
+        ]
         executor = TCPExecutor(command, host="127.0.0.1", port=port, timeout=30)
         executor.start()
         try:
@@ -67,10 +79,24 @@ def redis_cluster(masters: int = 3) -> Iterator[list[int]]:
             node = root / str(port)
             node.mkdir()
             command = [
-                redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(node), "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
-            ]  # fmt: skip
+                redis_server,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(node),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ]
             executor = TCPExecutor(command, host="127.0.0.1", port=port, timeout=30)
             executor.start()
             stack.callback(executor.stop)
@@ -119,15 +145,41 @@ def postgres() -> Iterator[str]:
             shutil.chown(root, "postgres")
         data = root / "data"
         subprocess.run(
-            [*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-             "--no-sync", "-E", "UTF8"],
-            check=True, capture_output=True, timeout=120,
-        )  # fmt: skip
+            [
+                *as_postgres,
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         command = [
-            *as_postgres, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(root),
-            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-            "-c", "full_page_writes=off",
-        ]  # fmt: skip
+            *as_postgres,
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(root),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+        ]
         # SIGINT is PostgreSQL's fast shutdown; SIGTERM would wait for clients.
         executor = TCPExecutor(command, host="127.0.0.1", port=port, timeout=60, stop_signal=signal.SIGINT)
         executor.start()

@@ -138,6 +138,8 @@ async def test_store_fetch_skips_missing_ids(store: VectorStore, single_redis_ur
     at = {int(i): k for k, i in enumerate(rows.ids)}
     np.testing.assert_allclose(rows.vectors[at[7]], BASE[7], rtol=1e-6)
     assert rows.texts is not None and rows.texts[at[3]] == "passage number 3"
+    nothing = await store.fetch(np.array([999_998, 999_999], dtype=np.int64))
+    assert len(nothing) == 0 and len(nothing.vectors) == 0
     await lsh.close()
 
 

@@ -154,6 +154,17 @@ class ShardedIndex:
         keep[rows] = True
         return Candidates(ids[keep], signatures[keep])
 
+    async def bucket_sizes(self) -> list[int]:
+        """Members of every bucket set (a keyspace scan: for statistics only)."""
+        sizes: list[int] = []
+        for shard in range(self._shards):
+            pattern = self.bucket_base(shard) + b"*"
+            keys = [key async for key in self._client.scan_iter(match=pattern, count=1000)]
+            for start in range(0, len(keys), 1000):
+                async with self._in_flight:
+                    sizes += await asyncio.gather(*(self._client.scard(k) for k in keys[start : start + 1000]))
+        return sizes
+
     async def count(self) -> int:
         counts = await asyncio.gather(*(self._client.hlen(self.signature_key(s)) for s in range(self._shards)))
         return int(sum(counts))

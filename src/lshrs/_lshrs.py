@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from types import TracebackType
@@ -87,9 +88,12 @@ class LSHRS:
         if probes is not None:
             _positive_int("probes", probes, least=0)
         self._wanted = IndexConfig(
-            dim=dim, num_bands=bands, rows_per_band=rows,
-            seed=seed if seed is not None else 0, shards=shards if shards is not None else 1,
-        )  # fmt: skip
+            dim=dim,
+            num_bands=bands,
+            rows_per_band=rows,
+            seed=seed if seed is not None else 0,
+            shards=shards if shards is not None else 1,
+        )
         self._prefix = check_prefix(prefix)
         self._url = redis_url or "redis://localhost:6379/0"
         self._given_client = check_client(redis) if redis is not None else None
@@ -341,12 +345,40 @@ class LSHRS:
             scores = unit[rows_of] @ (query / np.linalg.norm(query))
             keep = len(scores) if top_p is None else math.ceil(top_p * len(scores))
             best = np.lexsort((rows.ids[rows_of], -scores))[: min(top_k, keep)]
-            results.append([
-                Hit(int(rows.ids[rows_of[i]]), float(scores[i]),
-                    rows.texts[rows_of[i]] if rows.texts is not None else None)
-                for i in best
-            ])  # fmt: skip
+            results.append(
+                [
+                    Hit(
+                        int(rows.ids[rows_of[i]]),
+                        float(scores[i]),
+                        rows.texts[rows_of[i]] if rows.texts is not None else None,
+                    )
+                    for i in best
+                ]
+            )
         return results
+
+    async def stats(self) -> dict[str, Any]:
+        """Configuration, vector and bucket counts, bucket size histogram (powers
+        of two) and Redis memory. Scans the prefix's buckets: not for hot paths."""
+        config, _, _, index = await self._ready()
+        sizes = np.asarray(await index.bucket_sizes(), dtype=np.int64)
+        histogram: dict[str, int] = {}
+        if len(sizes):
+            edges = 2 ** np.arange(int(np.log2(sizes.max())) + 2)
+            counts, _ = np.histogram(sizes, bins=edges)
+            histogram = {f"{lo}-{hi - 1}": int(c) for lo, hi, c in zip(edges[:-1], edges[1:], counts) if c}
+        assert self._client is not None
+        memory = await self._client.info("memory")
+        nodes = memory.values() if all(isinstance(v, dict) for v in memory.values()) else [memory]
+        return {
+            "prefix": self._prefix,
+            "config": dataclasses.asdict(config),
+            "vectors": await index.count(),
+            "buckets": len(sizes),
+            "mean_bucket_size": float(sizes.mean()) if len(sizes) else 0.0,
+            "bucket_size_histogram": histogram,
+            "redis_used_memory": sum(int(node["used_memory"]) for node in nodes),
+        }
 
     def _require_store(self, what: str) -> VectorStore:
         if self._store is None:

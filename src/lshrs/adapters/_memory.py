@@ -95,5 +95,4 @@ class InMemoryStore:
         for start in range(0, self._size, batch_size):
             stop = min(start + batch_size, self._size)
             assert self._vectors is not None
-            yield Rows(self._ids[start:stop].copy(), self._vectors[start:stop].copy(),
-                       self._texts[start:stop])  # fmt: skip
+            yield Rows(self._ids[start:stop].copy(), self._vectors[start:stop].copy(), self._texts[start:stop])

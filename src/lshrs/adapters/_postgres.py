@@ -97,9 +97,9 @@ class PostgresStore:
     def _rows(self, records: list[Any]) -> Rows:
         assert self._kind is not None
         ids = np.fromiter((r[0] for r in records), dtype=np.int64, count=len(records))
-        vectors = decode(self._kind, [r[1] for r in records])
+        vectors = decode(self._kind, [r[1] for r in records]) if records else np.empty((0, self._dim or 0), np.float32)
         texts = [r[2] for r in records] if self._columns[2] else None
-        return Rows(ids, vectors.reshape(len(records), -1), texts)
+        return Rows(ids, vectors, texts)
 
     async def dimension(self) -> int | None:
         await self._ready()

@@ -1,0 +1,107 @@
+"""A search service over an existing PostgreSQL table, with FastAPI.
+
+    LSHRS_POSTGRES_DSN=postgresql://localhost/wiki LSHRS_TABLE=passages \\
+        uvicorn examples.fastapi_app:app
+
+It embeds nothing itself: search by the id of a row (``GET /search?id=42``)
+or by a vector (``POST /search``). ``POST /documents`` indexes a row the
+caller has written to the table; ``DELETE /documents/{id}`` forgets one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from pydantic import BaseModel
+
+from lshrs import LSHRS, Hit
+from lshrs.adapters import PostgresStore
+
+
+class VectorQuery(BaseModel):
+    vector: list[float]
+    top_k: int = 10
+
+
+class Document(BaseModel):
+    id: int
+    vector: list[float] | None = None  # default: read the row's vector from the table
+
+
+def _hits(hits: list[Hit]) -> list[dict[str, Any]]:
+    return [{"id": h.id, "score": h.score, "text": h.text} for h in hits]
+
+
+def create_app(
+    *, redis_url: str, dsn: str, table: str, text_column: str | None = "body", prefix: str = "lshrs"
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = PostgresStore(dsn, table=table, text_column=text_column)
+        dim = await store.dimension()
+        if dim is None:
+            raise RuntimeError(f"table {table!r} holds no vectors yet")
+        async with LSHRS(dim=dim, redis_url=redis_url, prefix=prefix, store=store) as lsh:
+            app.state.lsh, app.state.store = lsh, store
+            yield
+
+    app = FastAPI(title="lshrs search", lifespan=lifespan)
+
+    async def row_vector(request: Request, id_: int) -> np.ndarray:
+        rows = await request.app.state.store.fetch(np.array([id_], dtype=np.int64))
+        if not len(rows):
+            raise HTTPException(404, f"row {id_} is not in {table} (or its vector is NULL)")
+        return rows.vectors[0]  # type: ignore[no-any-return]
+
+    @app.get("/search")
+    async def search_by_id(request: Request, id: int, top_k: int = 10) -> list[dict[str, Any]]:
+        try:
+            return _hits(await request.app.state.lsh.query(await row_vector(request, id), top_k=top_k))
+        except (ValueError, TypeError) as exc:
+            raise HTTPException(422, str(exc)) from exc
+
+    @app.post("/search")
+    async def search_by_vector(request: Request, body: VectorQuery) -> list[dict[str, Any]]:
+        try:
+            return _hits(await request.app.state.lsh.query(body.vector, top_k=body.top_k))
+        except (ValueError, TypeError) as exc:
+            raise HTTPException(422, str(exc)) from exc
+
+    @app.post("/documents", status_code=201)
+    async def add_document(request: Request, document: Document) -> dict[str, int]:
+        vector = document.vector if document.vector is not None else await row_vector(request, document.id)
+        try:
+            await request.app.state.lsh.ingest(document.id, vector)
+        except (ValueError, TypeError) as exc:
+            raise HTTPException(422, str(exc)) from exc
+        return {"id": document.id}
+
+    @app.delete("/documents/{id}")
+    async def delete_document(request: Request, id: int) -> dict[str, int]:
+        return {"deleted": await request.app.state.lsh.delete([id])}
+
+    @app.post("/index")
+    async def rebuild(request: Request) -> dict[str, int]:
+        return {"indexed": await request.app.state.lsh.index()}
+
+    return app
+
+
+def _from_environment() -> FastAPI | None:
+    dsn, table = os.environ.get("LSHRS_POSTGRES_DSN"), os.environ.get("LSHRS_TABLE")
+    if not (dsn and table):
+        return None
+    return create_app(
+        redis_url=os.environ.get("LSHRS_REDIS_URL", "redis://localhost:6379/0"),
+        dsn=dsn,
+        table=table,
+        text_column=os.environ.get("LSHRS_TEXT_COLUMN", "body"),
+    )
+
+
+app = _from_environment()

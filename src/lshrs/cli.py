@@ -1,0 +1,234 @@
+"""The ``lshrs`` command: build, query, inspect and drop an index from a shell.
+
+Connection settings come from flags or the environment: ``LSHRS_REDIS_URL``,
+``LSHRS_PREFIX``, ``LSHRS_POSTGRES_DSN``, ``LSHRS_TABLE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+try:
+    import click
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise SystemExit("the lshrs command needs click: pip install 'lshrs[cli]'") from exc
+
+import numpy as np
+
+from ._config import IndexConfig
+from ._connect import connect
+from ._index import meta_keys
+from ._lshrs import LSHRS
+from ._types import Hit, VectorStore
+
+T = TypeVar("T")
+
+
+def _run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run one coroutine; bad input and missing indexes become clean CLI errors."""
+    try:
+        return asyncio.run(make())
+    except (ValueError, TypeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+async def _stored_config(url: str, prefix: str) -> IndexConfig:
+    client = await connect(url, 10.0)
+    try:
+        raw = await client.get(meta_keys(prefix)[0])
+    finally:
+        await client.aclose()
+    if raw is None:
+        raise ValueError(f"no index under prefix {prefix!r} at {url}: build one with 'lshrs index'")
+    return IndexConfig.from_json(raw)
+
+
+def _postgres(dsn: str | None, table: str | None, options: dict[str, Any]) -> VectorStore | None:
+    if not dsn:
+        return None
+    if not table:
+        raise click.UsageError("--table (or LSHRS_TABLE) is needed with --postgres")
+    from .adapters import PostgresStore
+
+    return PostgresStore(dsn, table=table, **options)
+
+
+_store_options = [
+    click.option(
+        "--postgres", "dsn", envvar="LSHRS_POSTGRES_DSN", help="PostgreSQL DSN of the table with the vectors."
+    ),
+    click.option("--table", envvar="LSHRS_TABLE", help="Table name, schema-qualified if needed."),
+    click.option("--id-column", default="id", show_default=True),
+    click.option("--vector-column", default="embedding", show_default=True),
+    click.option("--text-column", default=None, help="Column returned with each hit."),
+]
+
+
+def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_store_options):
+        command = option(command)
+    return command
+
+
+@click.group()
+@click.option("--redis-url", envvar="LSHRS_REDIS_URL", default="redis://localhost:6379/0", show_default=True)
+@click.option("--prefix", envvar="LSHRS_PREFIX", default="lshrs", show_default=True)
+@click.pass_context
+def main(context: click.Context, redis_url: str, prefix: str) -> None:
+    """Vector similarity search with an LSH index in Redis over your own table."""
+    context.obj = {"url": redis_url, "prefix": prefix}
+
+
+@main.command()
+@store_options
+@click.option("--npy", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A (n, dim) .npy file.")
+@click.option("--ids", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A .npy of ids for --npy.")
+@click.option("--shards", type=int, default=None, help="Key groups (Redis Cluster: 4 x masters).")
+@click.option("--batch-size", type=int, default=10_000, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_obj
+def index(
+    obj: dict[str, str],
+    dsn: str | None,
+    table: str | None,
+    id_column: str,
+    vector_column: str,
+    text_column: str | None,
+    npy: Path | None,
+    ids: Path | None,
+    shards: int | None,
+    batch_size: int,
+    quiet: bool,
+) -> None:
+    """Build the index from a PostgreSQL table or a .npy file."""
+    if (dsn is None) == (npy is None):
+        raise click.UsageError("give exactly one source: --postgres with --table, or --npy")
+    columns = {"id_column": id_column, "vector_column": vector_column, "text_column": text_column}
+    store = _postgres(dsn, table, columns)
+
+    async def build() -> int:
+        vectors = np.load(npy, mmap_mode="r") if npy else None
+        if store is not None:
+            dim = await store.dimension()
+            count = await store.count()
+        else:
+            assert vectors is not None
+            dim, count = vectors.shape[1], len(vectors)
+        if dim is None:
+            raise ValueError(f"table {table!r} has no vectors to index")
+        async with LSHRS(
+            dim=dim,
+            redis_url=obj["url"],
+            prefix=obj["prefix"],
+            store=store,
+            shards=shards,
+            expected_size=max(count or 1, 1),
+            batch_size=batch_size,
+            progress=not quiet,
+        ) as lsh:
+            if vectors is None:
+                return await lsh.index()
+            row_ids = np.load(ids) if ids else np.arange(len(vectors))
+            done = 0
+            for start in range(0, len(vectors), batch_size):  # from the memory map, one batch at a time
+                stop = start + batch_size
+                done += await lsh.index(row_ids[start:stop], np.asarray(vectors[start:stop]), progress=False)
+                if not quiet:
+                    click.echo(f"\rindexed {done:,} of {len(vectors):,}", nl=False, err=True)
+            return done
+
+    total = _run(build)
+    click.echo(f"\nindexed {total:,} vectors under prefix {obj['prefix']!r}", err=True)
+
+
+@main.command()
+@store_options
+@click.option("--id", "by_id", type=int, help="Search with the vector of this row (needs --postgres).")
+@click.option("--vector-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help=".npy vector(s).")
+@click.option("--top-k", type=int, default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per hit.")
+@click.pass_obj
+def query(
+    obj: dict[str, str],
+    dsn: str | None,
+    table: str | None,
+    id_column: str,
+    vector_column: str,
+    text_column: str | None,
+    by_id: int | None,
+    vector_file: Path | None,
+    top_k: int,
+    as_json: bool,
+) -> None:
+    """Print the nearest rows to a stored row or to a vector file."""
+    if (by_id is None) == (vector_file is None):
+        raise click.UsageError("give exactly one of --id or --vector-file")
+    store = _postgres(dsn, table, {"id_column": id_column, "vector_column": vector_column, "text_column": text_column})
+    if by_id is not None and store is None:
+        raise click.UsageError("--id needs --postgres and --table, to read the row's vector")
+
+    async def search() -> list[list[Hit]]:
+        config = await _stored_config(obj["url"], obj["prefix"])
+        async with LSHRS(dim=config.dim, redis_url=obj["url"], prefix=obj["prefix"], store=store) as lsh:
+            if by_id is not None:
+                assert store is not None
+                rows = await store.fetch(np.array([by_id], dtype=np.int64))
+                if not len(rows):
+                    raise ValueError(f"row {by_id} is not in the table (or its vector is NULL)")
+                vectors = rows.vectors
+            else:
+                assert vector_file is not None
+                vectors = np.atleast_2d(np.load(vector_file))
+            return await lsh.query_many(vectors, top_k=top_k)
+
+    for number, hits in enumerate(_run(search)):
+        for rank, hit in enumerate(hits, 1):
+            if as_json:
+                click.echo(
+                    json.dumps(
+                        {
+                            "query": number,
+                            "rank": rank,
+                            "id": hit.id,
+                            "score": hit.score,
+                            "exact": hit.exact,
+                            "text": hit.text,
+                        }
+                    )
+                )
+            else:
+                text = f"  {hit.text}" if hit.text else ""
+                click.echo(f"{rank:>3}  {hit.id:>12}  {hit.score:.4f}{'' if hit.exact else '~'}{text}")
+
+
+@main.command()
+@click.pass_obj
+def stats(obj: dict[str, str]) -> None:
+    """Configuration, vector count, buckets, Redis memory, bucket size histogram."""
+
+    async def gather() -> dict[str, Any]:
+        config = await _stored_config(obj["url"], obj["prefix"])
+        async with LSHRS(dim=config.dim, redis_url=obj["url"], prefix=obj["prefix"]) as lsh:
+            return await lsh.stats()
+
+    click.echo(json.dumps(_run(gather), indent=2))
+
+
+@main.command()
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def drop(obj: dict[str, str], yes: bool) -> None:
+    """Delete every key of the index under the prefix."""
+    if not yes:
+        click.confirm(f"delete the index under prefix {obj['prefix']!r} at {obj['url']}?", abort=True)
+
+    async def remove() -> int:
+        config = await _stored_config(obj["url"], obj["prefix"])
+        async with LSHRS(dim=config.dim, redis_url=obj["url"], prefix=obj["prefix"]) as lsh:
+            return await lsh.drop()
+
+    click.echo(f"deleted {_run(remove):,} keys")

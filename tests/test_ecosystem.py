@@ -1,0 +1,124 @@
+"""The FastAPI and aiohttp examples and the ``lshrs`` command, on real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from redis.asyncio import Redis
+
+from conftest import clustered
+from lshrs.cli import main as cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import aiohttp_app
+import fastapi_app
+
+pytestmark = pytest.mark.anyio
+
+N, DIM = 600, 24
+BASE = clustered(N, DIM, seed=33)
+
+
+@pytest.fixture
+async def table(postgres_dsn: str, redis_proc: Any) -> AsyncIterator[tuple[str, str]]:
+    """A fresh ``docs`` table (bytea vectors, texts) and an empty Redis."""
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("DROP TABLE IF EXISTS docs")
+    await conn.execute("CREATE TABLE docs (id bigint PRIMARY KEY, embedding bytea, body text)")
+    await conn.executemany(
+        "INSERT INTO docs VALUES ($1, $2, $3)", [(i, BASE[i].astype("<f4").tobytes(), f"doc {i}") for i in range(N)]
+    )
+    await conn.close()
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    client = Redis.from_url(url)
+    await client.flushdb()
+    await client.aclose()
+    yield postgres_dsn, url
+
+
+async def test_fastapi_service(table: tuple[str, str]) -> None:
+    dsn, url = table
+    app = fastapi_app.create_app(redis_url=url, dsn=dsn, table="docs")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.post("/index")).json() == {"indexed": N}
+            hits = (await client.get("/search", params={"id": 7, "top_k": 3})).json()
+            assert hits[0]["id"] == 7 and hits[0]["text"] == "doc 7"
+            hits = (await client.post("/search", json={"vector": BASE[9].tolist(), "top_k": 2})).json()
+            assert hits[0]["id"] == 9
+            assert (await client.delete("/documents/9")).json() == {"deleted": 1}
+            hits = (await client.post("/search", json={"vector": BASE[9].tolist(), "top_k": 2})).json()
+            assert hits[0]["id"] != 9
+            assert (await client.post("/documents", json={"id": 9})).status_code == 201
+            assert (await client.get("/search", params={"id": 9})).json()[0]["id"] == 9
+            bad = await client.post("/search", json={"vector": [1.0, 2.0]})
+            assert bad.status_code == 422 and "shape" in bad.json()["detail"]
+            missing = await client.get("/search", params={"id": 123456})
+            assert missing.status_code == 404, missing.text
+
+
+async def test_aiohttp_service(table: tuple[str, str]) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    dsn, url = table
+    app = aiohttp_app.create_app(redis_url=url, dsn=dsn, table="docs")
+    async with TestClient(TestServer(app)) as client:
+        await app[aiohttp_app.LSH].index()
+        response = await client.get("/search", params={"id": "11", "top_k": "2"})
+        assert response.status == 200
+        assert (await response.json())[0] == {"id": 11, "score": pytest.approx(1.0, abs=1e-5), "text": "doc 11"}
+
+
+def test_cli_index_query_stats_drop(postgres_dsn: str, redis_proc: Any, tmp_path: Path) -> None:
+    import asyncio
+
+    async def prepare() -> None:
+        conn = await asyncpg.connect(postgres_dsn)
+        await conn.execute("DROP TABLE IF EXISTS cli_docs")
+        await conn.execute("CREATE TABLE cli_docs (id bigint PRIMARY KEY, embedding real[], body text)")
+        await conn.executemany(
+            "INSERT INTO cli_docs VALUES ($1, $2, $3)", [(i, BASE[i].tolist(), f"text {i}") for i in range(N)]
+        )
+        await conn.close()
+
+    asyncio.run(prepare())
+    env = {"LSHRS_REDIS_URL": f"redis://{redis_proc.host}:{redis_proc.port}/2", "LSHRS_POSTGRES_DSN": postgres_dsn,
+           "LSHRS_TABLE": "cli_docs", "LSHRS_PREFIX": "cli"}  # fmt: skip
+    runner = CliRunner()
+    result = runner.invoke(cli, ["drop", "--yes"], env=env)  # nothing there yet: a clean error
+    assert result.exit_code == 1 and "no index under prefix 'cli'" in result.output
+    result = runner.invoke(cli, ["index", "--text-column", "body", "--quiet"], env=env)
+    assert result.exit_code == 0, result.output
+    assert f"indexed {N} vectors" in result.output
+    result = runner.invoke(cli, ["query", "--id", "5", "--top-k", "3", "--text-column", "body", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    first = json.loads(result.output.splitlines()[0])
+    assert first["id"] == 5 and first["text"] == "text 5" and first["exact"]
+    np.save(tmp_path / "q.npy", BASE[8])
+    result = runner.invoke(cli, ["query", "--vector-file", str(tmp_path / "q.npy"), "--top-k", "1"], env=env)
+    assert result.exit_code == 0 and result.output.split()[1] == "8"
+    stats = json.loads(runner.invoke(cli, ["stats"], env=env).output)
+    assert stats["vectors"] == N and stats["config"]["dim"] == DIM and stats["buckets"] > 0
+    assert sum(stats["bucket_size_histogram"].values()) == stats["buckets"]
+    np.save(tmp_path / "more.npy", BASE[:50])
+    both = runner.invoke(cli, ["--prefix", "npy", "index", "--npy", str(tmp_path / "more.npy")], env=env)
+    assert both.exit_code == 2 and "exactly one source" in both.output
+    no_table = {**env, "LSHRS_POSTGRES_DSN": ""}
+    result = runner.invoke(
+        cli, ["--prefix", "npy", "index", "--npy", str(tmp_path / "more.npy"), "--quiet"], env=no_table
+    )
+    assert result.exit_code == 0 and "indexed 50 vectors" in result.output
+    result = runner.invoke(cli, ["drop", "--yes"], env=env)
+    assert result.exit_code == 0 and "deleted" in result.output
+    result = runner.invoke(cli, ["index"], env={**env, "LSHRS_POSTGRES_DSN": ""})
+    assert result.exit_code == 2 and "exactly one source" in result.output
