@@ -59,8 +59,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "points": [],
         "builds": [],
     }
-    with redis_server() as port, postgres() as dsn:
-        url = f"redis://127.0.0.1:{port}/0"
+    with redis_server("--appendonly", "no") as redis, postgres() as pg:
+        url, dsn = redis.url, pg.url
         result["points"].append(systems.numpy_exact(data, args.queries))
         bands = args.bands or [None]
         structures = [(b, None) for b in bands]
@@ -103,8 +103,8 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if args.build_only:
-        with redis_server() as port:
-            result = asyncio.run(streamed_build(f"redis://127.0.0.1:{port}/0", parse_size(args.build_only)))
+        with redis_server("--appendonly", "no") as redis:
+            result = asyncio.run(streamed_build(redis.url, parse_size(args.build_only)))
         result["machine"] = machine()
         result["command"] = " ".join(["nox -s bench --", *sys.argv[1:]])
         name = args.name or f"build-{args.build_only}"

@@ -35,8 +35,8 @@ def cluster_ports() -> Iterator[list[int]]:
 
 @pytest.fixture(scope="session")
 def postgres_dsn() -> Iterator[str]:
-    with postgres() as dsn:
-        yield dsn
+    with postgres() as server:
+        yield server.url
 
 
 @pytest.fixture(params=["redis", "cluster"])
@@ -111,6 +111,36 @@ async def keyspace(client: Any) -> dict[bytes, Any]:
         else:
             dump[key] = (kind, await client.get(key))
     return dump
+
+
+async def index_state(client: Any, lsh: LSHRS) -> dict[int, bytes]:
+    """Signature records of the prefix, after checking that they and the bucket
+    sets agree exactly: every id sits in one bucket per band, the one its
+    signature names, and no bucket holds an id without a signature."""
+    signatures: dict[int, bytes] = {}
+    buckets: dict[tuple[bytes, int], set[int]] = {}
+    async for key in client.scan_iter(match=f"{{{lsh.prefix}:*}}:*", count=1000):
+        tag, kind = key.split(b"}:", 1)
+        if kind == b"s":
+            for id_, sig in (await client.hgetall(key)).items():
+                signatures[int(id_)] = sig
+        elif kind == b"g":  # the shard's generation counter, not an id's data
+            assert int(await client.get(key)) >= 0
+        else:
+            assert kind.startswith(b"b"), key
+            buckets[(kind[1:], int(tag.rsplit(b":", 1)[1]))] = {int(m) for m in await client.smembers(key)}
+    assert all(buckets.values()), "an empty bucket set was left behind"
+    expected: dict[bytes, set[int]] = {}
+    width = (lsh.config.rows_per_band + 7) // 8
+    for id_, sig in signatures.items():
+        assert len(sig) == width * lsh.config.num_bands
+        for band in range(lsh.config.num_bands):
+            expected.setdefault(bytes((band,)) + sig[band * width : (band + 1) * width], set()).add(id_)
+    actual: dict[bytes, set[int]] = {}
+    for (suffix, _shard), members in buckets.items():
+        actual.setdefault(suffix, set()).update(members)
+    assert actual == expected
+    return signatures
 
 
 def clustered(n: int, dim: int, *, centers: int = 50, spread: float = 0.15, seed: int = 7) -> np.ndarray:

@@ -16,10 +16,19 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import port_for
 from mirakuru import TCPExecutor
+
+
+@dataclass
+class Server:
+    """A running server: where to reach it, and its executor to stop and restart it."""
+
+    url: str
+    executor: TCPExecutor
 
 
 def _free_port() -> int:
@@ -35,31 +44,21 @@ def _cluster_port(taken: list[int]) -> int:
 
 
 @contextmanager
-def redis_server(*extra: str) -> Iterator[int]:
-    """One throwaway redis-server on a loopback port (for benchmarks; the tests use pytest-redis)."""
+def redis_server(*extra: str, port: int | None = None) -> Iterator[Server]:
+    """One throwaway redis-server on loopback, for benchmarks and for tests that
+    configure or restart it (the plain suite uses pytest-redis). ``--port 0``
+    in ``extra`` with ``--tls-port`` makes it TLS-only on ``port``."""
     redis_server = shutil.which("redis-server")
     if redis_server is None:
         raise RuntimeError("redis-server is not installed: run scripts/install-servers.sh")
-    port = _free_port()
+    port = port or _free_port()
     with tempfile.TemporaryDirectory(prefix="lshrs-redis-") as root:
-        command = [
-            redis_server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            root,
-            *extra,
-        ]
+        command = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", root, *extra]
+        # A TLS-only server (--port 0) still answers on ``port``, its TLS port.
         executor = TCPExecutor(command, host="127.0.0.1", port=port, timeout=30)
         executor.start()
         try:
-            yield port
+            yield Server(f"redis://127.0.0.1:{port}/0", executor)
         finally:
             executor.stop()
 
@@ -133,8 +132,8 @@ def _postgres_bin() -> Path:
 
 
 @contextmanager
-def postgres() -> Iterator[str]:
-    """A throwaway PostgreSQL on a loopback port; yields a DSN for its superuser.
+def postgres() -> Iterator[Server]:
+    """A throwaway PostgreSQL on a loopback port; yields its superuser's DSN.
     As root, the server runs as the ``postgres`` user (initdb refuses root)."""
     bindir = _postgres_bin().parent
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -184,4 +183,4 @@ def postgres() -> Iterator[str]:
         executor = TCPExecutor(command, host="127.0.0.1", port=port, timeout=60, stop_signal=signal.SIGINT)
         executor.start()
         stack.callback(executor.stop)
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield Server(f"postgresql://postgres@127.0.0.1:{port}/postgres", executor)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
 from ._index import Client
 
 
-async def connect(url: str, timeout: float | None) -> Client:
+async def connect(url: str, timeout: float | None, extra: Mapping[str, Any] | None = None) -> Client:
     """A client for ``url``; a node that reports cluster mode gets a cluster client,
-    so the same URL form works for both."""
-    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    so the same URL form works for both. ``extra`` goes to redis-py as it is
+    (TLS certificates, retries, client names)."""
+    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout, **(extra or {})}
     pool = BlockingConnectionPool.from_url(url, max_connections=64, **options)
     single = Redis.from_pool(pool)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -62,6 +62,7 @@ class LSHRS:
         signature_cache: int = 2_000_000,
         batch_size: int = 10_000,
         timeout: float | None = 10.0,
+        redis_options: Mapping[str, Any] | None = None,
         progress: bool | ProgressCallback | None = None,
     ) -> None:
         _positive_int("dim", dim)
@@ -105,6 +106,7 @@ class LSHRS:
         self._cache_size = signature_cache
         self._batch_size = batch_size
         self._timeout = timeout
+        self._redis_options = dict(redis_options or {})
         self._progress = _progress.resolve(progress)
         self._open_lock = asyncio.Lock()
         self._opened: tuple[IndexConfig, Bands, FloatArray, ShardedIndex] | None = None
@@ -131,7 +133,7 @@ class LSHRS:
                     raise
 
     async def _open(self) -> tuple[IndexConfig, Bands, FloatArray, ShardedIndex]:
-        client = self._given_client or await connect(self._url, self._timeout)
+        client = self._given_client or await connect(self._url, self._timeout, self._redis_options)
         self._client = client
         cfg_key, proj_key = meta_keys(self._prefix)
         raw_cfg = await client.get(cfg_key)

@@ -3,7 +3,7 @@ lshrs owns it: index/ingest/delete keep it in step with the index."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,15 +27,17 @@ class RedisStore:
         prefix: str = "lshrs-vectors",
         groups: int = 16,
         timeout: float | None = 10.0,
+        redis_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._url = redis_url or "redis://localhost:6379/0"
         self._given = check_client(redis) if redis is not None else None
         self._client: Client | None = self._given
         self._prefix, self._groups, self._timeout = prefix, groups, timeout
+        self._options = dict(redis_options or {})
 
     async def _ready(self) -> Client:
         if self._client is None:
-            self._client = await connect(self._url, self._timeout)
+            self._client = await connect(self._url, self._timeout, self._options)
         return self._client
 
     def _keys(self, group: int) -> tuple[str, str]:

@@ -1,0 +1,157 @@
+"""Faults, security and cancellation on real servers (DESIGN section 6)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import numpy as np
+import pytest
+import redis.exceptions
+
+from conftest import clustered, index_state
+from lshrs import LSHRS
+from lshrs.adapters import InMemoryStore, PostgresStore
+from servers import postgres, redis_server
+
+pytestmark = pytest.mark.anyio
+
+DIM = 32
+BASE = clustered(6000, DIM, seed=41)
+
+
+async def signatures_of(url: str, prefix: str) -> dict[int, bytes]:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url)
+    async with LSHRS(dim=DIM, redis_url=url, prefix=prefix) as lsh:
+        state = await index_state(client, lsh)
+    await client.aclose()
+    return state
+
+
+async def test_redis_restart_mid_build_then_rerun_equals_clean_build() -> None:
+    with redis_server("--appendonly", "yes", "--appendfsync", "always") as server:
+        batches = 0
+
+        def stop_after_two(done: int, total: int | None) -> None:
+            nonlocal batches
+            batches += 1
+            if batches == 2:
+                server.executor.stop()
+
+        lsh = LSHRS(dim=DIM, redis_url=server.url, prefix="build", batch_size=1000, timeout=2.0)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await lsh.index(np.arange(6000), BASE, progress=stop_after_two)
+        await lsh.close()
+        server.executor.start()  # the append-only file brings back what was acknowledged
+        partial = await signatures_of(server.url, "build")
+        assert 2000 <= len(partial) < 6000
+        async with LSHRS(dim=DIM, redis_url=server.url, prefix="build") as again:
+            assert await again.index(np.arange(6000), BASE) == 6000
+        async with LSHRS(dim=DIM, redis_url=server.url, prefix="clean") as clean:
+            await clean.index(np.arange(6000), BASE)
+        assert await signatures_of(server.url, "build") == await signatures_of(server.url, "clean")
+
+
+async def test_dropped_redis_fails_fast_and_recovers() -> None:
+    with redis_server("--appendonly", "yes", "--appendfsync", "always") as server:
+        async with LSHRS(dim=DIM, redis_url=server.url, store=InMemoryStore(), timeout=1.0) as lsh:
+            await lsh.index(np.arange(500), BASE[:500])
+            assert (await lsh.query(BASE[3], top_k=1))[0].id == 3
+            server.executor.stop()
+            started = time.monotonic()
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await lsh.query(BASE[3], top_k=1)
+            assert time.monotonic() - started < 5
+            server.executor.start()
+            assert (await lsh.query(BASE[4], top_k=1))[0].id == 4  # the same object recovers
+
+
+async def test_stopped_postgres_surfaces_the_store_error(redis_proc: Any) -> None:
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/4"
+    with postgres() as server:
+        conn = await asyncpg.connect(server.url)
+        await conn.execute("CREATE TABLE t (id bigint PRIMARY KEY, embedding bytea)")
+        await conn.executemany("INSERT INTO t VALUES ($1, $2)", [(i, BASE[i].tobytes()) for i in range(300)])
+        await conn.close()
+        store = PostgresStore(server.url, table="t", command_timeout=3.0)
+        async with LSHRS(dim=DIM, redis_url=url, prefix="pgdown", store=store) as lsh:
+            await lsh.drop()
+            await lsh.index()
+            assert (await lsh.query(BASE[1], top_k=1))[0].id == 1
+            server.executor.stop()
+            started = time.monotonic()
+            with pytest.raises((OSError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+                await lsh.query(BASE[1], top_k=1)
+            assert time.monotonic() - started < 10
+
+
+async def test_acl_user_and_password() -> None:
+    acl = ["--user", "default", "off", "--user", "app", "on", ">s3cret", "~*", "&*", "+@all"]
+    with redis_server(*acl) as server:
+        url = server.url.replace("redis://", "redis://app:s3cret@")
+        async with LSHRS(dim=DIM, redis_url=url, store=InMemoryStore()) as lsh:
+            await lsh.index(np.arange(100), BASE[:100])
+            assert (await lsh.query(BASE[7], top_k=1))[0].id == 7
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            await LSHRS(dim=DIM, redis_url=url.replace("s3cret", "wrong")).open()
+        with pytest.raises((redis.exceptions.AuthenticationError, redis.exceptions.ResponseError)):
+            await LSHRS(dim=DIM, redis_url=server.url).open()  # the default user is disabled
+
+
+async def test_tls_only_server(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1", "localhost")
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    certificate.cert_chain_pems[0].write_to_path(str(cert_file))
+    certificate.private_key_pem.write_to_path(str(key_file))
+    import port_for
+
+    port = int(port_for.select_random())
+    tls = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert_file), "--tls-key-file",
+           str(key_file), "--tls-ca-cert-file", str(ca_file), "--tls-auth-clients", "no"]  # fmt: skip
+    with redis_server(*tls, port=port):
+        url = f"rediss://127.0.0.1:{port}/0"
+        async with LSHRS(dim=DIM, redis_url=url, redis_options={"ssl_ca_certs": str(ca_file)},
+                         store=InMemoryStore()) as lsh:  # fmt: skip
+            await lsh.index(np.arange(100), BASE[:100])
+            assert (await lsh.query(BASE[8], top_k=1))[0].id == 8
+        with pytest.raises(redis.exceptions.ConnectionError):  # an unknown authority is refused
+            await LSHRS(dim=DIM, redis_url=url, timeout=2.0).open()
+
+
+async def test_cancelled_build_leaves_only_whole_ids(make_lsh: Any, raw_redis: Any) -> None:
+    lsh = await make_lsh(batch_size=500)
+    with anyio.move_on_after(0.3) as scope:
+        await lsh.index(np.arange(6000), BASE)
+    state = await index_state(raw_redis, lsh)  # checks bucket/signature agreement id by id
+    assert scope.cancelled_caught or len(state) == 6000
+    assert set(state) <= set(range(6000))
+    assert await lsh.index(np.arange(6000), BASE) == 6000  # and a re-run completes it
+    assert len(await index_state(raw_redis, lsh)) == 6000
+
+
+async def test_cancelled_query_writes_nothing(make_lsh: Any, raw_redis: Any) -> None:
+    from conftest import keyspace
+
+    lsh = await make_lsh(store=InMemoryStore())
+    await lsh.index(np.arange(2000), BASE[:2000])
+    before = await keyspace(raw_redis)
+    with anyio.move_on_after(0.001):
+        await lsh.query_many(BASE[:200])
+    assert await keyspace(raw_redis) == before
+    assert (await lsh.query(BASE[0], top_k=1))[0].id == 0
+
+
+def test_no_pickle_or_eval_in_the_package() -> None:
+    source = Path(__file__).resolve().parents[1] / "src" / "lshrs"
+    for path in source.rglob("*.py"):
+        text = path.read_text()
+        assert "pickle" not in text, path
+        assert "eval(" not in text.replace("register_script", ""), path
