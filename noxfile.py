@@ -21,8 +21,8 @@ def tests(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "noxfile.py")
-    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "noxfile.py")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "docs", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "docs", "noxfile.py")
 
 
 @nox.session(python=PYTHON)
@@ -44,3 +44,11 @@ def bench(session: nox.Session) -> None:
     session.run("bash", "scripts/install-servers.sh", external=True)
     session.install("-e", ".[test,postgres,sqlalchemy]", "faiss-cpu", "matplotlib")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def load(session: nox.Session) -> None:
+    """Concurrent queries plus inserts and deletes for a fixed time: ``nox -s load -- --seconds 60``."""
+    session.run("bash", "scripts/install-servers.sh", external=True)
+    session.install("-e", ".")
+    session.run("python", "-m", "benchmarks.load", *session.posargs)
