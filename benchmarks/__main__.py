@@ -62,8 +62,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with redis_server("--appendonly", "no") as redis, postgres() as pg:
         url, dsn = redis.url, pg.url
         result["points"].append(systems.numpy_exact(data, args.queries))
-        bands = args.bands or [None]
-        structures = [(b, None) for b in bands]
+        structures = [(b, r) for b in (args.bands or [None]) for r in (args.rows or [None])]
         points, builds = await systems.lshrs_runs(data, url, structures, args.probes, args.rerank, args.queries)
         result["points"] += points
         result["builds"] += [{"system": "lshrs", **b} for b in builds]

@@ -90,7 +90,7 @@ async def compare(
                 async def call(query: np.ndarray) -> list[int]:
                     return [h.id for h in await lsh.query(query, top_k=10)]
 
-                await one_client(call, data.queries[:20])  # warm the signature cache
+                await lsh.warm()
                 _, latency = await one_client(call, data.queries[:sample])
             row["query_p50_ms"], row["query_p95_ms"] = latency["p50_ms"], latency["p95_ms"]
         else:

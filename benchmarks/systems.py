@@ -100,7 +100,7 @@ async def lshrs_runs(
                 async with LSHRS(
                     dim=data.base.shape[1], redis_url=url, prefix=prefix, store=store, probes=probes, rerank=rerank
                 ) as lsh:
-                    await lsh.index(np.arange(min(50_000, len(data.base))), data.base[:50_000])  # warms the cache
+                    await lsh.warm()  # as a long-running service's cache would be
 
                     async def call(query: np.ndarray) -> list[int]:
                         return [h.id for h in await lsh.query(query, top_k=100)]

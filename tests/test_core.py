@@ -192,3 +192,39 @@ async def test_signature_cache_never_serves_a_replaced_signature(make_lsh: Any) 
     await writer.ingest(6, -base[6])
     assert (await reader.query(-base[6], top_k=1))[0] == Hit(6, 1.0, None, False)
     assert 6 not in {h.id for h in await reader.query(base[6], top_k=5) if h.score > 0.99}
+
+
+async def test_queries_take_one_round_trip_cold_or_warm(make_lsh: Any, raw_redis: Any, backend: str) -> None:
+    """One script per query whether the signature cache is empty, filling or
+    full: the only signature reads are the script's own (counted with it)."""
+    base = clustered(800, 32)
+    writer = await make_lsh()
+    await writer.index(np.arange(800), base)
+    reader = await make_lsh(store=InMemoryStore())
+    if backend == "redis":  # per-command statistics are per node; one node is enough to count
+        await raw_redis.config_resetstat()
+    for vector in base[:5]:
+        await reader.query(vector)  # cold, filling: buckets and signatures in one script
+    await reader.warm()
+    if backend == "redis":
+        stats = await raw_redis.info("commandstats")
+        evalsha = stats["cmdstat_evalsha"]  # a first NOSCRIPT reply, then SCRIPT LOAD, may precede
+        assert evalsha["calls"] - evalsha["failed_calls"] == 5, stats
+        assert stats["cmdstat_hmget"]["calls"] == 5  # one inside each script: 800 ids fit one chunk
+        await raw_redis.config_resetstat()
+    for vector in base[5:10]:
+        await reader.query(vector)  # warm: bucket ids only
+    if backend == "redis":
+        stats = await raw_redis.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 5
+        assert "cmdstat_hmget" not in stats and "cmdstat_hget" not in stats
+
+
+async def test_warm_loads_every_signature_and_still_follows_writes(make_lsh: Any) -> None:
+    base = clustered(500, 32, centers=5)
+    writer = await make_lsh()
+    await writer.index(np.arange(500), base)
+    reader = await make_lsh()
+    assert await reader.warm() == 500
+    await writer.ingest(5, -base[5])
+    assert (await reader.query(-base[5], top_k=1))[0] == Hit(5, 1.0, None, False)

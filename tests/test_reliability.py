@@ -33,6 +33,22 @@ async def signatures_of(url: str, prefix: str) -> dict[int, bytes]:
     return state
 
 
+async def restart(server: Any) -> None:
+    """Start a stopped server again and wait until its append-only file is loaded."""
+    from redis.asyncio import Redis
+
+    server.executor.start()
+    client = Redis.from_url(server.url)
+    for _ in range(200):
+        try:
+            if (await client.info("persistence"))["loading"] == 0:
+                break
+        except redis.exceptions.ConnectionError:  # BusyLoadingError is one
+            pass
+        await anyio.sleep(0.05)
+    await client.aclose()
+
+
 async def test_redis_restart_mid_build_then_rerun_equals_clean_build() -> None:
     with redis_server("--appendonly", "yes", "--appendfsync", "always") as server:
         batches = 0
@@ -47,7 +63,7 @@ async def test_redis_restart_mid_build_then_rerun_equals_clean_build() -> None:
         with pytest.raises(redis.exceptions.ConnectionError):
             await lsh.index(np.arange(6000), BASE, progress=stop_after_two)
         await lsh.close()
-        server.executor.start()  # the append-only file brings back what was acknowledged
+        await restart(server)  # the append-only file brings back what was acknowledged
         partial = await signatures_of(server.url, "build")
         assert 2000 <= len(partial) < 6000
         async with LSHRS(dim=DIM, redis_url=server.url, prefix="build") as again:
@@ -67,7 +83,7 @@ async def test_dropped_redis_fails_fast_and_recovers() -> None:
             with pytest.raises(redis.exceptions.ConnectionError):
                 await lsh.query(BASE[3], top_k=1)
             assert time.monotonic() - started < 5
-            server.executor.start()
+            await restart(server)
             assert (await lsh.query(BASE[4], top_k=1))[0].id == 4  # the same object recovers
 
 

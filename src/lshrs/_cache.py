@@ -38,6 +38,7 @@ class _Shard:
 
     def __init__(self, width: int) -> None:
         self.generation: int | None = None
+        self.shard_size = 0  # ids in the shard when Redis last said
         self.main = _Sorted(np.empty(0, np.int64), np.empty((0, width), np.uint8))
         self.recent = self.main
         self.pending: list[tuple[IdArray, ByteArray]] = []
@@ -69,24 +70,29 @@ class SignatureCache:
         self._shards = [_Shard(width) for _ in range(shards)]
 
     def is_warm(self, shard: int) -> bool:
+        """Whether the cache holds most of the shard (or all it may hold): then a
+        query asks Redis for ids only and fetches the few missing signatures."""
         cached = self._shards[shard]
-        return self._capacity > 0 and cached.generation is not None and len(cached) > 0
+        wanted = min(0.9 * cached.shard_size, 0.9 * self._capacity)
+        return self._capacity > 0 and cached.generation is not None and len(cached) >= max(wanted, 1)
 
-    def observe(self, shard: int, generation: int) -> None:
-        """The shard's generation as Redis just reported it; a change drops the shard."""
+    def observe(self, shard: int, generation: int, shard_size: int) -> None:
+        """The shard's generation and size as Redis just reported them; a new
+        generation drops the cached shard."""
         cached = self._shards[shard]
         if cached.generation != generation:
-            self._shards[shard] = _Shard(self._width)
-            self._shards[shard].generation = generation
+            cached = self._shards[shard] = _Shard(self._width)
+            cached.generation = generation
+        cached.shard_size = shard_size
 
     def add(self, shard: int, ids: IdArray, signatures: ByteArray) -> None:
         if self._capacity <= 0 or not len(ids):
             return
         cached = self._shards[shard]
         if len(cached) + len(ids) > self._capacity:
-            generation = cached.generation
+            generation, size = cached.generation, cached.shard_size
             cached = self._shards[shard] = _Shard(self._width)
-            cached.generation = generation
+            cached.generation, cached.shard_size = generation, size
         cached.pending.append((ids.copy(), signatures.copy()))
 
     def lookup(self, shard: int, ids: IdArray) -> tuple[ByteArray, npt.NDArray[np.bool_]]:

@@ -130,9 +130,15 @@ class ShardedIndex:
         return Candidates(np.concatenate([c.ids for c in found]), np.concatenate([c.signatures for c in found]))
 
     async def _shard_candidates(self, shard: int, probe_keys: list[bytes], cap: int) -> Candidates:
-        generation, members = await self._call(self._query, shard, [self.bucket_base(shard), *probe_keys])
-        self._cache.observe(shard, int(generation))
-        found = np.fromstring(members, dtype=np.int64, sep=" ") if members else np.empty(0, np.int64)
+        cold = not self._cache.is_warm(shard)
+        reply = await self._call(self._query, shard, [self.bucket_base(shard), int(cold), *probe_keys])
+        generation, size, members = reply[0], reply[1], reply[2]
+        self._cache.observe(shard, int(generation), int(size))
+        if cold and reply[3]:  # the script read these in the same atomic step as the buckets
+            distinct = _parse_ids(reply[3])
+            width = self._bands.signature_bytes
+            self._cache.add(shard, distinct, np.frombuffer(reply[4], np.uint8).reshape(len(distinct), width))
+        found = _parse_ids(members)
         ids, hits = np.unique(found, return_counts=True)
         if len(ids) > cap:  # keep the ids seen in the most probed buckets
             ids = ids[np.sort(np.argpartition(-hits, cap - 1)[:cap])]
@@ -154,6 +160,29 @@ class ShardedIndex:
         keep[rows] = True
         return Candidates(ids[keep], signatures[keep])
 
+    async def warm(self, batch: int = 10_000) -> int:
+        """Load every stored signature into the cache (an HSCAN per shard), so
+        that queries read only bucket ids from Redis. Returns how many were loaded."""
+        loaded = 0
+        width = self._bands.signature_bytes
+        for shard in range(self._shards):
+            # Generation first: a replace during the scan bumps it, and the next
+            # query then drops what this scan cached.
+            generation = await self._client.get(self.script_keys(shard)[1])
+            self._cache.observe(shard, int(generation or 0), await self._client.hlen(self.signature_key(shard)))
+            ids: list[bytes] = []
+            signatures: list[bytes] = []
+            async for id_, signature in self._client.hscan_iter(self.signature_key(shard), count=batch):
+                ids.append(id_)
+                signatures.append(signature)
+                if len(ids) == batch:
+                    self._cache.add(shard, _parse_ids(b" ".join(ids)), _rows(signatures, width))
+                    loaded, ids, signatures = loaded + batch, [], []
+            if ids:
+                self._cache.add(shard, _parse_ids(b" ".join(ids)), _rows(signatures, width))
+                loaded += len(ids)
+        return loaded
+
     async def bucket_sizes(self) -> list[int]:
         """Members of every bucket set (a keyspace scan: for statistics only)."""
         sizes: list[int] = []
@@ -168,3 +197,12 @@ class ShardedIndex:
     async def count(self) -> int:
         counts = await asyncio.gather(*(self._client.hlen(self.signature_key(s)) for s in range(self._shards)))
         return int(sum(counts))
+
+
+def _parse_ids(text: bytes) -> IdArray:
+    """Space-separated decimal ids, parsed in C (a fifth of the time of split())."""
+    return np.fromstring(text, dtype=np.int64, sep=" ") if text else np.empty(0, np.int64)
+
+
+def _rows(signatures: list[bytes], width: int) -> ByteArray:
+    return np.frombuffer(b"".join(signatures), np.uint8).reshape(len(signatures), width)

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.to_thread
@@ -23,6 +23,16 @@ from ._types import Hit, ProgressCallback, Rows, VectorStore, WritableStore
 from ._validate import as_id, as_ids, as_vectors, check_batch, check_top
 
 FloatArray = npt.NDArray[np.float32]
+
+
+class _Opened(NamedTuple):
+    """What an open index needs: the stored configuration and what follows from it."""
+
+    config: IndexConfig
+    bands: Bands
+    projection: FloatArray
+    sharded: ShardedIndex
+
 
 #: Batches at least this large are hashed in a worker thread, off the event loop.
 _THREAD_ROWS = 256
@@ -88,6 +98,7 @@ class LSHRS:
         _positive_int("shards", shards if shards is not None else 1, most=4096)
         if probes is not None:
             _positive_int("probes", probes, least=0)
+        _positive_int("signature_cache", signature_cache, least=0)
         self._wanted = IndexConfig(
             dim=dim,
             num_bands=bands,
@@ -109,7 +120,7 @@ class LSHRS:
         self._redis_options = dict(redis_options or {})
         self._progress = _progress.resolve(progress)
         self._open_lock = asyncio.Lock()
-        self._opened: tuple[IndexConfig, Bands, FloatArray, ShardedIndex] | None = None
+        self._opened: _Opened | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -132,7 +143,7 @@ class LSHRS:
                     await self.close()
                     raise
 
-    async def _open(self) -> tuple[IndexConfig, Bands, FloatArray, ShardedIndex]:
+    async def _open(self) -> _Opened:
         client = self._given_client or await connect(self._url, self._timeout, self._redis_options)
         self._client = client
         cfg_key, proj_key = meta_keys(self._prefix)
@@ -160,7 +171,9 @@ class LSHRS:
             store_dim = await self._store.dimension()
             if store_dim is not None and store_dim != stored.dim:
                 raise ValueError(f"the store holds {store_dim}-d vectors but the index is {stored.dim}-d")
-        return stored, bands, projection, ShardedIndex(client, self._prefix, stored.shards, bands, self._cache_size)
+        return _Opened(
+            stored, bands, projection, ShardedIndex(client, self._prefix, stored.shards, bands, self._cache_size)
+        )
 
     async def close(self) -> None:
         """Close the Redis client lshrs opened (not one passed in) and the store."""
@@ -170,7 +183,7 @@ class LSHRS:
         if self._store is not None:
             await self._store.close()
 
-    async def _ready(self) -> tuple[IndexConfig, Bands, FloatArray, ShardedIndex]:
+    async def _ready(self) -> _Opened:
         if self._opened is None:
             await self.open()
         assert self._opened is not None
@@ -179,7 +192,7 @@ class LSHRS:
     @property
     def config(self) -> IndexConfig:
         """The configuration in force (the stored one once open)."""
-        return self._opened[0] if self._opened else self._wanted
+        return self._opened.config if self._opened else self._wanted
 
     @property
     def prefix(self) -> str:
@@ -191,11 +204,14 @@ class LSHRS:
 
     # -- writing -------------------------------------------------------------------
 
-    async def _signatures(self, vectors: FloatArray) -> npt.NDArray[np.uint8]:
+    async def _hash(self, vectors: FloatArray) -> tuple[FloatArray, npt.NDArray[np.uint8]]:
+        """Projections and packed signatures of a batch: one matrix product, in a
+        worker thread when the batch is large enough to stall the event loop."""
         _, bands, projection, _ = await self._ready()
 
-        def work() -> npt.NDArray[np.uint8]:
-            return bands.pack(project(vectors, projection) > 0)
+        def work() -> tuple[FloatArray, npt.NDArray[np.uint8]]:
+            margins = project(vectors, projection)
+            return margins, bands.pack(margins > 0)
 
         if len(vectors) >= _THREAD_ROWS:
             return await anyio.to_thread.run_sync(work)
@@ -258,7 +274,8 @@ class LSHRS:
 
     async def _write(self, ids: npt.NDArray[np.int64], vectors: FloatArray) -> None:
         *_, index = await self._ready()
-        await index.upsert(ids, await self._signatures(vectors))
+        _, signatures = await self._hash(vectors)
+        await index.upsert(ids, signatures)
 
     async def ingest(self, id: int, vector: Any, *, text: str | None = None) -> None:
         """Insert one id, or replace it (it moves to its new buckets)."""
@@ -277,6 +294,13 @@ class LSHRS:
         return removed
 
     # -- reading -------------------------------------------------------------------
+
+    async def warm(self) -> int:
+        """Load every signature of the index into this process's signature cache
+        (bounded by ``signature_cache``), so that even the first queries read only
+        bucket ids from Redis. Optional: the cache also fills as queries run."""
+        *_, index = await self._ready()
+        return await index.warm()
 
     async def count(self) -> int:
         """How many ids the index holds."""
@@ -302,10 +326,9 @@ class LSHRS:
         check_top(top_k, top_p)
         if top_p is not None:
             self._require_store("top_p")
-        config, bands, projection, index = await self._ready()
+        config, bands, _, index = await self._ready()
         matrix = as_vectors(vectors, config.dim)
-        margins = project(matrix, projection)
-        signatures = bands.pack(margins > 0)
+        margins, signatures = await self._hash(matrix)
         probes = self._probes if self._probes is not None else 2 * bands.num_bands
         found = await asyncio.gather(
             *(index.candidates(probe_keys(bands, m, probes), self._max_candidates) for m in margins)
@@ -327,33 +350,27 @@ class LSHRS:
     async def _rerank_exact(
         self, queries: FloatArray, shortlists: list[npt.NDArray[np.int64]], top_k: int, top_p: float | None
     ) -> list[list[Hit]]:
+        """Exact cosine on the shortlisted vectors, fetched for all queries at once."""
         assert self._store is not None
-        wanted = np.unique(np.concatenate(shortlists)) if shortlists else np.empty(0, np.int64)
-        rows = (
-            await self._store.fetch(wanted)
-            if len(wanted)
-            else Rows(wanted, np.empty((0, queries.shape[1]), np.float32))
-        )
+        wanted = np.unique(np.concatenate(shortlists))
+        rows = await self._store.fetch(wanted) if len(wanted) else None
+        if rows is None or not len(rows):  # the store has none of the candidates
+            return [[] for _ in shortlists]
         order = np.argsort(rows.ids, kind="stable")
         sorted_ids = rows.ids[order]
-        norms = np.linalg.norm(rows.vectors, axis=1)
-        norms[norms == 0] = 1.0
-        unit = rows.vectors / norms[:, None]
+        norms = np.linalg.norm(rows.vectors, axis=1, keepdims=True)
+        unit = rows.vectors / np.where(norms == 0, 1.0, norms)  # a user's table may hold zero rows
         results = []
         for query, ids in zip(queries, shortlists):
-            at = np.searchsorted(sorted_ids, ids)
-            present = (at < len(sorted_ids)) & (sorted_ids[np.minimum(at, len(sorted_ids) - 1)] == ids)
-            rows_of = order[at[present]]
+            at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+            rows_of = order[at[sorted_ids[at] == ids]]  # ids the store lacks are skipped
             scores = unit[rows_of] @ (query / np.linalg.norm(query))
             keep = len(scores) if top_p is None else math.ceil(top_p * len(scores))
             best = np.lexsort((rows.ids[rows_of], -scores))[: min(top_k, keep)]
+            texts = rows.texts
             results.append(
                 [
-                    Hit(
-                        int(rows.ids[rows_of[i]]),
-                        float(scores[i]),
-                        rows.texts[rows_of[i]] if rows.texts is not None else None,
-                    )
+                    Hit(int(rows.ids[rows_of[i]]), float(scores[i]), texts[rows_of[i]] if texts is not None else None)
                     for i in best
                 ]
             )
