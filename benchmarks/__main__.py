@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--dataset", choices=["minilm", "glove"], default="minilm")
     parser.add_argument("--queries", type=int, default=500, help="held-out real queries to run (at most 1000)")
     parser.add_argument("--bands", type=int, nargs="*", help="band counts to build (default: lshrs's own choice)")
+    parser.add_argument("--rows", type=int, nargs="*", help="rows per band to build (default: lshrs's own choice)")
     parser.add_argument(
         "--probes", type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0], help="probes as multiples of bands"
     )

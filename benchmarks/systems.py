@@ -55,24 +55,10 @@ async def lshrs_runs(
     queries, truth = data.queries[:sample], data.truth[:sample]
     for bands, rows in structures:
         prefix = f"bench-{bands}-{rows}"
-        async with LSHRS(
-            dim=data.base.shape[1],
-            redis_url=url,
-            prefix=prefix,
-            num_bands=bands,
-            rows_per_band=rows,
-            expected_size=len(data.base),
-        ) as lsh:
-            await lsh.drop()
-        before = await redis_memory(url)
-        async with LSHRS(
-            dim=data.base.shape[1],
-            redis_url=url,
-            prefix=prefix,
-            num_bands=bands,
-            rows_per_band=rows,
-            expected_size=len(data.base),
-        ) as lsh:
+        options = {"num_bands": bands, "rows_per_band": rows, "expected_size": len(data.base)}
+        async with LSHRS(dim=data.base.shape[1], redis_url=url, prefix=prefix, **options) as lsh:
+            await lsh.drop()  # the next call opens the prefix afresh
+            before = await redis_memory(url)
             started = time.perf_counter()
             for start in range(0, len(data.base), 100_000):
                 await lsh.index(
