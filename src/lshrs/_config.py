@@ -59,6 +59,7 @@ class IndexConfig:
     layout: int = LAYOUT_VERSION
 
     def to_json(self) -> bytes:
+        """The form stored under ``{prefix}:cfg``: plain JSON, never pickle."""
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod

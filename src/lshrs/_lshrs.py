@@ -196,10 +196,12 @@ class LSHRS:
 
     @property
     def prefix(self) -> str:
+        """The key prefix this index lives under."""
         return self._prefix
 
     @property
     def store(self) -> VectorStore | None:
+        """The store candidates are reranked with, if any."""
         return self._store
 
     # -- writing -------------------------------------------------------------------
@@ -249,24 +251,32 @@ class LSHRS:
         return len(id_array)
 
     async def _index_store(self, report: ProgressCallback | None) -> int:
-        """Read batch i+1 while batch i is hashed and written."""
+        """A three-stage pipeline: batch i+2 is read from the store while batch
+        i+1 is hashed in a worker thread and batch i is written to Redis."""
         store = self._require_store("index() with no arguments")
-        config, *_ = await self._ready()
+        config, _, _, index = await self._ready()
         total = await store.count()
-        send, receive = anyio.create_memory_object_stream[Rows](1)
+        to_hash, hashing = anyio.create_memory_object_stream[Rows](1)
+        to_write, writing = anyio.create_memory_object_stream[tuple[Rows, npt.NDArray[np.uint8]]](1)
         done = 0
 
         async def read() -> None:
-            async with send:
+            async with to_hash:
                 async for rows in store.batches(self._batch_size):
-                    await send.send(rows)
+                    await to_hash.send(rows)
+
+        async def hash_batches() -> None:
+            async with hashing, to_write:
+                async for rows in hashing:
+                    _, signatures = await self._hash(as_vectors(rows.vectors, config.dim))
+                    await to_write.send((rows, signatures))
 
         async with anyio.create_task_group() as group:
             group.start_soon(read)
-            async with receive:
-                async for rows in receive:
-                    if len(rows):
-                        await self._write(rows.ids, as_vectors(rows.vectors, config.dim))
+            group.start_soon(hash_batches)
+            async with writing:
+                async for rows, signatures in writing:
+                    await index.upsert(rows.ids, signatures)
                     done += len(rows)
                     if report:
                         report(done, total)

@@ -59,7 +59,9 @@ class VectorStore(Protocol):
         """How many rows a full build will read, if cheap to know."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release what the store opened itself (pools, engines, clients)."""
+        ...
 
 
 @runtime_checkable
@@ -73,6 +75,10 @@ class WritableStore(VectorStore, Protocol):
         ids: npt.NDArray[np.int64],
         vectors: npt.NDArray[np.float32],
         texts: Sequence[str | None] | None = None,
-    ) -> None: ...
+    ) -> None:
+        """Insert or replace rows; called before the index points at them."""
+        ...
 
-    async def remove(self, ids: npt.NDArray[np.int64]) -> None: ...
+    async def remove(self, ids: npt.NDArray[np.int64]) -> None:
+        """Delete rows; called after the index has forgotten them."""
+        ...

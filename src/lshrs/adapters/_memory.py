@@ -25,9 +25,11 @@ class InMemoryStore:
         return self._size
 
     async def dimension(self) -> int | None:
+        """The dimension of the stored vectors; None while empty."""
         return None if self._vectors is None else self._vectors.shape[1]
 
     async def count(self) -> int:
+        """How many vectors the store holds."""
         return self._size
 
     async def close(self) -> None:
@@ -51,6 +53,7 @@ class InMemoryStore:
         vectors: npt.NDArray[np.float32],
         texts: Sequence[str | None] | None = None,
     ) -> None:
+        """Insert or replace rows; lshrs calls this before it indexes them."""
         if self._vectors is not None and vectors.shape[1] != self._vectors.shape[1]:
             raise ValueError(f"the store holds {self._vectors.shape[1]}-d vectors, got {vectors.shape[1]}-d")
         self._grow(self._size + len(ids), vectors.shape[1])
@@ -83,6 +86,7 @@ class InMemoryStore:
             self._size -= 1
 
     async def fetch(self, ids: npt.NDArray[np.int64]) -> Rows:
+        """The rows of ``ids`` that exist, in the order given."""
         rows = [r for r in map(self._row_of.get, ids.tolist()) if r is not None]
         dim = 0 if self._vectors is None else self._vectors.shape[1]
         if self._vectors is None or not rows:

@@ -102,10 +102,12 @@ class PostgresStore:
         return Rows(ids, vectors, texts)
 
     async def dimension(self) -> int | None:
+        """From the column's type modifier (``vector(384)``), else from one row."""
         await self._ready()
         return self._dim
 
     async def count(self) -> int:
+        """Rows with a vector: what ``LSHRS.index()`` will read."""
         pool = await self._ready()
         return int(await pool.fetchval(f"SELECT count(*) FROM {self._table_sql} WHERE {self._vec_sql} IS NOT NULL"))
 

@@ -48,10 +48,12 @@ class RedisStore:
         return [np.flatnonzero(group_of == g) for g in range(self._groups)]
 
     async def dimension(self) -> int | None:
+        """Recorded on the first write; None while empty."""
         raw = await (await self._ready()).get(f"{{{self._prefix}}}:dim")
         return None if raw is None else int(raw)
 
     async def count(self) -> int:
+        """How many vectors the store holds."""
         client = await self._ready()
         return int(sum([await client.hlen(self._keys(g)[0]) for g in range(self._groups)]))
 
@@ -61,6 +63,7 @@ class RedisStore:
         vectors: npt.NDArray[np.float32],
         texts: Sequence[str | None] | None = None,
     ) -> None:
+        """Insert or replace vectors and texts in one pipeline."""
         client = await self._ready()
         await client.set(f"{{{self._prefix}}}:dim", vectors.shape[1], nx=True)
         blobs = vectors.astype("<f4", copy=False)
@@ -78,6 +81,7 @@ class RedisStore:
         await pipe.execute()
 
     async def remove(self, ids: npt.NDArray[np.int64]) -> None:
+        """Delete vectors and texts; unknown ids are ignored."""
         client = await self._ready()
         pipe = client.pipeline(transaction=False)
         for group, rows in enumerate(self._by_group(ids)):
@@ -88,6 +92,7 @@ class RedisStore:
         await pipe.execute()
 
     async def fetch(self, ids: npt.NDArray[np.int64]) -> Rows:
+        """The vectors and texts of ``ids`` that exist, in one pipeline."""
         client = await self._ready()
         pipe = client.pipeline(transaction=False)
         groups = [(g, rows) for g, rows in enumerate(self._by_group(ids)) if len(rows)]
@@ -108,6 +113,7 @@ class RedisStore:
         return _rows(found, blobs, texts)
 
     async def batches(self, batch_size: int) -> AsyncIterator[Rows]:
+        """Every vector, by HSCAN of each group."""
         client = await self._ready()
         for group in range(self._groups):
             vec_key, text_key = self._keys(group)
@@ -134,6 +140,7 @@ class RedisStore:
         await client.delete(f"{{{self._prefix}}}:dim")
 
     async def close(self) -> None:
+        """Close the client if this store opened it."""
         if self._client is not None and self._client is not self._given:
             await self._client.aclose()
         self._client = self._given

@@ -82,22 +82,26 @@ class SQLAlchemyStore:
         return Rows(ids, _decode([r[1] for r in records]), texts)
 
     async def dimension(self) -> int | None:
+        """Read from one row; None while the table has no vectors."""
         await self._ready()
         return self._dim
 
     async def count(self) -> int:
+        """Rows with a vector: what ``LSHRS.index()`` will read."""
         table = await self._ready()
         vector = table.c[self._names[2]]
         async with self._engine.connect() as conn:
             return int((await conn.execute(sa.select(sa.func.count()).where(vector.is_not(None)))).scalar_one())
 
     async def fetch(self, ids: npt.NDArray[np.int64]) -> Rows:
+        """One ``WHERE id IN (...)`` query; ids the table lacks are absent."""
         table = await self._ready()
         query = self._select(table).where(table.c[self._names[1]].in_(ids.tolist()))
         async with self._engine.connect() as conn:
             return self._rows((await conn.execute(query)).all())
 
     async def batches(self, batch_size: int) -> AsyncIterator[Rows]:
+        """The whole table as a server-side stream, ``batch_size`` rows at a time."""
         table = await self._ready()
         vector = table.c[self._names[2]]
         async with self._engine.connect() as conn:
@@ -109,6 +113,7 @@ class SQLAlchemyStore:
                 yield self._rows(part)
 
     async def close(self) -> None:
+        """Dispose of the engine if this store created it."""
         if self._owns_engine:
             await self._engine.dispose()
 
