@@ -68,24 +68,50 @@ async def sqlite_table(path: Path) -> str:
     return f"sqlite+aiosqlite:///{path}"
 
 
+OWNED = ["memory", "redis"]
+TABLES = [kind for kind in STORES if kind not in OWNED]
+
+
+async def open_store(kind: str, tmp_path: Path, pg_tables: str, redis_proc: Any) -> VectorStore:
+    if kind == "memory":
+        return InMemoryStore()
+    if kind == "redis":
+        made = RedisStore(f"redis://{redis_proc.host}:{redis_proc.port}/1")
+        await made.drop()
+        return made
+    if kind.startswith("postgres-"):
+        return PostgresStore(pg_tables, table=f"public.passages_{kind.split('-')[1]}", text_column="body")
+    if kind == "sqlalchemy-postgres":
+        url = pg_tables.replace("postgresql://", "postgresql+asyncpg://")
+        return SQLAlchemyStore(url, table="passages_bytea", text_column="body")
+    return SQLAlchemyStore(await sqlite_table(tmp_path / "db.sqlite"), table="passages", text_column="body")
+
+
 @pytest.fixture(params=STORES)
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, pg_tables: str, redis_proc: Any
 ) -> AsyncIterator[VectorStore]:
-    kind = request.param
-    made: VectorStore
-    if kind == "memory":
-        made = InMemoryStore()
-    elif kind == "redis":
-        made = RedisStore(f"redis://{redis_proc.host}:{redis_proc.port}/1")
-        await made.drop()
-    elif kind.startswith("postgres-"):
-        made = PostgresStore(pg_tables, table=f"public.passages_{kind.split('-')[1]}", text_column="body")
-    elif kind == "sqlalchemy-postgres":
-        url = pg_tables.replace("postgresql://", "postgresql+asyncpg://")
-        made = SQLAlchemyStore(url, table="passages_bytea", text_column="body")
-    else:
-        made = SQLAlchemyStore(await sqlite_table(tmp_path / "db.sqlite"), table="passages", text_column="body")
+    made = await open_store(request.param, tmp_path, pg_tables, redis_proc)
+    yield made
+    await made.close()
+
+
+@pytest.fixture(params=TABLES)
+async def table_store(
+    request: pytest.FixtureRequest, tmp_path: Path, pg_tables: str, redis_proc: Any
+) -> AsyncIterator[VectorStore]:
+    """The read-only views of a user's table."""
+    made = await open_store(request.param, tmp_path, pg_tables, redis_proc)
+    yield made
+    await made.close()
+
+
+@pytest.fixture(params=OWNED)
+async def owned_store(
+    request: pytest.FixtureRequest, tmp_path: Path, pg_tables: str, redis_proc: Any
+) -> AsyncIterator[VectorStore]:
+    """The stores lshrs writes itself."""
+    made = await open_store(request.param, tmp_path, pg_tables, redis_proc)
     yield made
     await made.close()
 
@@ -143,18 +169,18 @@ async def test_store_fetch_skips_missing_ids(store: VectorStore, single_redis_ur
     await lsh.close()
 
 
-async def test_read_only_stores_skip_and_count_null_vectors(store: VectorStore, single_redis_url: str) -> None:
-    if isinstance(store, WritableStore):
-        pytest.skip("owned stores never hold a NULL vector")
+async def test_read_only_stores_skip_and_count_null_vectors(table_store: VectorStore, single_redis_url: str) -> None:
+    store = table_store
+    assert not isinstance(store, WritableStore)
     lsh = await build(store, single_redis_url)
     assert store.skipped_nulls == 1  # type: ignore[attr-defined]
     assert await store.count() == N
     await lsh.close()
 
 
-async def test_owned_stores_follow_delete(store: VectorStore, single_redis_url: str) -> None:
-    if not isinstance(store, WritableStore):
-        pytest.skip("lshrs never writes the user's tables")
+async def test_owned_stores_follow_delete(owned_store: VectorStore, single_redis_url: str) -> None:
+    store = owned_store
+    assert isinstance(store, WritableStore)
     lsh = await build(store, single_redis_url)
     await lsh.delete([1, 2])
     assert len(await store.fetch(np.array([1, 2, 3]))) == 1
