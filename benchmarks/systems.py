@@ -84,7 +84,13 @@ async def lshrs_runs(
             for rerank in reranks:
                 probes = int(factor * config.num_bands)
                 async with LSHRS(
-                    dim=data.base.shape[1], redis_url=url, prefix=prefix, store=store, probes=probes, rerank=rerank
+                    dim=data.base.shape[1],
+                    redis_url=url,
+                    prefix=prefix,
+                    store=store,
+                    probes=probes,
+                    rerank=rerank,
+                    timeout=120,  # 64 queued queries wait on one Redis core: queueing, not a fault
                 ) as lsh:
                     await lsh.warm()  # as a long-running service's cache would be
 
