@@ -38,7 +38,8 @@ async def play(url: str, steps: list[tuple[Any, ...]]) -> None:
     client = Redis.from_url(url)
     store = InMemoryStore()
     async with LSHRS(dim=DIM, redis_url=url, prefix=f"prop{next(_prefixes)}", store=store, expected_size=1000) as lsh:
-        _, bands, projection, _ = await lsh._ready()
+        opened = await lsh._ready()
+        bands, projection = opened.bands, opened.projection
         model: dict[int, int] = {}
         for step in steps:
             kind = step[0]

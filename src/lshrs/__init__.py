@@ -7,6 +7,7 @@ rerank a query's few best candidates by exact cosine.
 
 from ._config import IndexConfig, collision_probability
 from ._lshrs import LSHRS
+from ._tuning import Tuning, TuningPoint
 from ._types import Hit, ProgressCallback, Rows, VectorStore, WritableStore
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "IndexConfig",
     "ProgressCallback",
     "Rows",
+    "Tuning",
+    "TuningPoint",
     "VectorStore",
     "WritableStore",
     "collision_probability",

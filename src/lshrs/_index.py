@@ -37,6 +37,11 @@ def meta_keys(prefix: str) -> tuple[str, str]:
     return f"{{{prefix}}}:cfg", f"{{{prefix}}}:proj"
 
 
+def tuning_key(prefix: str) -> str:
+    """The saved result of ``LSHRS.tune()``: JSON, beside the configuration."""
+    return f"{{{prefix}}}:tune"
+
+
 class ShardedIndex:
     """Ids spread over ``shards`` key groups; each group is one hash tag, hence
     one cluster slot, so per-shard scripts are atomic and run on one node."""
@@ -123,15 +128,17 @@ class ShardedIndex:
         await asyncio.gather(*(read(s) for s in range(self._shards)))
         return out
 
-    async def candidates(self, probe_keys: list[bytes], cap: int) -> Candidates:
-        """Ids in the probed buckets with their signatures: one script per shard,
+    async def candidates(self, probe_keys: bytes, cap: int) -> Candidates:
+        """Ids in the probed buckets (``probe_keys``: fixed-width bucket suffixes,
+        concatenated) with their signatures: one script per shard,
         all shards at once; a second round trip only for signatures not cached."""
         found = await asyncio.gather(*(self._shard_candidates(s, probe_keys, cap) for s in range(self._shards)))
         return Candidates(np.concatenate([c.ids for c in found]), np.concatenate([c.signatures for c in found]))
 
-    async def _shard_candidates(self, shard: int, probe_keys: list[bytes], cap: int) -> Candidates:
+    async def _shard_candidates(self, shard: int, probe_keys: bytes, cap: int) -> Candidates:
         cold = not self._cache.is_warm(shard)
-        reply = await self._call(self._query, shard, [self.bucket_base(shard), int(cold), *probe_keys])
+        args = [self.bucket_base(shard), int(cold), 1 + self._bands.band_bytes, probe_keys]
+        reply = await self._call(self._query, shard, args)
         generation, size, members = reply[0], reply[1], reply[2]
         self._cache.observe(shard, int(generation), int(size))
         if cold and reply[3]:  # the script read these in the same atomic step as the buckets
@@ -193,6 +200,29 @@ class ShardedIndex:
                 async with self._in_flight:
                     sizes += await asyncio.gather(*(self._client.scard(k) for k in keys[start : start + 1000]))
         return sizes
+
+    async def sample_ids(self, count: int) -> IdArray:
+        """About ``count`` distinct random ids, from each shard in proportion to its size."""
+        sizes = await asyncio.gather(*(self._client.hlen(self.signature_key(s)) for s in range(self._shards)))
+        total = sum(sizes)
+        if not total:
+            return np.empty(0, np.int64)
+        picked = await asyncio.gather(
+            *(
+                self._client.hrandfield(self.signature_key(s), -(-count * size // total))
+                for s, size in enumerate(sizes)
+                if size
+            )
+        )
+        ids = np.array([int(i) for shard in picked for i in shard or [] if isinstance(i, bytes)], dtype=np.int64)
+        return np.sort(np.random.default_rng().permutation(ids)[:count])
+
+    async def saved_tuning(self) -> bytes | None:
+        saved = await self._client.get(tuning_key(self._prefix))
+        return saved if isinstance(saved, bytes) else None
+
+    async def save_tuning(self, tuning: bytes) -> None:
+        await self._client.set(tuning_key(self._prefix), tuning)
 
     async def count(self) -> int:
         counts = await asyncio.gather(*(self._client.hlen(self.signature_key(s)) for s in range(self._shards)))

@@ -15,10 +15,11 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _progress, _scripts
-from ._config import IndexConfig, check_prefix, choose_bands, choose_rows
+from ._config import IndexConfig, check_prefix, choose_bands, choose_rows, default_probes
 from ._connect import check_client, connect
-from ._hashing import Bands, hamming, make_projection, probe_keys, project
+from ._hashing import Bands, hamming, make_projection, probe_keys, project, standardise
 from ._index import Client, ShardedIndex, meta_keys
+from ._tuning import Tuning, TuningPoint, exact_neighbours, probe_ladder, recall
 from ._types import Hit, ProgressCallback, Rows, VectorStore, WritableStore
 from ._validate import as_id, as_ids, as_vectors, check_batch, check_top
 
@@ -32,6 +33,7 @@ class _Opened(NamedTuple):
     bands: Bands
     projection: FloatArray
     sharded: ShardedIndex
+    probes: int  # buckets a query reads: probes=, else the saved tuning, else the default
 
 
 #: Batches at least this large are hashed in a worker thread, off the event loop.
@@ -97,8 +99,9 @@ class LSHRS:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         _positive_int("shards", shards if shards is not None else 1, most=4096)
         if probes is not None:
-            _positive_int("probes", probes, least=0)
+            _positive_int("probes", probes)
         _positive_int("signature_cache", signature_cache, least=0)
+        self._threshold = threshold
         self._wanted = IndexConfig(
             dim=dim,
             num_bands=bands,
@@ -166,14 +169,17 @@ class LSHRS:
         bands = Bands(stored.num_bands, stored.rows_per_band)
         if raw_proj is None or len(raw_proj) != 4 * stored.dim * bands.num_bits:
             raise ValueError(f"prefix {self._prefix!r} has a damaged projection matrix; drop the index")
-        projection = np.frombuffer(raw_proj, dtype=np.float32).reshape(stored.dim, bands.num_bits)
+        projection = standardise(np.frombuffer(raw_proj, dtype=np.float32).reshape(stored.dim, bands.num_bits))
         if self._store is not None:
             store_dim = await self._store.dimension()
             if store_dim is not None and store_dim != stored.dim:
                 raise ValueError(f"the store holds {store_dim}-d vectors but the index is {stored.dim}-d")
-        return _Opened(
-            stored, bands, projection, ShardedIndex(client, self._prefix, stored.shards, bands, self._cache_size)
-        )
+        sharded = ShardedIndex(client, self._prefix, stored.shards, bands, self._cache_size)
+        probes = self._probes
+        if probes is None:
+            saved = await sharded.saved_tuning()
+            probes = Tuning.from_json(saved).probes if saved else default_probes(bands.num_bands, bands.rows)
+        return _Opened(stored, bands, projection, sharded, probes)
 
     async def close(self) -> None:
         """Close the Redis client lshrs opened (not one passed in) and the store."""
@@ -209,7 +215,8 @@ class LSHRS:
     async def _hash(self, vectors: FloatArray) -> tuple[FloatArray, npt.NDArray[np.uint8]]:
         """Projections and packed signatures of a batch: one matrix product, in a
         worker thread when the batch is large enough to stall the event loop."""
-        _, bands, projection, _ = await self._ready()
+        opened = await self._ready()
+        bands, projection = opened.bands, opened.projection
 
         def work() -> tuple[FloatArray, npt.NDArray[np.uint8]]:
             margins = project(vectors, projection)
@@ -232,7 +239,7 @@ class LSHRS:
         Returns how many vectors were read. Re-running a build is idempotent:
         ids whose signature is unchanged cost one lookup and no write.
         """
-        config, *_ = await self._ready()
+        config = (await self._ready()).config
         report = _progress.resolve(progress) if progress is not None else self._progress
         if ids is None and vectors is None:
             return await self._index_store(report)
@@ -254,7 +261,8 @@ class LSHRS:
         """A three-stage pipeline: batch i+2 is read from the store while batch
         i+1 is hashed in a worker thread and batch i is written to Redis."""
         store = self._require_store("index() with no arguments")
-        config, _, _, index = await self._ready()
+        opened = await self._ready()
+        config, index = opened.config, opened.sharded
         total = await store.count()
         to_hash, hashing = anyio.create_memory_object_stream[Rows](1)
         to_write, writing = anyio.create_memory_object_stream[tuple[Rows, npt.NDArray[np.uint8]]](1)
@@ -283,7 +291,7 @@ class LSHRS:
         return done
 
     async def _write(self, ids: npt.NDArray[np.int64], vectors: FloatArray) -> None:
-        *_, index = await self._ready()
+        index = (await self._ready()).sharded
         _, signatures = await self._hash(vectors)
         await index.upsert(ids, signatures)
 
@@ -297,7 +305,7 @@ class LSHRS:
         id_array = np.unique(as_ids(ids, unique=False))
         if len(id_array) == 0:
             return 0
-        *_, index = await self._ready()
+        index = (await self._ready()).sharded
         removed = await index.delete(id_array)
         if isinstance(self._store, WritableStore):
             await self._store.remove(id_array)
@@ -309,12 +317,12 @@ class LSHRS:
         """Load every signature of the index into this process's signature cache
         (bounded by ``signature_cache``), so that even the first queries read only
         bucket ids from Redis. Optional: the cache also fills as queries run."""
-        *_, index = await self._ready()
+        index = (await self._ready()).sharded
         return await index.warm()
 
     async def count(self) -> int:
         """How many ids the index holds."""
-        *_, index = await self._ready()
+        index = (await self._ready()).sharded
         return await index.count()
 
     async def query(self, vector: Any, *, top_k: int = 10, top_p: float | None = None) -> list[Hit]:
@@ -324,7 +332,7 @@ class LSHRS:
         best fraction of that reranked pool (``top_k`` still caps it). Without a
         store, scores are LSH estimates (``Hit.exact`` is False).
         """
-        config, *_ = await self._ready()
+        config = (await self._ready()).config
         matrix = as_vectors(vector, config.dim, what="vector")
         if len(matrix) != 1:
             raise ValueError(f"query() takes one vector, got {len(matrix)}; use query_many()")
@@ -336,10 +344,18 @@ class LSHRS:
         check_top(top_k, top_p)
         if top_p is not None:
             self._require_store("top_p")
-        config, bands, _, index = await self._ready()
-        matrix = as_vectors(vectors, config.dim)
+        opened = await self._ready()
+        hits, _ = await self._search(as_vectors(vectors, opened.config.dim), top_k, top_p, opened.probes)
+        return hits
+
+    async def _search(
+        self, matrix: FloatArray, top_k: int, top_p: float | None, probes: int
+    ) -> tuple[list[list[Hit]], list[int]]:
+        """Hits of checked queries, and how many candidates each query read."""
+        opened = await self._ready()
+        bands, index = opened.bands, opened.sharded
         margins, signatures = await self._hash(matrix)
-        probes = self._probes if self._probes is not None else 2 * bands.num_bands
+        margins /= np.linalg.norm(matrix, axis=1, keepdims=True)
         found = await asyncio.gather(
             *(index.candidates(probe_keys(bands, m, probes), self._max_candidates) for m in margins)
         )
@@ -350,12 +366,61 @@ class LSHRS:
             best = np.argpartition(distance, keep - 1)[:keep] if keep else np.empty(0, np.int64)
             best = best[np.lexsort((candidates.ids[best], distance[best]))]
             shortlists.append((candidates.ids[best], distance[best]))
+        read = [len(candidates.ids) for candidates in found]
         if self._store is None:
-            return [
+            estimates = [
                 [Hit(int(i), float(np.cos(np.pi * d / bands.num_bits)), None, False) for i, d in zip(ids, dist)]
                 for ids, dist in shortlists
             ]
-        return await self._rerank_exact(matrix, [ids for ids, _ in shortlists], top_k, top_p)
+            return estimates, read
+        return await self._rerank_exact(matrix, [ids for ids, _ in shortlists], top_k, top_p), read
+
+    async def tune(self, target_recall: float = 0.95, *, sample: int = 200, top_k: int = 10) -> Tuning:
+        """Measure this index against exact search and keep the fewest probes
+        that reach ``target_recall`` (recall@``top_k``, averaged over ``sample``
+        stored vectors used as queries, their own id left out).
+
+        The truth is exact cosine over every vector of the store, streamed once
+        (so this reads the whole store: run it after a build, not per request).
+        The chosen ``probes`` is saved beside the index configuration and used
+        by every client that opens the prefix without ``probes=``.
+        """
+        if not 0.0 < target_recall <= 1.0:
+            raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+        _positive_int("sample", sample)
+        _positive_int("top_k", top_k)
+        store = self._require_store("tune()")
+        opened = await self._ready()
+        bands, index = opened.bands, opened.sharded
+        ids = await index.sample_ids(sample)
+        if not len(ids):
+            raise ValueError("tune() needs a built index: this one is empty")
+        rows = await store.fetch(ids)
+        truth = await exact_neighbours(store, rows, top_k, self._batch_size)
+        curve: list[TuningPoint] = []
+        for probes in probe_ladder(bands):
+            hits, read = await self._search(rows.vectors, top_k + 1, None, probes)
+            found = [[h.id for h in query_hits if h.id != own][:top_k] for query_hits, own in zip(hits, rows.ids)]
+            curve.append(TuningPoint(probes, recall(found, truth), float(np.mean(read))))
+            if curve[-1].recall >= target_recall:
+                break
+        total = await index.count()
+        best = next((point for point in curve if point.recall >= target_recall), curve[-1])
+        rows_for_size = choose_rows(total)
+        tuning = Tuning(
+            target_recall=target_recall,
+            probes=best.probes,
+            recall=best.recall,
+            candidate_share=best.candidates / total,
+            sample=len(rows),
+            curve=curve,
+            rebuild_bands=choose_bands(self._threshold, rows_for_size),
+            rebuild_rows=rows_for_size,
+        )
+        await index.save_tuning(tuning.to_json())
+        if self._probes is None and self._opened is not None:
+            self._opened = self._opened._replace(probes=best.probes)
+        return tuning
 
     async def _rerank_exact(
         self, queries: FloatArray, shortlists: list[npt.NDArray[np.int64]], top_k: int, top_p: float | None
@@ -389,7 +454,8 @@ class LSHRS:
     async def stats(self) -> dict[str, Any]:
         """Configuration, vector and bucket counts, bucket size histogram (powers
         of two) and Redis memory. Scans the prefix's buckets: not for hot paths."""
-        config, _, _, index = await self._ready()
+        opened = await self._ready()
+        config, index = opened.config, opened.sharded
         sizes = np.asarray(await index.bucket_sizes(), dtype=np.int64)
         histogram: dict[str, int] = {}
         if len(sizes):
@@ -416,7 +482,7 @@ class LSHRS:
 
     async def drop(self) -> int:
         """Delete every key of this prefix (a keyspace scan: for tearing down)."""
-        config, *_ = await self._ready()
+        config = (await self._ready()).config
         client = self._client
         assert client is not None
         deleted = 0

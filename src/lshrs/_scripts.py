@@ -63,7 +63,9 @@ return removed
 """
 
 # KEYS as UPSERT. ARGV: bucket key base, 1 if the client's signature cache
-# covers little of this shard yet (else 0), then the bucket suffixes to read.
+# covers little of this shard yet (else 0), the width of one bucket suffix,
+# then all the suffixes to read concatenated into one string (a thousand
+# arguments cost the client more to encode than the server to read).
 # Returns {generation, ids in the shard, every member of every bucket
 # space-separated}: the client counts and dedupes them with numpy. Measured on 48 x 10 at 100k:
 # SUNION costs the server 6-8 ms per query building its result set, this
@@ -71,8 +73,11 @@ return removed
 # A cold client also gets the distinct ids and their signatures, in the same
 # atomic step, so a query is one round trip while its cache fills.
 QUERY = """
-local members = {}
-for i = 3, #ARGV do members[#members + 1] = table.concat(redis.call('SMEMBERS', ARGV[1] .. ARGV[i]), ' ') end
+local members, base, width, keys = {}, ARGV[1], tonumber(ARGV[3]), ARGV[4]
+for at = 1, #keys, width do
+  local found = redis.call('SMEMBERS', base .. string.sub(keys, at, at + width - 1))
+  if #found > 0 then members[#members + 1] = table.concat(found, ' ') end
+end
 local all = table.concat(members, ' ')
 local generation = redis.call('GET', KEYS[2]) or '0'
 local size = redis.call('HLEN', KEYS[1])

@@ -1,0 +1,113 @@
+"""Recall on real sentence embeddings, the likelihood-ordered prober, and tune()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import brute_force, clustered
+from lshrs import LSHRS, Tuning
+from lshrs._config import choose_rows, default_probes
+from lshrs._hashing import Bands, make_projection, probe_keys, standardise
+from lshrs.adapters import InMemoryStore
+
+pytestmark = pytest.mark.anyio
+
+#: 10,000 real all-MiniLM-L6-v2 sentence embeddings and 40 held-out queries,
+#: shipped with the demo (attribution in its README).
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
+
+
+def real_corpus() -> tuple[np.ndarray, np.ndarray]:
+    corpus = np.load(DATA / "corpus.f16.npy").astype(np.float32)
+    queries = np.load(DATA / "queries.f16.npy").astype(np.float32)
+    return corpus, queries
+
+
+def mean_recall(results: list[list[Any]], truth: np.ndarray) -> float:
+    return float(
+        np.mean([len({h.id for h in hits} & set(row.tolist())) / truth.shape[1] for hits, row in zip(results, truth)])
+    )
+
+
+async def test_recall_on_real_sentence_embeddings_with_defaults(redis_proc: Any) -> None:
+    """Defaults sized for the corpus, nothing tuned: recall@10 >= 0.9 against
+    exact brute force, on held-out real queries whose neighbours sit at cosine 0.4-0.6."""
+    corpus, queries = real_corpus()
+    truth = brute_force(corpus, queries, 10)
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    async with LSHRS(dim=384, redis_url=url, prefix="real", store=InMemoryStore(), expected_size=len(corpus)) as lsh:
+        await lsh.index(np.arange(len(corpus)), corpus)
+        recall = mean_recall(await lsh.query_many(queries, top_k=10), truth)
+        await lsh.drop()
+    assert recall >= 0.9, recall
+
+
+def test_prober_reads_the_most_likely_buckets_first() -> None:
+    """The buckets of a query's true neighbours come early in the probe order:
+    the first quarter of the probes catches more of them than the second, the
+    second more than the last, and
+    every bucket is named once."""
+    corpus, queries = real_corpus()
+    truth = brute_force(corpus, queries, 10)
+    bands = Bands(16, 12)
+    projection = standardise(make_projection(384, bands.num_bits, 0))
+    corpus_keys = bands.pack(corpus @ projection > 0).reshape(len(corpus), bands.num_bands, bands.band_bytes)
+    per_quarter = np.zeros(4, np.int64)
+    for query, neighbours in zip(queries, truth):
+        margins = (query @ projection) / np.linalg.norm(query)
+        keys = np.frombuffer(probe_keys(bands, margins, 512), np.uint8).reshape(-1, 1 + bands.band_bytes)
+        assert len({k.tobytes() for k in keys}) == len(keys) == 512
+        for order, key in enumerate(keys):
+            per_quarter[order // 128] += (corpus_keys[neighbours, key[0]] == key[1:]).all(axis=1).sum()
+    assert per_quarter[0] > per_quarter[1] > per_quarter[3], per_quarter
+    assert per_quarter[0] > 2 * per_quarter[3], per_quarter
+
+
+def test_prober_caps_at_every_nameable_bucket() -> None:
+    bands = Bands(3, 4)
+    margins = np.random.default_rng(0).standard_normal(bands.num_bits).astype(np.float32)
+    keys = np.frombuffer(probe_keys(bands, margins, 10_000), np.uint8).reshape(-1, 2)
+    assert len(keys) == 3 * 16
+    assert len({k.tobytes() for k in keys}) == 48
+
+
+def test_default_shapes() -> None:
+    assert [choose_rows(n) for n in (10_000, 100_000, 1_000_000, 6_400_000)] == [10, 14, 17, 20]
+    assert default_probes(48, 14) > default_probes(48, 10) > default_probes(24, 10)
+
+
+async def test_tune_reaches_the_target_and_is_saved(make_lsh: Any) -> None:
+    base = clustered(3000, 32, seed=2, spread=0.4)
+    lsh = await make_lsh(store=InMemoryStore(), num_bands=16, rows_per_band=10)
+    await lsh.index(np.arange(len(base)), base)
+    tuning = await lsh.tune(0.9, sample=60)
+    assert isinstance(tuning, Tuning)
+    assert tuning.recall >= 0.9, tuning
+    assert tuning.probes == tuning.curve[-1].probes
+    assert all(point.recall < 0.9 for point in tuning.curve[:-1])  # the fewest probes that reach it
+    assert 0 < tuning.candidate_share <= 1
+    assert tuning.sample == 60
+    # The tuned probes measure what they claim on vectors that were not the sample.
+    queries = base[:200] + 0.01 * np.random.default_rng(4).standard_normal((200, 32)).astype(np.float32)
+    truth = brute_force(base, queries, 10)
+    assert mean_recall(await lsh.query_many(queries, top_k=10), truth) >= 0.85
+    # Saved with the index: another client adopts it, an explicit probes= wins.
+    adopter = await make_lsh(prefix=lsh.prefix, store=InMemoryStore())
+    assert (await adopter._ready()).probes == tuning.probes
+    explicit = await make_lsh(prefix=lsh.prefix, probes=7)
+    assert (await explicit._ready()).probes == 7
+
+
+async def test_tune_refuses_what_it_cannot_measure(make_lsh: Any) -> None:
+    no_store = await make_lsh()
+    with pytest.raises(ValueError, match="needs a store"):
+        await no_store.tune()
+    empty = await make_lsh(store=InMemoryStore())
+    with pytest.raises(ValueError, match="empty"):
+        await empty.tune()
+    with pytest.raises(ValueError, match="target_recall"):
+        await empty.tune(1.5)
