@@ -91,7 +91,11 @@ def main() -> None:
     parser.add_argument("--bands", type=int, nargs="*", help="band counts to build (default: lshrs's own choice)")
     parser.add_argument("--rows", type=int, nargs="*", help="rows per band to build (default: lshrs's own choice)")
     parser.add_argument(
-        "--probes", type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0], help="probes as multiples of bands"
+        "--probes",
+        type=float,
+        nargs="*",
+        default=[8.0, 16.0, 32.0],
+        help="buckets read per query, as multiples of bands (the default and tune(0.95)'s choice are always added)",
     )
     parser.add_argument("--rerank", type=int, nargs="*", default=[256], help="candidates reranked exactly")
     parser.add_argument("--skip", nargs="*", default=[], choices=["faiss", "pgvector", "stores"])

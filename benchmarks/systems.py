@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from lshrs import LSHRS
+from lshrs._config import default_probes
 from lshrs.adapters import InMemoryStore
 
 from .datasets import Dataset
@@ -80,9 +81,19 @@ async def lshrs_runs(
             f"  lshrs {config.num_bands}x{config.rows_per_band}: built in {seconds:.1f} s, "
             f"{memory / len(data.base):.0f} B/vector"
         )
-        for factor in probe_factors:
+        async with LSHRS(dim=data.base.shape[1], redis_url=url, prefix=prefix, store=store) as lsh:
+            started = time.perf_counter()
+            tuning = await lsh.tune(0.95)
+            builds[-1]["tune_s"] = round(time.perf_counter() - started, 1)
+            builds[-1]["tuned_probes"] = tuning.probes
+            print(
+                f"    tune(0.95): probes={tuning.probes}, sample recall {tuning.recall:.3f}, {builds[-1]['tune_s']} s"
+            )
+        ladder = {int(factor * config.num_bands): "" for factor in probe_factors}
+        ladder[default_probes(config.num_bands, config.rows_per_band)] = " (default)"
+        ladder[tuning.probes] = ladder.get(tuning.probes, "") + " (tune 0.95)"
+        for probes, label in sorted(ladder.items()):
             for rerank in reranks:
-                probes = int(factor * config.num_bands)
                 async with LSHRS(
                     dim=data.base.shape[1],
                     redis_url=url,
@@ -99,7 +110,7 @@ async def lshrs_runs(
 
                     found, latency = await one_client(call, queries)
                     qps = await concurrent_qps(call, queries)
-                setting = f"{config.num_bands}x{config.rows_per_band}, probes={probes}, rerank={rerank}"
+                setting = f"{config.num_bands}x{config.rows_per_band}, probes={probes}{label}, rerank={rerank}"
                 points.append(point("lshrs", setting, found, truth, latency, qps))
                 print(f"    {setting}: recall@10 {points[-1]['recall@10']}, p50 {latency['p50_ms']} ms, {qps} QPS")
     return points, builds

@@ -123,13 +123,15 @@ async def index_state(client: Any, lsh: LSHRS) -> dict[int, bytes]:
         tag, kind = key.split(b"}:", 1)
         if kind == b"s":
             for id_, sig in (await client.hgetall(key)).items():
-                signatures[int(id_)] = sig
+                signatures[int.from_bytes(id_, "little", signed=True)] = sig
         elif kind == b"g":  # the shard's generation counter, not an id's data
             assert int(await client.get(key)) >= 0
         else:
             assert kind.startswith(b"b"), key
-            buckets[(kind[1:], int(tag.rsplit(b":", 1)[1]))] = {int(m) for m in await client.smembers(key)}
-    assert all(buckets.values()), "an empty bucket set was left behind"
+            members = np.frombuffer(await client.get(key), "<i8").tolist()
+            assert len(members) == len(set(members)), f"an id appears twice in bucket {key!r}"
+            buckets[(kind[1:], int(tag.rsplit(b":", 1)[1]))] = set(members)
+    assert all(buckets.values()), "an empty bucket was left behind"
     expected: dict[bytes, set[int]] = {}
     width = (lsh.config.rows_per_band + 7) // 8
     for id_, sig in signatures.items():

@@ -76,7 +76,7 @@ def test_prober_caps_at_every_nameable_bucket() -> None:
 
 
 def test_default_shapes() -> None:
-    assert [choose_rows(n) for n in (10_000, 100_000, 1_000_000, 6_400_000)] == [10, 14, 17, 20]
+    assert [choose_rows(n) for n in (10_000, 100_000, 1_000_000, 6_400_000)] == [8, 12, 15, 18]
     assert default_probes(48, 14) > default_probes(48, 10) > default_probes(24, 10)
 
 

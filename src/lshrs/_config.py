@@ -8,7 +8,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 #: Bump when the Redis layout changes incompatibly.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _MAX_BANDS = 48
@@ -18,9 +18,11 @@ _MAX_ROWS = 20
 
 def choose_rows(expected_size: int) -> int:
     """Rows per band grow with log2 of the corpus, so a bucket holds about the
-    same number of ids (2**3 = 8 for uniform data) whatever the size; the
-    prober then reads many such small buckets in order of likelihood."""
-    return min(_MAX_ROWS, max(8, round(math.log2(max(expected_size, 2))) - 3))
+    same number of ids (2**5 = 32 for uniform data) whatever the size. Measured
+    at 100k real sentence embeddings, 48 bands, recall@10 0.95: 12 rows (32 a
+    bucket) took 6.5 ms a query, 10 rows 7.4 ms (bigger buckets), 14 rows 8.1
+    ms (more, emptier buckets to read)."""
+    return min(_MAX_ROWS, max(8, round(math.log2(max(expected_size, 2))) - 5))
 
 
 def choose_bands(threshold: float, rows: int, target: float = 0.9) -> int:
@@ -39,11 +41,11 @@ def default_probes(num_bands: int, rows: int) -> int:
 
     Two more rows per band make a bucket about four times smaller for
     strangers but only about half as likely to hold a neighbour, so twice the
-    probes keep recall level: ``bands * 2**((rows - 5) / 2)``, which measured
-    recall@10 of 0.9-0.97 on real sentence embeddings at 10k and 100k
+    probes keep recall level: ``bands * 2**((rows - 6) / 2)``, which measured
+    recall@10 of 0.9-0.98 on real sentence embeddings at 10k and 100k
     (README, Performance). ``LSHRS.tune()`` replaces it with a measurement.
     """
-    return round(num_bands * 2 ** ((rows - 5) / 2))
+    return round(num_bands * 2 ** ((rows - 6) / 2))
 
 
 def collision_probability(cosine: float, rows: int, bands: int) -> float:

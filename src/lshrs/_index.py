@@ -87,7 +87,7 @@ class ShardedIndex:
                 chunk = rows[start : start + WRITE_CHUNK]
                 args = self._static_args(shard)
                 for row in chunk:
-                    args.append(int(ids[row]))
+                    args.append(packed_id(ids[row]))
                     if payload is not None:
                         args.append(payload[row])
                 calls.append(self._call(script, shard, args))
@@ -121,7 +121,7 @@ class ShardedIndex:
             rows = np.flatnonzero(shard_of == shard)
             if len(rows):
                 async with self._in_flight:
-                    got = await self._client.hmget(self.signature_key(shard), [int(i) for i in ids[rows]])
+                    got = await self._client.hmget(self.signature_key(shard), [packed_id(i) for i in ids[rows]])
                 for row, sig in zip(rows, got):
                     out[row] = sig if isinstance(sig, bytes) else None
 
@@ -142,10 +142,10 @@ class ShardedIndex:
         generation, size, members = reply[0], reply[1], reply[2]
         self._cache.observe(shard, int(generation), int(size))
         if cold and reply[3]:  # the script read these in the same atomic step as the buckets
-            distinct = _parse_ids(reply[3])
+            distinct = parse_ids(reply[3])
             width = self._bands.signature_bytes
             self._cache.add(shard, distinct, np.frombuffer(reply[4], np.uint8).reshape(len(distinct), width))
-        found = _parse_ids(members)
+        found = parse_ids(members)
         ids, hits = np.unique(found, return_counts=True)
         if len(ids) > cap:  # keep the ids seen in the most probed buckets
             ids = ids[np.sort(np.argpartition(-hits, cap - 1)[:cap])]
@@ -153,7 +153,7 @@ class ShardedIndex:
         if not missing.any():
             return Candidates(ids, signatures)
         async with self._in_flight:
-            fetched = await self._client.hmget(self.signature_key(shard), ids[missing].tolist())
+            fetched = await self._client.hmget(self.signature_key(shard), [packed_id(i) for i in ids[missing]])
         # An id deleted since the bucket read has no signature any more: drop it.
         present = np.array([sig is not None for sig in fetched], dtype=bool)
         rows = np.flatnonzero(missing)[present]
@@ -183,22 +183,23 @@ class ShardedIndex:
                 ids.append(id_)
                 signatures.append(signature)
                 if len(ids) == batch:
-                    self._cache.add(shard, _parse_ids(b" ".join(ids)), _rows(signatures, width))
+                    self._cache.add(shard, parse_ids(b"".join(ids)), _rows(signatures, width))
                     loaded, ids, signatures = loaded + batch, [], []
             if ids:
-                self._cache.add(shard, _parse_ids(b" ".join(ids)), _rows(signatures, width))
+                self._cache.add(shard, parse_ids(b"".join(ids)), _rows(signatures, width))
                 loaded += len(ids)
         return loaded
 
     async def bucket_sizes(self) -> list[int]:
-        """Members of every bucket set (a keyspace scan: for statistics only)."""
+        """Ids in every bucket (a keyspace scan: for statistics only)."""
         sizes: list[int] = []
         for shard in range(self._shards):
             pattern = self.bucket_base(shard) + b"*"
             keys = [key async for key in self._client.scan_iter(match=pattern, count=1000)]
             for start in range(0, len(keys), 1000):
                 async with self._in_flight:
-                    sizes += await asyncio.gather(*(self._client.scard(k) for k in keys[start : start + 1000]))
+                    lengths = await asyncio.gather(*(self._client.strlen(k) for k in keys[start : start + 1000]))
+                sizes += [length // 8 for length in lengths]
         return sizes
 
     async def sample_ids(self, count: int) -> IdArray:
@@ -214,7 +215,7 @@ class ShardedIndex:
                 if size
             )
         )
-        ids = np.array([int(i) for shard in picked for i in shard or [] if isinstance(i, bytes)], dtype=np.int64)
+        ids = parse_ids(b"".join(i for shard in picked for i in shard or [] if isinstance(i, bytes)))
         return np.sort(np.random.default_rng().permutation(ids)[:count])
 
     async def saved_tuning(self) -> bytes | None:
@@ -229,9 +230,14 @@ class ShardedIndex:
         return int(sum(counts))
 
 
-def _parse_ids(text: bytes) -> IdArray:
-    """Space-separated decimal ids, parsed in C (a fifth of the time of split())."""
-    return np.fromstring(text, dtype=np.int64, sep=" ") if text else np.empty(0, np.int64)
+def packed_id(id_: int | np.integer[Any]) -> bytes:
+    """How Redis holds an id: 8 little-endian bytes, as hash field and bucket entry."""
+    return int(id_).to_bytes(8, "little", signed=True)
+
+
+def parse_ids(packed: bytes) -> IdArray:
+    """Concatenated 8-byte ids, read without a copy or a parse."""
+    return np.frombuffer(packed, dtype="<i8").astype(np.int64, copy=False)
 
 
 def _rows(signatures: list[bytes], width: int) -> ByteArray:

@@ -5,6 +5,28 @@ the whole script runs on one node; KEYS[1] (the shard's signature hash) routes
 it. A bucket key is ``<base><band byte><band value bytes>``, and a band's value
 is a byte slice of the signature, so scripts derive bucket keys from stored
 signatures and never need the vector or a keyspace scan.
+
+An id is always its 8 little-endian bytes (Lua numbers are doubles and would
+round ids past 2**53). A bucket is a string of such ids: a query MGETs a
+thousand buckets in one call and the client reads the reply with
+``numpy.frombuffer``. Measured on 32 x 14 at 100k, 1,000 buckets a query:
+3.2 ms against 6.1 ms for sets read with SMEMBERS, whose members the server
+turns into Lua strings one by one.
+"""
+
+# Removes one 8-byte id from a bucket string; an emptied bucket is deleted.
+_REMOVE = """
+local function remove(key, id)
+  local ids = redis.call('GET', key)
+  if not ids then return end
+  for at = 1, #ids, 8 do
+    if string.sub(ids, at, at + 7) == id then
+      if #ids == 8 then redis.call('DEL', key)
+      else redis.call('SET', key, string.sub(ids, 1, at - 1) .. string.sub(ids, at + 8)) end
+      return
+    end
+  end
+end
 """
 
 # KEYS: the shard's signature hash, its generation counter.
@@ -12,7 +34,9 @@ signatures and never need the vector or a keyspace scan.
 # An id's signature is written last: it is the mark that the id is fully in.
 # A replaced id leaves only the buckets of bands whose value changed, and
 # bumps the generation, which tells other clients' signature caches.
-UPSERT = """
+UPSERT = (
+    _REMOVE
+    + """
 local sigs, base = KEYS[1], ARGV[1]
 local width, bands = tonumber(ARGV[2]), tonumber(ARGV[3])
 local changed, replaced = 0, 0
@@ -27,11 +51,11 @@ for i = 4, #ARGV, 2 do
         replaced = 1
         local was = string.sub(old, j * width + 1, (j + 1) * width)
         if was ~= value then
-          redis.call('SREM', base .. band .. was, id)
-          redis.call('SADD', base .. band .. value, id)
+          remove(base .. band .. was, id)
+          redis.call('APPEND', base .. band .. value, id)
         end
       else
-        redis.call('SADD', base .. band .. value, id)
+        redis.call('APPEND', base .. band .. value, id)
       end
     end
     redis.call('HSET', sigs, id, sig)
@@ -41,9 +65,12 @@ end
 if replaced == 1 then redis.call('INCR', KEYS[2]) end
 return changed
 """
+)
 
 # KEYS and ARGV as UPSERT, with ids only. Returns how many existed.
-DELETE = """
+DELETE = (
+    _REMOVE
+    + """
 local sigs, base = KEYS[1], ARGV[1]
 local width, bands = tonumber(ARGV[2]), tonumber(ARGV[3])
 local removed = 0
@@ -52,7 +79,7 @@ for i = 4, #ARGV do
   local old = redis.call('HGET', sigs, id)
   if old then
     for j = 0, bands - 1 do
-      redis.call('SREM', base .. string.char(j) .. string.sub(old, j * width + 1, (j + 1) * width), id)
+      remove(base .. string.char(j) .. string.sub(old, j * width + 1, (j + 1) * width), id)
     end
     redis.call('HDEL', sigs, id)
     removed = removed + 1
@@ -61,36 +88,38 @@ end
 if removed > 0 then redis.call('INCR', KEYS[2]) end
 return removed
 """
+)
 
 # KEYS as UPSERT. ARGV: bucket key base, 1 if the client's signature cache
 # covers little of this shard yet (else 0), the width of one bucket suffix,
 # then all the suffixes to read concatenated into one string (a thousand
 # arguments cost the client more to encode than the server to read).
-# Returns {generation, ids in the shard, every member of every bucket
-# space-separated}: the client counts and dedupes them with numpy. Measured on 48 x 10 at 100k:
-# SUNION costs the server 6-8 ms per query building its result set, this
-# 5 ms; pipelined SMEMBERS cost 1.5 ms but thousands of Python objects.
-# A cold client also gets the distinct ids and their signatures, in the same
-# atomic step, so a query is one round trip while its cache fills.
+# Returns {generation, ids in the shard, the probed buckets concatenated}:
+# the client counts and dedupes the ids with numpy. A cold client also gets
+# the distinct ids and their signatures, in the same atomic step, so a query
+# is one round trip while its cache fills.
 QUERY = """
-local members, base, width, keys = {}, ARGV[1], tonumber(ARGV[3]), ARGV[4]
-for at = 1, #keys, width do
-  local found = redis.call('SMEMBERS', base .. string.sub(keys, at, at + width - 1))
-  if #found > 0 then members[#members + 1] = table.concat(found, ' ') end
+local base, width, keys = ARGV[1], tonumber(ARGV[3]), ARGV[4]
+local names, found = {}, {}
+for at = 1, #keys, width do names[#names + 1] = base .. string.sub(keys, at, at + width - 1) end
+for start = 1, #names, 4000 do
+  local got = redis.call('MGET', unpack(names, start, math.min(start + 3999, #names)))
+  for i = 1, #got do if got[i] then found[#found + 1] = got[i] end end
 end
-local all = table.concat(members, ' ')
+local all = table.concat(found)
 local generation = redis.call('GET', KEYS[2]) or '0'
 local size = redis.call('HLEN', KEYS[1])
 if ARGV[2] == '0' then return {generation, size, all} end
 local seen, ids, sigs = {}, {}, {}
-for id in string.gmatch(all, '%S+') do
+for at = 1, #all, 8 do
+  local id = string.sub(all, at, at + 7)
   if not seen[id] then seen[id] = true; ids[#ids + 1] = id end
 end
 for start = 1, #ids, 2000 do
   local got = redis.call('HMGET', KEYS[1], unpack(ids, start, math.min(start + 1999, #ids)))
   for i = 1, #got do sigs[#sigs + 1] = got[i] end
 end
-return {generation, size, all, table.concat(ids, ' '), table.concat(sigs)}
+return {generation, size, all, table.concat(ids), table.concat(sigs)}
 """
 
 # KEYS: configuration, projection. ARGV: their values if the prefix is new.
