@@ -107,6 +107,9 @@ def test_cli_index_query_stats_drop(postgres_dsn: str, redis_proc: Any, tmp_path
     np.save(tmp_path / "q.npy", BASE[8])
     result = runner.invoke(cli, ["query", "--vector-file", str(tmp_path / "q.npy"), "--top-k", "1"], env=env)
     assert result.exit_code == 0 and result.output.split()[1] == "8"
+    result = runner.invoke(cli, ["tune", "--target", "0.9", "--sample", "20"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "saved probes=" in result.output and "recall@10" in result.output
     stats = json.loads(runner.invoke(cli, ["stats"], env=env).output)
     assert stats["vectors"] == N and stats["config"]["dim"] == DIM and stats["buckets"] > 0
     assert sum(stats["bucket_size_histogram"].values()) == stats["buckets"]

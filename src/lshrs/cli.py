@@ -23,6 +23,7 @@ from ._config import IndexConfig
 from ._connect import connect
 from ._index import meta_keys
 from ._lshrs import LSHRS
+from ._tuning import Tuning
 from ._types import Hit, VectorStore
 
 T = TypeVar("T")
@@ -203,6 +204,40 @@ def query(
             else:
                 text = f"  {hit.text}" if hit.text else ""
                 click.echo(f"{rank:>3}  {hit.id:>12}  {hit.score:.4f}{'' if hit.exact else '~'}{text}")
+
+
+@main.command()
+@store_options
+@click.option("--target", type=float, default=0.95, show_default=True, help="Recall@10 to reach.")
+@click.option("--sample", type=int, default=200, show_default=True, help="Stored rows used as queries.")
+@click.pass_obj
+def tune(
+    obj: dict[str, str],
+    dsn: str | None,
+    table: str | None,
+    id_column: str,
+    vector_column: str,
+    text_column: str | None,
+    target: float,
+    sample: int,
+) -> None:
+    """Measure recall against exact search and save the fewest probes that reach --target."""
+    store = _postgres(dsn, table, {"id_column": id_column, "vector_column": vector_column, "text_column": text_column})
+    if store is None:
+        raise click.UsageError("tune reads the vectors: give --postgres and --table")
+
+    async def measure() -> Tuning:
+        config = await _stored_config(obj["url"], obj["prefix"])
+        async with LSHRS(dim=config.dim, redis_url=obj["url"], prefix=obj["prefix"], store=store) as lsh:
+            return await lsh.tune(target, sample=sample)
+
+    tuning = _run(measure)
+    for point in tuning.curve:
+        click.echo(f"probes {point.probes:>6}: recall@10 {point.recall:.3f}, {point.candidates:,.0f} candidates")
+    click.echo(
+        f"saved probes={tuning.probes} (recall {tuning.recall:.3f}, {tuning.candidate_share:.1%} of the index read); "
+        f"a rebuild at this size would use {tuning.rebuild_bands} bands x {tuning.rebuild_rows} rows"
+    )
 
 
 @main.command()
