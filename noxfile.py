@@ -50,5 +50,5 @@ def bench(session: nox.Session) -> None:
 def load(session: nox.Session) -> None:
     """Concurrent queries plus inserts and deletes for a fixed time: ``nox -s load -- --seconds 60``."""
     session.run("bash", "scripts/install-servers.sh", external=True)
-    session.install("-e", ".")
+    session.install("-e", ".[test]")  # tests/servers.py starts the Redis it loads
     session.run("python", "-m", "benchmarks.load", *session.posargs)
