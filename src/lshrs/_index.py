@@ -204,7 +204,7 @@ class ShardedIndex:
 
     async def sample_ids(self, count: int) -> IdArray:
         """About ``count`` distinct random ids, from each shard in proportion to its size."""
-        sizes = await asyncio.gather(*(self._client.hlen(self.signature_key(s)) for s in range(self._shards)))
+        sizes = await self._shard_sizes()
         total = sum(sizes)
         if not total:
             return np.empty(0, np.int64)
@@ -225,9 +225,12 @@ class ShardedIndex:
     async def save_tuning(self, tuning: bytes) -> None:
         await self._client.set(tuning_key(self._prefix), tuning)
 
+    async def _shard_sizes(self) -> list[int]:
+        """Ids in each shard: the length of its signature hash."""
+        return list(await asyncio.gather(*(self._client.hlen(self.signature_key(s)) for s in range(self._shards))))
+
     async def count(self) -> int:
-        counts = await asyncio.gather(*(self._client.hlen(self.signature_key(s)) for s in range(self._shards)))
-        return int(sum(counts))
+        return sum(await self._shard_sizes())
 
 
 def packed_id(id_: int | np.integer[Any]) -> bytes:

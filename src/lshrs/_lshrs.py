@@ -345,14 +345,13 @@ class LSHRS:
         if top_p is not None:
             self._require_store("top_p")
         opened = await self._ready()
-        hits, _ = await self._search(as_vectors(vectors, opened.config.dim), top_k, top_p, opened.probes)
+        hits, _ = await self._search(opened, as_vectors(vectors, opened.config.dim), top_k, top_p, opened.probes)
         return hits
 
     async def _search(
-        self, matrix: FloatArray, top_k: int, top_p: float | None, probes: int
+        self, opened: _Opened, matrix: FloatArray, top_k: int, top_p: float | None, probes: int
     ) -> tuple[list[list[Hit]], list[int]]:
         """Hits of checked queries, and how many candidates each query read."""
-        opened = await self._ready()
         bands, index = opened.bands, opened.sharded
         margins, signatures = await self._hash(matrix)
         margins /= np.linalg.norm(matrix, axis=1, keepdims=True)
@@ -399,13 +398,13 @@ class LSHRS:
         truth = await exact_neighbours(store, rows, top_k, self._batch_size)
         curve: list[TuningPoint] = []
         for probes in probe_ladder(bands):
-            hits, read = await self._search(rows.vectors, top_k + 1, None, probes)
+            hits, read = await self._search(opened, rows.vectors, top_k + 1, None, probes)
             found = [[h.id for h in query_hits if h.id != own][:top_k] for query_hits, own in zip(hits, rows.ids)]
             curve.append(TuningPoint(probes, recall(found, truth), float(np.mean(read))))
             if curve[-1].recall >= target_recall:
                 break
         total = await index.count()
-        best = next((point for point in curve if point.recall >= target_recall), curve[-1])
+        best = curve[-1]  # the ladder stops at the first point that reaches the target
         rows_for_size = choose_rows(total)
         tuning = Tuning(
             target_recall=target_recall,
