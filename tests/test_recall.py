@@ -102,6 +102,24 @@ async def test_tune_reaches_the_target_and_is_saved(make_lsh: Any) -> None:
     assert (await explicit._ready()).probes == 7
 
 
+async def test_tune_on_given_queries_measures_those(make_lsh: Any) -> None:
+    """With queries= the truth is theirs (no id left out), and the recall tune
+    reports is the recall those queries get with the chosen probes."""
+    base = clustered(3000, 32, seed=2, spread=0.4)
+    queries = clustered(80, 32, seed=9, spread=0.4)
+    lsh = await make_lsh(store=InMemoryStore(), num_bands=16, rows_per_band=10)
+    await lsh.index(np.arange(len(base)), base)
+    tuning = await lsh.tune(0.9, queries=queries)
+    assert tuning.sample == 80
+    assert tuning.recall >= 0.9, tuning
+    measured = mean_recall(await lsh.query_many(queries, top_k=10), brute_force(base, queries, 10))
+    assert measured == pytest.approx(tuning.recall)
+    with pytest.raises(ValueError, match="no queries"):
+        await lsh.tune(queries=np.empty((0, 32), np.float32))
+    with pytest.raises(ValueError, match=r"shape \(n, 32\)"):
+        await lsh.tune(queries=np.ones((3, 7), np.float32))
+
+
 async def test_tune_refuses_what_it_cannot_measure(make_lsh: Any) -> None:
     no_store = await make_lsh()
     with pytest.raises(ValueError, match="needs a store"):

@@ -374,15 +374,22 @@ class LSHRS:
             return estimates, read
         return await self._rerank_exact(matrix, [ids for ids, _ in shortlists], top_k, top_p), read
 
-    async def tune(self, target_recall: float = 0.95, *, sample: int = 200, top_k: int = 10) -> Tuning:
+    async def tune(
+        self, target_recall: float = 0.95, *, queries: Any = None, sample: int = 200, top_k: int = 10
+    ) -> Tuning:
         """Measure this index against exact search and keep the fewest probes
-        that reach ``target_recall`` (recall@``top_k``, averaged over ``sample``
-        stored vectors used as queries, their own id left out).
+        that reach ``target_recall`` (mean recall@``top_k``).
 
-        The truth is exact cosine over every vector of the store, streamed once
-        (so this reads the whole store: run it after a build, not per request).
-        The chosen ``probes`` is saved beside the index configuration and used
-        by every client that opens the prefix without ``probes=``.
+        The queries are ``queries`` (an (n, dim) array) when given: pass a
+        sample of real queries, because stored vectors can be far easier to
+        search than what users ask (measured on a generated corpus: 0.96 on
+        stored vectors, 0.77 on real queries, same probes). Otherwise
+        ``sample`` stored vectors, each with its own id left out of its truth.
+        The truth is exact cosine over every vector of the store, streamed
+        once (so this reads the whole store: run it after a build, not per
+        request). The chosen ``probes`` is saved beside the index
+        configuration and used by every client that opens the prefix without
+        ``probes=``.
         """
         if not 0.0 < target_recall <= 1.0:
             raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
@@ -391,19 +398,29 @@ class LSHRS:
         store = self._require_store("tune()")
         opened = await self._ready()
         bands, index = opened.bands, opened.sharded
-        ids = await index.sample_ids(sample)
-        if not len(ids):
+        total = await index.count()
+        if not total:
             raise ValueError("tune() needs a built index: this one is empty")
-        rows = await store.fetch(ids)
-        truth = await exact_neighbours(store, rows, top_k, self._batch_size)
+        own_ids: npt.NDArray[np.int64] | None = None
+        if queries is not None:
+            vectors = as_vectors(queries, opened.config.dim, what="queries")
+        else:
+            rows = await store.fetch(await index.sample_ids(sample))
+            vectors, own_ids = rows.vectors, rows.ids
+        if not len(vectors):
+            raise ValueError("tune() has no queries: pass some, or fill the store that the index points into")
+        truth = await exact_neighbours(store, vectors, own_ids, top_k, self._batch_size)
         curve: list[TuningPoint] = []
         for probes in probe_ladder(bands):
-            hits, read = await self._search(opened, rows.vectors, top_k + 1, None, probes)
-            found = [[h.id for h in query_hits if h.id != own][:top_k] for query_hits, own in zip(hits, rows.ids)]
+            if own_ids is None:
+                hits, read = await self._search(opened, vectors, top_k, None, probes)
+                found = [[h.id for h in query_hits] for query_hits in hits]
+            else:
+                hits, read = await self._search(opened, vectors, top_k + 1, None, probes)
+                found = [[h.id for h in query_hits if h.id != own][:top_k] for query_hits, own in zip(hits, own_ids)]
             curve.append(TuningPoint(probes, recall(found, truth), float(np.mean(read))))
             if curve[-1].recall >= target_recall:
                 break
-        total = await index.count()
         best = curve[-1]  # the ladder stops at the first point that reaches the target
         rows_for_size = choose_rows(total)
         tuning = Tuning(
@@ -411,7 +428,7 @@ class LSHRS:
             probes=best.probes,
             recall=best.recall,
             candidate_share=best.candidates / total,
-            sample=len(rows),
+            sample=len(vectors),
             curve=curve,
             rebuild_bands=choose_bands(self._threshold, rows_for_size),
             rebuild_rows=rows_for_size,

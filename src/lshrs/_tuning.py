@@ -1,9 +1,10 @@
 """Measuring an index against exact search, and what ``LSHRS.tune()`` keeps.
 
 Recall on real embeddings depends on the data far more than on any model, so
-the number of buckets a query reads is chosen by measuring: stored vectors
-serve as queries, their exact neighbours come from one streamed pass over the
-store, and the probe count climbs until the target recall is met.
+the number of buckets a query reads is chosen by measuring: the caller's own
+queries, or stored vectors, serve as queries, their exact neighbours come from
+one streamed pass over the store, and the probe count climbs until the target
+recall is met.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ._hashing import Bands
 from ._types import Rows, VectorStore
 
 IdArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
@@ -67,17 +69,21 @@ def probe_ladder(bands: Bands) -> list[int]:
     return sorted({min(most, int(step)) for step in steps})
 
 
-async def exact_neighbours(store: VectorStore, queries: Rows, top_k: int, batch_size: int) -> list[IdArray]:
+async def exact_neighbours(
+    store: VectorStore, queries: FloatArray, own_ids: IdArray | None, top_k: int, batch_size: int
+) -> list[IdArray]:
     """Each query's exact top-``top_k`` by cosine over every row of the store,
-    its own id left out; one streamed pass, scored in a worker thread."""
-    unit = queries.vectors / np.linalg.norm(queries.vectors, axis=1, keepdims=True)
+    leaving out its own id when it is a stored row (``own_ids``); one streamed
+    pass, scored in a worker thread."""
+    unit = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     best_ids = np.empty((len(unit), 0), np.int64)
     best_scores = np.empty((len(unit), 0), np.float32)
 
     def merge(rows: Rows) -> tuple[IdArray, npt.NDArray[np.float32]]:
         norms = np.linalg.norm(rows.vectors, axis=1)
         scores = (unit @ rows.vectors.T) / np.where(norms == 0, 1.0, norms)
-        scores[rows.ids[None, :] == queries.ids[:, None]] = -np.inf  # a query is not its own neighbour
+        if own_ids is not None:
+            scores[rows.ids[None, :] == own_ids[:, None]] = -np.inf  # a query is not its own neighbour
         ids = np.concatenate([best_ids, np.broadcast_to(rows.ids, scores.shape)], axis=1)
         merged = np.concatenate([best_scores, scores], axis=1)
         keep = np.argsort(-merged, axis=1, kind="stable")[:, :top_k]
