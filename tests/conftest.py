@@ -21,6 +21,9 @@ from servers import postgres, redis_cluster
 
 redis_proc = factories.redis_proc(port=None)
 
+#: The id a deleted id's change-log entries are overwritten with.
+TOMBSTONE = -(2**63)
+
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
@@ -108,6 +111,8 @@ async def keyspace(client: Any) -> dict[bytes, Any]:
             dump[key] = ("set", frozenset(await client.smembers(key)))
         elif kind == "hash":
             dump[key] = ("hash", dict(await client.hgetall(key)))
+        elif kind == "list":
+            dump[key] = ("list", tuple(await client.lrange(key, 0, -1)))
         else:
             dump[key] = (kind, await client.get(key))
     return dump
@@ -119,6 +124,7 @@ async def index_state(client: Any, lsh: LSHRS) -> dict[int, bytes]:
     signature names, and no bucket holds an id without a signature."""
     signatures: dict[int, bytes] = {}
     buckets: dict[tuple[bytes, int], set[int]] = {}
+    logs: list[set[int]] = []
     async for key in client.scan_iter(match=f"{{{lsh.prefix}:*}}:*", count=1000):
         tag, kind = key.split(b"}:", 1)
         if kind == b"s":
@@ -126,12 +132,17 @@ async def index_state(client: Any, lsh: LSHRS) -> dict[int, bytes]:
                 signatures[int.from_bytes(id_, "little", signed=True)] = sig
         elif kind == b"g":  # the shard's generation counter, not an id's data
             assert int(await client.get(key)) >= 0
+        elif kind == b"l":  # the change log: recently written ids, each still indexed
+            logged = {int.from_bytes(i, "little", signed=True) for i in await client.lrange(key, 0, -1)}
+            logs.append(logged - {TOMBSTONE})
         else:
             assert kind.startswith(b"b"), key
             members = np.frombuffer(await client.get(key), "<i8").tolist()
             assert len(members) == len(set(members)), f"an id appears twice in bucket {key!r}"
             buckets[(kind[1:], int(tag.rsplit(b":", 1)[1]))] = set(members)
     assert all(buckets.values()), "an empty bucket was left behind"
+    for logged in logs:
+        assert logged <= set(signatures), f"the change log names deleted ids {logged - set(signatures)}"
     expected: dict[bytes, set[int]] = {}
     width = (lsh.config.rows_per_band + 7) // 8
     for id_, sig in signatures.items():

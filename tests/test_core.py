@@ -85,10 +85,12 @@ async def test_delete_removes_every_trace(make_lsh: Any, raw_redis: Any) -> None
     assert await lsh.delete([5, 6, 7, 10_000]) == 3
     after = await index_state(raw_redis, lsh)
     assert set(after) == set(range(300)) - {5, 6, 7}
-    dump = await keyspace(raw_redis)
-    for value in dump.values():
-        members = value[1] if value[0] == "set" else set(value[1]) if value[0] == "hash" else set()
-        assert not members & {b"5", b"6", b"7"}
+    gone = {i.to_bytes(8, "little", signed=True) for i in (5, 6, 7)}  # how Redis holds an id
+    for key, (kind, value) in (await keyspace(raw_redis)).items():
+        if kind in ("hash", "list"):  # signature fields, change-log entries
+            assert not set(value) & gone, key
+        elif kind == "string" and b"}:b" in key:  # a bucket: 8-byte ids back to back
+            assert not {value[at : at + 8] for at in range(0, len(value), 8)} & gone, key
     assert all(h.id not in (5, 6, 7) for h in await lsh.query(base[5], top_k=50))
     assert await lsh.delete(range(300)) == 297
     assert {k for k in await keyspace(raw_redis) if not k.endswith((b":cfg", b":proj", b":g"))} == set()
@@ -194,6 +196,28 @@ async def test_signature_cache_never_serves_a_replaced_signature(make_lsh: Any) 
     assert 6 not in {h.id for h in await reader.query(base[6], top_k=5) if h.score > 0.99}
 
 
+async def test_other_clients_writes_keep_a_warm_cache_warm(make_lsh: Any) -> None:
+    """A replace or delete elsewhere evicts only the ids it wrote from a
+    reader's cache (the shard's change log says which), so the reader stays
+    warm and still never uses a replaced signature."""
+    base = clustered(600, 32, centers=5)
+    writer = await make_lsh()
+    await writer.index(np.arange(600), base)
+    reader = await make_lsh()
+    await reader.warm()
+    index = (await reader._ready()).sharded
+    shards = range(reader.config.shards)
+    await writer.delete([3, 4])
+    await writer.ingest(5, -base[5])
+    assert (await reader.query(-base[5], top_k=1))[0] == Hit(5, 1.0, None, False)
+    assert all(index._cache.is_warm(s) for s in shards)
+    assert 3 not in {h.id for h in await reader.query(base[3], top_k=20)}
+    await writer.ingest(3, -base[7])  # a deleted id comes back with another vector
+    assert (await reader.query(-base[7], top_k=1))[0].id in (3, 7) and all(index._cache.is_warm(s) for s in shards)
+    hits = {h.id: h.score for h in await reader.query(-base[7], top_k=5)}
+    assert hits[3] == pytest.approx(1.0)
+
+
 async def test_queries_take_one_round_trip_cold_or_warm(make_lsh: Any, raw_redis: Any, backend: str) -> None:
     """One script per query whether the signature cache is empty, filling or
     full: the only signature reads are the script's own (counted with it)."""
@@ -228,3 +252,32 @@ async def test_warm_loads_every_signature_and_still_follows_writes(make_lsh: Any
     assert await reader.warm() == 500
     await writer.ingest(5, -base[5])
     assert (await reader.query(-base[5], top_k=1))[0] == Hit(5, 1.0, None, False)
+
+
+def test_signature_cache_claims_a_generation_only_when_every_write_since_is_evicted() -> None:
+    """Query replies arrive out of order. A reply whose change list starts after
+    the generation the cache claims cannot move the claim forward, or a stale
+    signature added by an older reply would never be evicted."""
+    from lshrs._cache import SignatureCache
+
+    cache = SignatureCache(shards=1, width=1, capacity=100)
+    ids = np.array([1, 2, 9], dtype=np.int64)
+    cache.reset(0, generation=5, shard_size=3)
+    cache.add(0, ids, np.array([[1], [2], [9]], dtype=np.uint8))
+    # An older reply (sent knowing 3, read at 4) lands late, with signatures as of 4.
+    cache.observe(0, generation=4, shard_size=3, known=3, changed=np.array([7], dtype=np.int64))
+    cache.add(0, np.array([9], dtype=np.int64), np.array([[99]], dtype=np.uint8))  # 9 was rewritten at 5
+    assert cache.generation(0) == 4
+    # A newer reply, sent knowing 5, lists only the writes after 5: the claim stays at 4.
+    cache.observe(0, generation=8, shard_size=3, known=5, changed=np.array([2], dtype=np.int64))
+    assert cache.generation(0) == 4
+    signatures, missing = cache.lookup(0, ids)
+    assert missing.tolist() == [False, True, False]  # 2 was evicted
+    assert signatures[2].tolist() == [99]  # still the stale one, until the claim catches up
+    # The next reply starts at 4, so it names 9's rewrite and evicts the stale signature.
+    cache.observe(0, generation=8, shard_size=3, known=4, changed=np.array([9, 2], dtype=np.int64))
+    assert cache.generation(0) == 8
+    assert cache.lookup(0, ids)[1].tolist() == [False, True, True]
+    # A reply whose log no longer reaches back drops the shard.
+    cache.observe(0, generation=9000, shard_size=3, known=8, changed=None)
+    assert cache.lookup(0, ids)[1].all()

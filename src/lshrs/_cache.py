@@ -1,12 +1,13 @@
 """A per-process cache of signatures, so a warm query asks Redis for ids only.
 
 Reading thousands of candidate signatures costs Redis about a microsecond
-each, far more than the bucket union; yet signatures change only when an id is
-replaced or deleted. Each shard keeps a generation counter that those two
-operations bump (fresh inserts do not), and every query reads it in the same
-script as the buckets: a cached shard whose generation moved is dropped whole.
-So a cached signature is never used after Redis changed it, and a stale cache
-can only cost a refetch, never a wrong answer.
+each, far more than the bucket reads; yet a signature changes only when its id
+is written again. Each shard keeps a generation counter and a log of the ids
+written lately (``_scripts``), and every query reads both in the same script
+as the buckets: the cache evicts the ids written since the generation it
+knows, or drops the shard when the log no longer reaches back that far. So a
+cached signature is never used after Redis changed it, and a stale cache can
+only cost a refetch, never a wrong answer.
 """
 
 from __future__ import annotations
@@ -19,46 +20,63 @@ ByteArray = npt.NDArray[np.uint8]
 
 
 class _Sorted:
-    """Ids in ascending order with their signatures; a later id wins on merge."""
+    """Ids in ascending order with their signatures; a later id wins on merge.
+    Evicted entries stay in place, marked, until the next merge drops them."""
 
     def __init__(self, ids: IdArray, signatures: ByteArray) -> None:
         latest = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
         self.ids, self.signatures = ids[latest], signatures[latest]
+        self.live = np.ones(len(self.ids), bool)
 
     def find(self, ids: IdArray) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.intp]]:
         if not len(self.ids):
             return np.zeros(len(ids), bool), np.zeros(len(ids), np.intp)
         at = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
-        return self.ids[at] == ids, at
+        return (self.ids[at] == ids) & self.live[at], at
+
+    def evict(self, ids: IdArray) -> None:
+        hit, at = self.find(ids)
+        self.live[at[hit]] = False
+
+    def kept(self) -> tuple[IdArray, ByteArray]:
+        return self.ids[self.live], self.signatures[self.live]
 
 
 class _Shard:
     """A large sorted tier and a small one for recent additions, merged when the
     small one passes an eighth of the large: amortised O(1) per added id."""
 
-    def __init__(self, width: int) -> None:
-        self.generation: int | None = None
-        self.shard_size = 0  # ids in the shard when Redis last said
+    def __init__(self, width: int, generation: int | None = None, shard_size: int = 0) -> None:
+        self.generation = generation
+        self.shard_size = shard_size  # ids in the shard when Redis last said
         self.main = _Sorted(np.empty(0, np.int64), np.empty((0, width), np.uint8))
         self.recent = self.main
         self.pending: list[tuple[IdArray, ByteArray]] = []
 
     def __len__(self) -> int:
-        return len(self.main.ids) + len(self.recent.ids) + sum(len(ids) for ids, _ in self.pending)
+        live = int(self.main.live.sum()) + int(self.recent.live.sum())
+        return live + sum(len(ids) for ids, _ in self.pending)
 
     def settle(self) -> None:
         if not self.pending:
             return
-        ids = np.concatenate([self.recent.ids, *(i for i, _ in self.pending)])
-        sigs = np.concatenate([self.recent.signatures, *(s for _, s in self.pending)])
+        recent_ids, recent_signatures = self.recent.kept()
+        ids = np.concatenate([recent_ids, *(i for i, _ in self.pending)])
+        sigs = np.concatenate([recent_signatures, *(s for _, s in self.pending)])
         self.pending.clear()
         self.recent = _Sorted(ids, sigs)
         if len(self.recent.ids) > max(4096, len(self.main.ids) // 8):
+            main_ids, main_signatures = self.main.kept()
             self.main = _Sorted(
-                np.concatenate([self.main.ids, self.recent.ids]),
-                np.concatenate([self.main.signatures, self.recent.signatures]),
+                np.concatenate([main_ids, self.recent.ids]),
+                np.concatenate([main_signatures, self.recent.signatures]),
             )
             self.recent = _Sorted(self.recent.ids[:0], self.recent.signatures[:0])
+
+    def evict(self, ids: IdArray) -> None:
+        self.settle()
+        self.main.evict(ids)
+        self.recent.evict(ids)
 
 
 class SignatureCache:
@@ -76,23 +94,41 @@ class SignatureCache:
         wanted = min(0.9 * cached.shard_size, 0.9 * self._capacity)
         return self._capacity > 0 and cached.generation is not None and len(cached) >= max(wanted, 1)
 
-    def observe(self, shard: int, generation: int, shard_size: int) -> None:
-        """The shard's generation and size as Redis just reported them; a new
-        generation drops the cached shard."""
+    def generation(self, shard: int) -> int | None:
+        """The shard's generation this cache is up to date with (None: no state)."""
+        return self._shards[shard].generation
+
+    def observe(self, shard: int, generation: int, shard_size: int, known: int | None, changed: IdArray | None) -> None:
+        """The shard's generation and size as a query script just reported them,
+        with the ids written since ``known``, the generation the query was sent
+        with (``changed`` is None if the log did not reach back that far: then
+        the cached shard is dropped).
+
+        Queries run concurrently, so replies arrive in any order. The cache
+        claims a generation only if every write since the one it claimed has
+        been evicted: that holds when the reply's changes start at or before
+        it. Claiming an older generation is always safe (later evictions are
+        only repeated), and a reply's signatures are current as of its own.
+        """
         cached = self._shards[shard]
-        if cached.generation != generation:
-            cached = self._shards[shard] = _Shard(self._width)
+        if cached.generation is None or known is None or changed is None:
+            self.reset(shard, generation, shard_size)
+            return
+        cached.evict(changed)
+        if known <= cached.generation:
             cached.generation = generation
         cached.shard_size = shard_size
+
+    def reset(self, shard: int, generation: int, shard_size: int) -> None:
+        """Forget the shard, now at ``generation``: what is added next is current."""
+        self._shards[shard] = _Shard(self._width, generation, shard_size)
 
     def add(self, shard: int, ids: IdArray, signatures: ByteArray) -> None:
         if self._capacity <= 0 or not len(ids):
             return
         cached = self._shards[shard]
         if len(cached) + len(ids) > self._capacity:
-            generation, size = cached.generation, cached.shard_size
-            cached = self._shards[shard] = _Shard(self._width)
-            cached.generation, cached.shard_size = generation, size
+            cached = self._shards[shard] = _Shard(self._width, cached.generation, cached.shard_size)
         cached.pending.append((ids.copy(), signatures.copy()))
 
     def lookup(self, shard: int, ids: IdArray) -> tuple[ByteArray, npt.NDArray[np.bool_]]:

@@ -65,8 +65,9 @@ class ShardedIndex:
         return f"{{{self._prefix}:{shard}}}:s"
 
     def script_keys(self, shard: int) -> list[str]:
-        """The signature hash and the generation counter of a shard."""
-        return [self.signature_key(shard), f"{{{self._prefix}:{shard}}}:g"]
+        """The signature hash, the generation counter and the change log of a shard."""
+        tag = f"{{{self._prefix}:{shard}}}"
+        return [self.signature_key(shard), f"{tag}:g", f"{tag}:l"]
 
     def bucket_base(self, shard: int) -> bytes:
         return f"{{{self._prefix}:{shard}}}:b".encode()
@@ -137,14 +138,21 @@ class ShardedIndex:
 
     async def _shard_candidates(self, shard: int, probe_keys: bytes, cap: int) -> Candidates:
         cold = not self._cache.is_warm(shard)
-        args = [self.bucket_base(shard), int(cold), 1 + self._bands.band_bytes, probe_keys]
+        known = self._cache.generation(shard)
+        args = [
+            self.bucket_base(shard),
+            int(cold),
+            1 + self._bands.band_bytes,
+            probe_keys,
+            -1 if known is None else known,
+        ]
         reply = await self._call(self._query, shard, args)
-        generation, size, members = reply[0], reply[1], reply[2]
-        self._cache.observe(shard, int(generation), int(size))
-        if cold and reply[3]:  # the script read these in the same atomic step as the buckets
-            distinct = parse_ids(reply[3])
+        generation, size, members, changed, covered = reply[:5]
+        self._cache.observe(shard, int(generation), int(size), known, parse_ids(changed) if covered else None)
+        if cold and reply[5]:  # the script read these in the same atomic step as the buckets
+            distinct = parse_ids(reply[5])
             width = self._bands.signature_bytes
-            self._cache.add(shard, distinct, np.frombuffer(reply[4], np.uint8).reshape(len(distinct), width))
+            self._cache.add(shard, distinct, np.frombuffer(reply[6], np.uint8).reshape(len(distinct), width))
         found = parse_ids(members)
         ids, hits = np.unique(found, return_counts=True)
         if len(ids) > cap:  # keep the ids seen in the most probed buckets
@@ -173,10 +181,10 @@ class ShardedIndex:
         loaded = 0
         width = self._bands.signature_bytes
         for shard in range(self._shards):
-            # Generation first: a replace during the scan bumps it, and the next
-            # query then drops what this scan cached.
+            # Generation first: a write during the scan is logged after it, and
+            # the next query evicts it from what this scan cached.
             generation = await self._client.get(self.script_keys(shard)[1])
-            self._cache.observe(shard, int(generation or 0), await self._client.hlen(self.signature_key(shard)))
+            self._cache.reset(shard, int(generation or 0), await self._client.hlen(self.signature_key(shard)))
             ids: list[bytes] = []
             signatures: list[bytes] = []
             async for id_, signature in self._client.hscan_iter(self.signature_key(shard), count=batch):

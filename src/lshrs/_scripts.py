@@ -29,17 +29,26 @@ local function remove(key, id)
 end
 """
 
-# KEYS: the shard's signature hash, its generation counter.
+# The change log: ids whose signature was written (inserted or replaced), the
+# last CHANGE_LOG of them, oldest first; the generation counts every entry ever
+# logged. A client that knows generation K and sees G evicts the last G - K
+# entries from its signature cache, or drops the shard if the log is shorter.
+# A delete needs no entry (a deleted id is in no bucket, so its cached
+# signature is never looked up; a later insert logs it again) and leaves no
+# trace: its entries become TOMBSTONE, so positions, and so the arithmetic, hold.
+CHANGE_LOG = 4096
+TOMBSTONE = "\\0\\0\\0\\0\\0\\0\\0\\128"  # id -2**63, evicted harmlessly
+
+# KEYS: the shard's signature hash, its generation counter, its change log.
 # ARGV: bucket key base, bytes per band, bands, then (id, signature) pairs.
 # An id's signature is written last: it is the mark that the id is fully in.
-# A replaced id leaves only the buckets of bands whose value changed, and
-# bumps the generation, which tells other clients' signature caches.
+# A replaced id leaves only the buckets of bands whose value changed.
 UPSERT = (
     _REMOVE
     + """
 local sigs, base = KEYS[1], ARGV[1]
 local width, bands = tonumber(ARGV[2]), tonumber(ARGV[3])
-local changed, replaced = 0, 0
+local logged = {}
 for i = 4, #ARGV, 2 do
   local id, sig = ARGV[i], ARGV[i + 1]
   local old = redis.call('HGET', sigs, id)
@@ -48,7 +57,6 @@ for i = 4, #ARGV, 2 do
       local band = string.char(j)
       local value = string.sub(sig, j * width + 1, (j + 1) * width)
       if old then
-        replaced = 1
         local was = string.sub(old, j * width + 1, (j + 1) * width)
         if was ~= value then
           remove(base .. band .. was, id)
@@ -59,12 +67,16 @@ for i = 4, #ARGV, 2 do
       end
     end
     redis.call('HSET', sigs, id, sig)
-    changed = changed + 1
+    logged[#logged + 1] = id
   end
 end
-if replaced == 1 then redis.call('INCR', KEYS[2]) end
-return changed
-"""
+if #logged > 0 then
+  redis.call('RPUSH', KEYS[3], unpack(logged))
+  redis.call('LTRIM', KEYS[3], -CHANGE_LOG, -1)
+  redis.call('INCRBY', KEYS[2], #logged)
+end
+return #logged
+""".replace("CHANGE_LOG", str(CHANGE_LOG))
 )
 
 # KEYS and ARGV as UPSERT, with ids only. Returns how many existed.
@@ -82,22 +94,26 @@ for i = 4, #ARGV do
       remove(base .. string.char(j) .. string.sub(old, j * width + 1, (j + 1) * width), id)
     end
     redis.call('HDEL', sigs, id)
+    for _, at in ipairs(redis.call('LPOS', KEYS[3], id, 'COUNT', 0)) do redis.call('LSET', KEYS[3], at, TOMBSTONE) end
     removed = removed + 1
   end
 end
-if removed > 0 then redis.call('INCR', KEYS[2]) end
+if redis.call('HLEN', sigs) == 0 then redis.call('DEL', KEYS[3]) end
 return removed
-"""
+""".replace("TOMBSTONE", f'"{TOMBSTONE}"')
 )
 
 # KEYS as UPSERT. ARGV: bucket key base, 1 if the client's signature cache
 # covers little of this shard yet (else 0), the width of one bucket suffix,
-# then all the suffixes to read concatenated into one string (a thousand
-# arguments cost the client more to encode than the server to read).
-# Returns {generation, ids in the shard, the probed buckets concatenated}:
-# the client counts and dedupes the ids with numpy. A cold client also gets
-# the distinct ids and their signatures, in the same atomic step, so a query
-# is one round trip while its cache fills.
+# all the suffixes to read concatenated into one string (a thousand
+# arguments cost the client more to encode than the server to read), and the
+# generation the client's cache knows (-1 for none).
+# Returns {generation, ids in the shard, the probed buckets concatenated,
+# the ids changed since the client's generation, 1 if those are all of them
+# (else the client drops its cached shard)}: the client counts and dedupes the
+# ids with numpy. A cold client also gets the distinct ids and their
+# signatures, in the same atomic step, so a query is one round trip while its
+# cache fills.
 QUERY = """
 local base, width, keys = ARGV[1], tonumber(ARGV[3]), ARGV[4]
 local names, found = {}, {}
@@ -107,9 +123,16 @@ for start = 1, #names, 4000 do
   for i = 1, #got do if got[i] then found[#found + 1] = got[i] end end
 end
 local all = table.concat(found)
-local generation = redis.call('GET', KEYS[2]) or '0'
+local generation = tonumber(redis.call('GET', KEYS[2]) or '0')
 local size = redis.call('HLEN', KEYS[1])
-if ARGV[2] == '0' then return {generation, size, all} end
+local known, changed, covered = tonumber(ARGV[5]), '', 0
+local gap = generation - known
+if known >= 0 and gap == 0 then
+  covered = 1
+elseif known >= 0 and gap > 0 and gap <= redis.call('LLEN', KEYS[3]) then
+  changed, covered = table.concat(redis.call('LRANGE', KEYS[3], -gap, -1)), 1
+end
+if ARGV[2] == '0' then return {generation, size, all, changed, covered} end
 local seen, ids, sigs = {}, {}, {}
 for at = 1, #all, 8 do
   local id = string.sub(all, at, at + 7)
@@ -119,7 +142,7 @@ for start = 1, #ids, 2000 do
   local got = redis.call('HMGET', KEYS[1], unpack(ids, start, math.min(start + 1999, #ids)))
   for i = 1, #got do sigs[#sigs + 1] = got[i] end
 end
-return {generation, size, all, table.concat(ids), table.concat(sigs)}
+return {generation, size, all, changed, covered, table.concat(ids), table.concat(sigs)}
 """
 
 # KEYS: configuration, projection. ARGV: their values if the prefix is new.
