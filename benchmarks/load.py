@@ -31,7 +31,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def run(url: str, seconds: float, concurrency: int) -> dict[str, Any]:
+async def run(url: str, seconds: float, concurrency: int, grace: float) -> dict[str, Any]:
     data = load("minilm", 100_000, 1000)
     async with LSHRS(dim=384, redis_url=url, prefix="load", store=InMemoryStore(), expected_size=100_000) as lsh:
         await lsh.drop()
@@ -66,13 +66,21 @@ async def run(url: str, seconds: float, concurrency: int) -> dict[str, Any]:
                     errors.append(repr(exc))
                 next_id += 1
 
-        await asyncio.gather(*(reader(k) for k in range(concurrency)), writer())
+        # Readers start no query after the deadline; what is still queued then
+        # gets ``grace`` seconds and is cancelled (safe: queries write nothing),
+        # so the run is bounded in time whatever the server's speed.
+        tasks = [asyncio.create_task(reader(k)) for k in range(concurrency)] + [asyncio.create_task(writer())]
+        _, unfinished = await asyncio.wait(tasks, timeout=seconds + grace)
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
         return {
             "concurrency": concurrency,
             "seconds": seconds,
             "queries": len(latencies),
             "qps": round(len(latencies) / seconds, 1),
             **percentiles(latencies or [0.0]),
+            "cancelled_at_end": len(unfinished),
             "writes": writes,
             "errors": len(errors),
             "first_errors": errors[:5],
@@ -86,9 +94,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--concurrency", type=int, default=10_000)
+    parser.add_argument("--grace", type=float, default=30, help="seconds for queued queries after the deadline")
     args = parser.parse_args()
     with redis_server("--appendonly", "no") as server:
-        result = asyncio.run(run(server.url, args.seconds, args.concurrency))
+        result = asyncio.run(run(server.url, args.seconds, args.concurrency, args.grace))
     out = Path(__file__).parent / "results" / f"load-{args.concurrency}.json"
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
