@@ -40,6 +40,17 @@ def markdown(result: dict[str, Any]) -> str:
             else ""
         )
         lines.append(f"| {b['system']} | {setting} | {b['build_s']} | {per_s} | {memory} |")
+    for b in result["builds"]:
+        if b.get("share_curve"):
+            lines += [
+                "",
+                f"lshrs {b['bands']} x {b['rows']}: recall@10 of 200 held-out queries against the share of the corpus "
+                "read as candidates per query (the curve of `tune(0.98, queries=...)`)",
+                "",
+                "| probes | recall@10 | candidate share |",
+                "|---|---|---|",
+            ]
+            lines += [f"| {c['probes']} | {c['recall@10']:.3f} | {c['share']:.2%} |" for c in b["share_curve"]]
     if result.get("stores"):
         lines += [
             "",
@@ -59,7 +70,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 5))
+    curves = [b for b in result["builds"] if b.get("share_curve")]
+    figure, panels = plt.subplots(1, 2 if curves else 1, figsize=(13 if curves else 8, 5), squeeze=False)
+    axes = panels[0][0]
     systems: dict[str, list[dict[str, Any]]] = {}
     for p in result["points"]:
         systems.setdefault(p["system"], []).append(p)
@@ -72,6 +85,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes.set_title(f"{result['dataset']}")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
+    if curves:
+        share = panels[0][1]
+        for b in curves:
+            xs = [100 * c["share"] for c in b["share_curve"]]
+            share.plot(
+                xs, [c["recall@10"] for c in b["share_curve"]], marker="o", label=f"lshrs {b['bands']}x{b['rows']}"
+            )
+        share.set_xlabel("candidates read per query, % of the corpus")
+        share.set_ylabel("recall@10")
+        share.set_title("lshrs: recall against candidate share (probes sweep)")
+        share.grid(True, alpha=0.3)
+        share.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -89,6 +89,12 @@ async def lshrs_runs(
             print(
                 f"    tune(0.95): probes={tuning.probes}, sample recall {tuning.recall:.3f}, {builds[-1]['tune_s']} s"
             )
+            # The recall / candidate-share curve on real held-out queries, up to 0.98.
+            curve = await lsh.tune(0.98, queries=queries[:200])
+            builds[-1]["share_curve"] = [
+                {"probes": c.probes, "recall@10": round(c.recall, 4), "share": round(c.candidates / len(data.base), 4)}
+                for c in curve.curve
+            ]
         ladder = {int(factor * config.num_bands): "" for factor in probe_factors}
         ladder[default_probes(config.num_bands, config.rows_per_band)] = " (default)"
         ladder[tuning.probes] = ladder.get(tuning.probes, "") + " (tune 0.95)"

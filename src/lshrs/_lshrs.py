@@ -419,9 +419,9 @@ class LSHRS:
                 hits, read = await self._search(opened, vectors, top_k + 1, None, probes)
                 found = [[h.id for h in query_hits if h.id != own][:top_k] for query_hits, own in zip(hits, own_ids)]
             curve.append(TuningPoint(probes, recall(found, truth), float(np.mean(read))))
-            if curve[-1].recall >= target_recall:
-                break
-        best = curve[-1]  # the ladder stops at the first point that reaches the target
+            if curve[-1].recall >= target_recall or curve[-1].candidates >= total:
+                break  # reached, or every query already reads the whole index
+        best = curve[-1]  # the ladder stops at the first point that reaches the target, or at the end
         rows_for_size = choose_rows(total)
         tuning = Tuning(
             target_recall=target_recall,
