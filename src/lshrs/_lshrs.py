@@ -38,6 +38,9 @@ class _Opened(NamedTuple):
 
 #: Batches at least this large are hashed in a worker thread, off the event loop.
 _THREAD_ROWS = 256
+#: Query batches at least this large plan their probes (about 0.5 ms a query)
+#: in a worker thread.
+_THREAD_QUERIES = 16
 
 
 class LSHRS:
@@ -355,9 +358,12 @@ class LSHRS:
         bands, index = opened.bands, opened.sharded
         margins, signatures = await self._hash(matrix)
         margins /= np.linalg.norm(matrix, axis=1, keepdims=True)
-        found = await asyncio.gather(
-            *(index.candidates(probe_keys(bands, m, probes), self._max_candidates) for m in margins)
-        )
+
+        def plan() -> list[bytes]:
+            return [probe_keys(bands, m, probes) for m in margins]
+
+        keys = await anyio.to_thread.run_sync(plan) if len(margins) >= _THREAD_QUERIES else plan()
+        found = await asyncio.gather(*(index.candidates(k, self._max_candidates) for k in keys))
         shortlists = []
         for candidates, signature in zip(found, signatures):
             distance = hamming(candidates.signatures, signature)
