@@ -110,7 +110,9 @@ def test_cli_index_query_stats_drop(postgres_dsn: str, redis_proc: Any, tmp_path
     result = runner.invoke(cli, ["tune", "--target", "0.9", "--sample", "20"], env=env)
     assert result.exit_code == 0, result.output
     assert "saved probes=" in result.output and "recall@10" in result.output
+    saved = int(result.output.split("saved probes=")[1].split()[0])
     stats = json.loads(runner.invoke(cli, ["stats"], env=env).output)
+    assert stats["probes"] == saved  # every later client uses what tune saved
     assert stats["vectors"] == N and stats["config"]["dim"] == DIM and stats["buckets"] > 0
     assert sum(stats["bucket_size_histogram"].values()) == stats["buckets"]
     np.save(tmp_path / "more.npy", BASE[:50])

@@ -474,8 +474,9 @@ class LSHRS:
         return results
 
     async def stats(self) -> dict[str, Any]:
-        """Configuration, vector and bucket counts, bucket size histogram (powers
-        of two) and Redis memory. Scans the prefix's buckets: not for hot paths."""
+        """Configuration, probes in force, vector and bucket counts, bucket size
+        histogram (powers of two) and Redis memory. Scans the prefix's buckets:
+        not for hot paths."""
         opened = await self._ready()
         config, index = opened.config, opened.sharded
         sizes = np.asarray(await index.bucket_sizes(), dtype=np.int64)
@@ -490,6 +491,7 @@ class LSHRS:
         return {
             "prefix": self._prefix,
             "config": dataclasses.asdict(config),
+            "probes": opened.probes,
             "vectors": await index.count(),
             "buckets": len(sizes),
             "mean_bucket_size": float(sizes.mean()) if len(sizes) else 0.0,
