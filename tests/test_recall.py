@@ -67,6 +67,19 @@ def test_prober_reads_the_most_likely_buckets_first() -> None:
     assert per_quarter[0] > 2 * per_quarter[3], per_quarter
 
 
+@pytest.mark.parametrize("rows", [8, 12, 16, 17, 20, 63, 64])
+def test_probe_keys_name_the_buckets_the_signature_names(rows: int) -> None:
+    """Whatever the band width (1 to 8 bytes), each band's unflipped probe is
+    exactly the bucket suffix that ``Bands.pack`` gives the query itself."""
+    bands = Bands(4, rows)
+    margins = np.random.default_rng(rows).standard_normal(bands.num_bits).astype(np.float32)
+    keys = np.frombuffer(probe_keys(bands, margins, 1000), np.uint8).reshape(-1, 1 + bands.band_bytes)
+    named = {(int(k[0]), k[1:].tobytes()) for k in keys}
+    assert len(named) == len(keys)
+    own = bands.pack((margins > 0)[None])[0].reshape(bands.num_bands, bands.band_bytes)
+    assert all((band, own[band].tobytes()) in named for band in range(bands.num_bands))
+
+
 def test_prober_caps_at_every_nameable_bucket() -> None:
     bands = Bands(3, 4)
     margins = np.random.default_rng(0).standard_normal(bands.num_bits).astype(np.float32)

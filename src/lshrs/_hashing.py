@@ -25,6 +25,10 @@ _PROBE_BITS = 8
 #: 0.5, where real sentence embeddings keep their nearest neighbours.
 _NEIGHBOUR_ODDS = 0.5 / math.sqrt(1 - 0.5**2)
 
+#: Margins past this many standard deviations are certain enough; the cost
+#: tables stop here.
+_MAX_Z = 8.0
+
 
 def make_projection(dim: int, num_bits: int, seed: int) -> FloatArray:
     """Gaussian hyperplanes; stored in Redis so every client hashes identically."""
@@ -86,14 +90,15 @@ def hamming(signatures: ByteArray, query: ByteArray) -> npt.NDArray[np.int64]:
 
 
 def _log_cdf_table() -> tuple[FloatArray, FloatArray]:
-    """log Phi(a) - log Phi(-a) on a grid: numpy has no erfc, and a table is exact enough."""
+    """On a grid of z: the log-odds against a bit flipping, log Phi(z) - log
+    Phi(-z), and the cost of it not flipping, -log Phi(z). Numpy has no erfc,
+    and a table is exact enough."""
     grid = np.linspace(0.0, _MAX_Z, 2049)
     log_odds = [math.log(math.erfc(-a / math.sqrt(2))) - math.log(math.erfc(a / math.sqrt(2))) for a in grid]
     log_keep = [-math.log(0.5 * math.erfc(-a / math.sqrt(2))) for a in grid]
     return grid.astype(np.float32), np.array([log_odds, log_keep], dtype=np.float32)
 
 
-_MAX_Z = 8.0
 _GRID, _COSTS = _log_cdf_table()
 
 
