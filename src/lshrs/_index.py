@@ -52,8 +52,11 @@ class ShardedIndex:
         self._client = client
         self._cache = SignatureCache(shards, bands.signature_bytes, cache_size)
         # Bounds the calls in flight, so thousands of concurrent tasks queue here
-        # instead of exhausting the client's connection pool.
+        # instead of exhausting the client's connection pool. Writes have their
+        # own, smaller budget: queued behind thousands of reads in one line, an
+        # insert would wait for all of them.
         self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._writes_in_flight = asyncio.Semaphore(max(1, max_in_flight // 8))
         self._prefix = prefix
         self._shards = shards
         self._bands = bands
@@ -91,12 +94,12 @@ class ShardedIndex:
                     args.append(packed_id(ids[row]))
                     if payload is not None:
                         args.append(payload[row])
-                calls.append(self._call(script, shard, args))
+                calls.append(self._write(script, shard, args))
         results = await asyncio.gather(*calls)
         return sum(int(r) for r in results)
 
-    async def _call(self, script: Any, shard: int, args: list[Any]) -> Any:
-        async with self._in_flight:
+    async def _write(self, script: Any, shard: int, args: list[Any]) -> Any:
+        async with self._writes_in_flight:
             return await script(keys=self.script_keys(shard), args=args)
 
     async def upsert(self, ids: IdArray, signatures: ByteArray) -> int:
@@ -137,16 +140,23 @@ class ShardedIndex:
         return Candidates(np.concatenate([c.ids for c in found]), np.concatenate([c.signatures for c in found]))
 
     async def _shard_candidates(self, shard: int, probe_keys: bytes, cap: int) -> Candidates:
+        # One slot for both round trips: a query that holds thousands of
+        # candidates must not queue again behind every other waiting query,
+        # or memory grows with the queue (measured: 17 GB at 10,000 in flight).
+        async with self._in_flight:
+            return await self._shard_candidates_in_slot(shard, probe_keys, cap)
+
+    async def _shard_candidates_in_slot(self, shard: int, probe_keys: bytes, cap: int) -> Candidates:
         cold = not self._cache.is_warm(shard)
         known = self._cache.generation(shard)
-        args = [
+        args: list[bytes | int] = [
             self.bucket_base(shard),
             int(cold),
             1 + self._bands.band_bytes,
             probe_keys,
             -1 if known is None else known,
         ]
-        reply = await self._call(self._query, shard, args)
+        reply = await self._query(keys=self.script_keys(shard), args=args)
         generation, size, members, changed, covered = reply[:5]
         self._cache.observe(shard, int(generation), int(size), known, parse_ids(changed) if covered else None)
         if cold and reply[5]:  # the script read these in the same atomic step as the buckets
@@ -160,8 +170,7 @@ class ShardedIndex:
         signatures, missing = self._cache.lookup(shard, ids)
         if not missing.any():
             return Candidates(ids, signatures)
-        async with self._in_flight:
-            fetched = await self._client.hmget(self.signature_key(shard), [packed_id(i) for i in ids[missing]])
+        fetched = await self._client.hmget(self.signature_key(shard), [packed_id(i) for i in ids[missing]])
         # An id deleted since the bucket read has no signature any more: drop it.
         present = np.array([sig is not None for sig in fetched], dtype=bool)
         rows = np.flatnonzero(missing)[present]
