@@ -19,6 +19,7 @@ def create_app(*, redis_url: str, dsn: str, table: str, text_column: str | None 
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         store = PostgresStore(dsn, table=table, text_column=text_column)
         async with LSHRS(dim=await store.dimension() or 0, redis_url=redis_url, store=store) as lsh:
+            await lsh.warm()  # load the signatures once, so even the first queries read only ids
             app[LSH] = lsh
             yield
 

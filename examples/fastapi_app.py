@@ -47,6 +47,7 @@ def create_app(
         if dim is None:
             raise RuntimeError(f"table {table!r} holds no vectors yet")
         async with LSHRS(dim=dim, redis_url=redis_url, prefix=prefix, store=store) as lsh:
+            await lsh.warm()  # load the signatures once, so even the first queries read only ids
             app.state.lsh, app.state.store = lsh, store
             yield
 
