@@ -7,6 +7,7 @@ Connection settings come from flags or the environment: ``LSHRS_REDIS_URL``,
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -70,9 +71,25 @@ _store_options = [
 
 
 def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds the table options and hands the command one ``store`` (None
+    without --postgres) instead of five loose values."""
+
+    @functools.wraps(command)
+    def with_store(
+        *args: Any,
+        dsn: str | None,
+        table: str | None,
+        id_column: str,
+        vector_column: str,
+        text_column: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        columns = {"id_column": id_column, "vector_column": vector_column, "text_column": text_column}
+        return command(*args, store=_postgres(dsn, table, columns), **kwargs)
+
     for option in reversed(_store_options):
-        command = option(command)
-    return command
+        with_store = option(with_store)
+    return with_store
 
 
 @click.group()
@@ -94,11 +111,7 @@ def main(context: click.Context, redis_url: str, prefix: str) -> None:
 @click.pass_obj
 def index(
     obj: dict[str, str],
-    dsn: str | None,
-    table: str | None,
-    id_column: str,
-    vector_column: str,
-    text_column: str | None,
+    store: VectorStore | None,
     npy: Path | None,
     ids: Path | None,
     shards: int | None,
@@ -106,10 +119,8 @@ def index(
     quiet: bool,
 ) -> None:
     """Build the index from a PostgreSQL table or a .npy file."""
-    if (dsn is None) == (npy is None):
+    if (store is None) == (npy is None):
         raise click.UsageError("give exactly one source: --postgres with --table, or --npy")
-    columns = {"id_column": id_column, "vector_column": vector_column, "text_column": text_column}
-    store = _postgres(dsn, table, columns)
 
     async def build() -> int:
         vectors = np.load(npy, mmap_mode="r") if npy else None
@@ -120,7 +131,7 @@ def index(
             assert vectors is not None
             dim, count = vectors.shape[1], len(vectors)
         if dim is None:
-            raise ValueError(f"table {table!r} has no vectors to index")
+            raise ValueError("the table has no vectors to index")
         async with LSHRS(
             dim=dim,
             redis_url=obj["url"],
@@ -155,11 +166,7 @@ def index(
 @click.pass_obj
 def query(
     obj: dict[str, str],
-    dsn: str | None,
-    table: str | None,
-    id_column: str,
-    vector_column: str,
-    text_column: str | None,
+    store: VectorStore | None,
     by_id: int | None,
     vector_file: Path | None,
     top_k: int,
@@ -168,7 +175,6 @@ def query(
     """Print the nearest rows to a stored row or to a vector file."""
     if (by_id is None) == (vector_file is None):
         raise click.UsageError("give exactly one of --id or --vector-file")
-    store = _postgres(dsn, table, {"id_column": id_column, "vector_column": vector_column, "text_column": text_column})
     if by_id is not None and store is None:
         raise click.UsageError("--id needs --postgres and --table, to read the row's vector")
 
@@ -211,18 +217,8 @@ def query(
 @click.option("--target", type=float, default=0.95, show_default=True, help="Recall@10 to reach.")
 @click.option("--sample", type=int, default=200, show_default=True, help="Stored rows used as queries.")
 @click.pass_obj
-def tune(
-    obj: dict[str, str],
-    dsn: str | None,
-    table: str | None,
-    id_column: str,
-    vector_column: str,
-    text_column: str | None,
-    target: float,
-    sample: int,
-) -> None:
+def tune(obj: dict[str, str], store: VectorStore | None, target: float, sample: int) -> None:
     """Measure recall against exact search and save the fewest probes that reach --target."""
-    store = _postgres(dsn, table, {"id_column": id_column, "vector_column": vector_column, "text_column": text_column})
     if store is None:
         raise click.UsageError("tune reads the vectors: give --postgres and --table")
 
