@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -24,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from servers import postgres, redis_server
 
 from . import stores, systems
-from .build import streamed_build
 from .datasets import load, parse_size
 from .report import write
+from .scale import scale_run
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -101,19 +100,21 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["faiss", "pgvector", "stores"])
     parser.add_argument("--store-rows", type=int, default=100_000, help="rows per store table in the store comparison")
     parser.add_argument(
-        "--build-only", metavar="SIZE", help="only stream a GENERATED corpus of SIZE into the index (e.g. 6.4M)"
+        "--scale",
+        metavar="SIZE",
+        help="lshrs alone at a GENERATED SIZE (e.g. 6.4M): streamed build, then recall, share and speed",
     )
     parser.add_argument("--name", help="name of the result files (default: from the arguments)")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    if args.build_only:
+    if args.scale:
         with redis_server("--appendonly", "no") as redis:
-            result = asyncio.run(streamed_build(redis.url, parse_size(args.build_only)))
+            result = asyncio.run(scale_run(redis.url, parse_size(args.scale), args.queries))
         result["machine"] = machine()
         result["command"] = " ".join(["nox -s bench --", *sys.argv[1:]])
-        name = args.name or f"build-{args.build_only}"
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
+        name = args.name or f"scale-{args.scale}"
+        write(result, RESULTS / name)
+        print(f"\nwrote {RESULTS / name}.json, .md and .png")
         return
     result = asyncio.run(run(args))
     name = args.name or f"{args.dataset}-{args.size}"

@@ -8,9 +8,12 @@ from typing import Any
 
 
 def write(result: dict[str, Any], stem: Path) -> None:
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(markdown(result))
-    plot(result, stem.with_suffix(".png"))
+    def named(suffix: str) -> Path:  # not with_suffix: "scale-6.4M" would lose its ".4M"
+        return stem.parent / f"{stem.name}{suffix}"
+
+    named(".json").write_text(json.dumps(result, indent=2))
+    named(".md").write_text(markdown(result))
+    plot(result, named(".png"))
 
 
 def markdown(result: dict[str, Any]) -> str:

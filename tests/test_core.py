@@ -281,3 +281,19 @@ def test_signature_cache_claims_a_generation_only_when_every_write_since_is_evic
     # A reply whose log no longer reaches back drops the shard.
     cache.observe(0, generation=9000, shard_size=3, known=8, changed=None)
     assert cache.lookup(0, ids)[1].all()
+
+
+def test_a_full_signature_cache_keeps_what_it_holds() -> None:
+    """Past its capacity the cache admits no more, rather than starting over
+    (which would turn it cold whenever a large index overflows it)."""
+    from lshrs._cache import SignatureCache
+
+    cache = SignatureCache(shards=1, width=1, capacity=3)
+    cache.reset(0, generation=0, shard_size=5)
+    cache.add(0, np.array([1, 2], dtype=np.int64), np.array([[1], [2]], dtype=np.uint8))
+    cache.add(0, np.array([3, 4], dtype=np.int64), np.array([[3], [4]], dtype=np.uint8))
+    cache.add(0, np.array([5], dtype=np.int64), np.array([[5]], dtype=np.uint8))
+    signatures, missing = cache.lookup(0, np.arange(1, 6))
+    assert missing.tolist() == [False, False, False, True, True]
+    assert signatures[:3, 0].tolist() == [1, 2, 3]
+    assert cache.is_warm(0)

@@ -11,7 +11,7 @@ import pytest
 from conftest import brute_force, clustered
 from lshrs import LSHRS, Tuning
 from lshrs._config import choose_rows, default_probes
-from lshrs._hashing import Bands, make_projection, probe_keys, standardise
+from lshrs._hashing import Bands, hamming, make_projection, probe_keys, standardise
 from lshrs.adapters import InMemoryStore
 
 pytestmark = pytest.mark.anyio
@@ -78,6 +78,19 @@ def test_probe_keys_name_the_buckets_the_signature_names(rows: int) -> None:
     assert len(named) == len(keys)
     own = bands.pack((margins > 0)[None])[0].reshape(bands.num_bands, bands.band_bytes)
     assert all((band, own[band].tobytes()) in named for band in range(bands.num_bands))
+
+
+@pytest.mark.parametrize("width", [1, 3, 4, 6, 8, 12, 96, 100, 144])
+def test_hamming_counts_differing_bits_at_every_signature_width(width: int) -> None:
+    """Signatures are counted in the widest words their length divides into;
+    the distance must be the bit count whatever that word is."""
+    rng = np.random.default_rng(width)
+    signatures = rng.integers(0, 256, (50, width), dtype=np.uint8)
+    query = signatures[7].copy()
+    query[width - 1] ^= 0b101  # two bits off row 7
+    expected = np.unpackbits(signatures ^ query, axis=1).sum(axis=1)
+    assert hamming(signatures, query).tolist() == expected.tolist()
+    assert hamming(signatures, query)[7] == 2
 
 
 def test_prober_caps_at_every_nameable_bucket() -> None:

@@ -164,8 +164,9 @@ class ShardedIndex:
             width = self._bands.signature_bytes
             self._cache.add(shard, distinct, np.frombuffer(reply[6], np.uint8).reshape(len(distinct), width))
         found = parse_ids(members)
-        ids, hits = np.unique(found, return_counts=True)
-        if len(ids) > cap:  # keep the ids seen in the most probed buckets
+        ids = np.unique(found)
+        if len(ids) > cap:  # keep the ids seen in the most probed buckets (counting is the rare case)
+            ids, hits = np.unique(found, return_counts=True)
             ids = ids[np.sort(np.argpartition(-hits, cap - 1)[:cap])]
         signatures, missing = self._cache.lookup(shard, ids)
         if not missing.any():
