@@ -108,21 +108,21 @@ return removed
 # all the suffixes to read concatenated into one string (a thousand
 # arguments cost the client more to encode than the server to read), and the
 # generation the client's cache knows (-1 for none).
-# Returns {generation, ids in the shard, the probed buckets concatenated,
-# the ids changed since the client's generation, 1 if those are all of them
-# (else the client drops its cached shard)}: the client counts and dedupes the
-# ids with numpy. A cold client also gets the distinct ids and their
-# signatures, in the same atomic step, so a query is one round trip while its
-# cache fills.
+# Returns {generation, ids in the shard, the non-empty probed buckets, the
+# ids changed since the client's generation, 1 if those are all of them (else
+# the client drops its cached shard)}: the client joins, counts and dedupes
+# the ids with numpy (joining them here with table.concat cost the server
+# 0.35 ms a query at 384 buckets, a quarter of the script). A cold client also
+# gets the distinct ids and their signatures, in the same atomic step, so a
+# query is one round trip while its cache fills.
 QUERY = """
 local base, width, keys = ARGV[1], tonumber(ARGV[3]), ARGV[4]
-local names, found = {}, {}
+local names, buckets = {}, {}
 for at = 1, #keys, width do names[#names + 1] = base .. string.sub(keys, at, at + width - 1) end
 for start = 1, #names, 4000 do
   local got = redis.call('MGET', unpack(names, start, math.min(start + 3999, #names)))
-  for i = 1, #got do if got[i] then found[#found + 1] = got[i] end end
+  for i = 1, #got do if got[i] then buckets[#buckets + 1] = got[i] end end
 end
-local all = table.concat(found)
 local generation = tonumber(redis.call('GET', KEYS[2]) or '0')
 local size = redis.call('HLEN', KEYS[1])
 local known, changed, covered = tonumber(ARGV[5]), '', 0
@@ -132,17 +132,19 @@ if known >= 0 and gap == 0 then
 elseif known >= 0 and gap > 0 and gap <= redis.call('LLEN', KEYS[3]) then
   changed, covered = table.concat(redis.call('LRANGE', KEYS[3], -gap, -1)), 1
 end
-if ARGV[2] == '0' then return {generation, size, all, changed, covered} end
+if ARGV[2] == '0' then return {generation, size, buckets, changed, covered} end
 local seen, ids, sigs = {}, {}, {}
-for at = 1, #all, 8 do
-  local id = string.sub(all, at, at + 7)
-  if not seen[id] then seen[id] = true; ids[#ids + 1] = id end
+for _, bucket in ipairs(buckets) do
+  for at = 1, #bucket, 8 do
+    local id = string.sub(bucket, at, at + 7)
+    if not seen[id] then seen[id] = true; ids[#ids + 1] = id end
+  end
 end
 for start = 1, #ids, 2000 do
   local got = redis.call('HMGET', KEYS[1], unpack(ids, start, math.min(start + 1999, #ids)))
   for i = 1, #got do sigs[#sigs + 1] = got[i] end
 end
-return {generation, size, all, changed, covered, table.concat(ids), table.concat(sigs)}
+return {generation, size, buckets, changed, covered, table.concat(ids), table.concat(sigs)}
 """
 
 # KEYS: configuration, projection. ARGV: their values if the prefix is new.
