@@ -297,3 +297,61 @@ def test_a_full_signature_cache_keeps_what_it_holds() -> None:
     assert missing.tolist() == [False, False, False, True, True]
     assert signatures[:3, 0].tolist() == [1, 2, 3]
     assert cache.is_warm(0)
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [5, 3, 5, 0, 3, 5],  # dense: counted by bincount
+        [7 * 10**9, 3, 7 * 10**9, 12],  # sparse but unsigned 32-bit: sorted narrow
+        [2**40, -(2**62), 2**40, 1],  # neither: sorted as int64
+        [],
+    ],
+)
+def test_count_ids_counts_every_kind_of_id(ids: list[int]) -> None:
+    from lshrs._index import count_ids
+
+    array = np.array(ids, dtype=np.int64)
+    distinct, counts = count_ids(array)
+    expected, expected_counts = np.unique(array, return_counts=True)
+    assert distinct.dtype == np.int64
+    assert distinct.tolist() == expected.tolist()
+    assert counts.tolist() == expected_counts.tolist()
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 2, 5, 9], [3, 10**12, -4]])
+def test_signature_cache_finds_dense_and_sparse_ids(ids: list[int]) -> None:
+    """Dense ids are found through a position table, others by binary search:
+    both must hit exactly the cached ids, and miss evicted and unknown ones."""
+    from lshrs._cache import SignatureCache
+
+    cache = SignatureCache(shards=1, width=1, capacity=100)
+    cache.reset(0, generation=0, shard_size=len(ids))
+    cache.add(0, np.array(ids, dtype=np.int64), (np.arange(len(ids), dtype=np.uint8) + 1)[:, None])
+    cache.lookup(0, np.array(ids[:1]))  # settles the additions into the large tier
+    cache.observe(0, generation=1, shard_size=len(ids), known=0, changed=np.array(ids[:1], dtype=np.int64))
+    probe = np.array([*ids, 4, 10**15, -1], dtype=np.int64)
+    signatures, missing = cache.lookup(0, probe)
+    assert missing.tolist() == [True] + [False] * (len(ids) - 1) + [True, True, True]
+    assert signatures[1 : len(ids), 0].tolist() == list(range(2, len(ids) + 1))
+
+
+def test_a_capped_query_keeps_the_most_named_ids_ties_to_the_smaller() -> None:
+    from lshrs._index import most_named
+
+    ids = np.array([2, 4, 6, 8, 10, 12], dtype=np.int64)
+    hits = np.array([1, 3, 2, 3, 2, 1], dtype=np.int64)
+    assert most_named(ids, hits, 2).tolist() == [4, 8]
+    assert most_named(ids, hits, 3).tolist() == [4, 6, 8]
+    assert most_named(ids, hits, 5).tolist() == [2, 4, 6, 8, 10]
+
+
+async def test_max_candidates_bounds_each_shard_and_keeps_the_query_deterministic(make_lsh: Any) -> None:
+    vectors = np.random.default_rng(3).standard_normal((2000, 32)).astype(np.float32)
+    lsh = await make_lsh(max_candidates=7, probes=400)
+    await lsh.index(np.arange(2000), vectors)
+    shards = lsh.config.shards
+    first = await lsh.query(vectors[0], top_k=100)
+    assert 0 < len(first) <= 7 * shards
+    assert first[0].id == 0  # the query's own vector is named by every band: it survives any cap
+    assert await lsh.query(vectors[0], top_k=100) == first

