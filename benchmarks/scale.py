@@ -100,8 +100,9 @@ async def scale_run(url: str, size: int, sample: int, batch: int = 100_000) -> d
         ]
         for c in build["share_curve"]:
             print(f"    probes={c['probes']}: recall@10 {c['recall@10']}, candidate share {c['share']:.3%}")
-    # probes= given explicitly overrides the tuning just saved
-    for probes in sorted({default_probes(config.num_bands, config.rows_per_band) // f for f in (4, 2, 1)}):
+    # The default, half and twice it; probes= given explicitly overrides the tuning just saved.
+    default = default_probes(config.num_bands, config.rows_per_band)
+    for probes in (default // 2, default, 2 * default):
         async with LSHRS(dim=real.shape[1], redis_url=url, prefix="scale", store=store, probes=probes, **cache) as lsh:
             await lsh.warm()  # as a long-running service's cache would be (bounded by signature_cache)
 

@@ -27,11 +27,12 @@ class _Sorted:
         latest = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
         self.ids, self.signatures = ids[latest], signatures[latest]
         self.live = np.ones(len(self.ids), bool)
-        # Dense non-negative ids (the usual primary key) get a position table,
-        # 4 bytes per id: one gather instead of a binary search per candidate
-        # (50,000 candidates in 1M cached ids: 0.1 ms against 0.9 ms).
+        # Dense non-negative ids (the usual primary key, also when sharded by
+        # id modulo up to 8 shards) get a position table of 4 bytes per slot:
+        # one gather instead of a binary search per candidate (50,000
+        # candidates in 1M cached ids: 0.1 ms against 0.9 ms).
         self.position: npt.NDArray[np.int32] | None = None
-        if len(self.ids) and self.ids[0] >= 0 and self.ids[-1] < 2 * len(self.ids) + 65_536:
+        if len(self.ids) and self.ids[0] >= 0 and self.ids[-1] < 8 * len(self.ids) + 65_536:
             self.position = np.full(int(self.ids[-1]) + 1, -1, np.int32)
             self.position[self.ids] = np.arange(len(self.ids), dtype=np.int32)
 
