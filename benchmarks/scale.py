@@ -22,8 +22,7 @@ from lshrs import LSHRS, Rows
 from lshrs._config import default_probes
 
 from .datasets import _real, exact_top, generate
-from .measure import concurrent_qps, one_client
-from .systems import point, redis_memory
+from .systems import redis_memory, share_curve, timed_point
 
 
 class HalfStore:
@@ -94,26 +93,15 @@ async def scale_run(url: str, size: int, sample: int, batch: int = 100_000) -> d
         t = time.perf_counter()
         curve = await lsh.tune(0.98, queries=queries[:200])
         build["share_curve_s"] = round(time.perf_counter() - t, 1)
-        build["share_curve"] = [
-            {"probes": c.probes, "recall@10": round(c.recall, 4), "share": round(c.candidates / size, 5)}
-            for c in curve.curve
-        ]
+        build["share_curve"] = share_curve(curve, size)
         for c in build["share_curve"]:
             print(f"    probes={c['probes']}: recall@10 {c['recall@10']}, candidate share {c['share']:.3%}")
     # The default, half and twice it; probes= given explicitly overrides the tuning just saved.
     default = default_probes(config.num_bands, config.rows_per_band)
     for probes in (default // 2, default, 2 * default):
         async with LSHRS(dim=real.shape[1], redis_url=url, prefix="scale", store=store, probes=probes, **cache) as lsh:
-            await lsh.warm()  # as a long-running service's cache would be (bounded by signature_cache)
-
-            async def call(query: np.ndarray) -> list[int]:
-                return [h.id for h in await lsh.query(query, top_k=100)]
-
-            found, latency = await one_client(call, queries)
-            qps = await concurrent_qps(call, queries)
-        setting = f"{config.num_bands}x{config.rows_per_band}, probes={probes}"
-        points.append(point("lshrs", setting, found, truth, latency, qps))
-        print(f"    {setting}: recall@10 {points[-1]['recall@10']}, p50 {latency['p50_ms']} ms, {qps} QPS")
+            setting = f"{config.num_bands}x{config.rows_per_band}, probes={probes}"
+            points.append(await timed_point(lsh, setting, queries, truth))
     return {
         "dataset": f"minilm-generated-{size} (GENERATED from minilm embeddings, n={size:,}; float16 store)",
         "generated": True,

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from lshrs import LSHRS
+from lshrs import LSHRS, Tuning
 from lshrs._config import default_probes
 from lshrs.adapters import InMemoryStore
 
@@ -91,10 +91,7 @@ async def lshrs_runs(
             )
             # The recall / candidate-share curve on real held-out queries, up to 0.98.
             curve = await lsh.tune(0.98, queries=queries[:200])
-            builds[-1]["share_curve"] = [
-                {"probes": c.probes, "recall@10": round(c.recall, 4), "share": round(c.candidates / len(data.base), 4)}
-                for c in curve.curve
-            ]
+            builds[-1]["share_curve"] = share_curve(curve, len(data.base))
         ladder = {int(factor * config.num_bands): "" for factor in probe_factors}
         ladder[default_probes(config.num_bands, config.rows_per_band)] = " (default)"
         ladder[tuning.probes] = ladder.get(tuning.probes, "") + " (tune 0.95)"
@@ -109,17 +106,33 @@ async def lshrs_runs(
                     rerank=rerank,
                     timeout=120,  # 64 queued queries wait on one Redis core: queueing, not a fault
                 ) as lsh:
-                    await lsh.warm()  # as a long-running service's cache would be
-
-                    async def call(query: np.ndarray) -> list[int]:
-                        return [h.id for h in await lsh.query(query, top_k=100)]
-
-                    found, latency = await one_client(call, queries)
-                    qps = await concurrent_qps(call, queries)
-                setting = f"{config.num_bands}x{config.rows_per_band}, probes={probes}{label}, rerank={rerank}"
-                points.append(point("lshrs", setting, found, truth, latency, qps))
-                print(f"    {setting}: recall@10 {points[-1]['recall@10']}, p50 {latency['p50_ms']} ms, {qps} QPS")
+                    setting = f"{config.num_bands}x{config.rows_per_band}, probes={probes}{label}, rerank={rerank}"
+                    points.append(await timed_point(lsh, setting, queries, truth))
     return points, builds
+
+
+def share_curve(tuning: Tuning, size: int) -> list[dict[str, Any]]:
+    """The ladder ``tune()`` measured, as report rows: recall@10 against the
+    share of the corpus read as candidates per query."""
+    return [
+        {"probes": c.probes, "recall@10": round(c.recall, 4), "share": round(c.candidates / size, 5)}
+        for c in tuning.curve
+    ]
+
+
+async def timed_point(lsh: LSHRS, setting: str, queries: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """One lshrs setting measured as every system is: a warm cache (as a
+    long-running service's would be), one client's latency, QPS of 64 tasks."""
+    await lsh.warm()
+
+    async def call(query: np.ndarray) -> list[int]:
+        return [h.id for h in await lsh.query(query, top_k=100)]
+
+    found, latency = await one_client(call, queries)
+    qps = await concurrent_qps(call, queries)
+    row = point("lshrs", setting, found, truth, latency, qps)
+    print(f"    {setting}: recall@10 {row['recall@10']}, p50 {latency['p50_ms']} ms, {qps} QPS")
+    return row
 
 
 def numpy_exact(data: Dataset, sample: int) -> dict[str, Any]:

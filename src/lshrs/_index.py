@@ -72,6 +72,10 @@ class ShardedIndex:
         tag = f"{{{self._prefix}:{shard}}}"
         return [self.signature_key(shard), f"{tag}:g", f"{tag}:l"]
 
+    def _signature_rows(self, packed: bytes) -> ByteArray:
+        """Concatenated signatures as one (n, signature_bytes) array, no copy."""
+        return np.frombuffer(packed, np.uint8).reshape(-1, self._bands.signature_bytes)
+
     def bucket_base(self, shard: int) -> bytes:
         return f"{{{self._prefix}:{shard}}}:b".encode()
 
@@ -160,9 +164,7 @@ class ShardedIndex:
         generation, size, buckets, changed, covered = reply[:5]
         self._cache.observe(shard, int(generation), int(size), known, parse_ids(changed) if covered else None)
         if cold and reply[5]:  # the script read these in the same atomic step as the buckets
-            distinct = parse_ids(reply[5])
-            width = self._bands.signature_bytes
-            self._cache.add(shard, distinct, np.frombuffer(reply[6], np.uint8).reshape(len(distinct), width))
+            self._cache.add(shard, parse_ids(reply[5]), self._signature_rows(reply[6]))
         ids, hits = count_ids(parse_ids(b"".join(buckets)))
         if len(ids) > cap:
             ids = most_named(ids, hits, cap)
@@ -174,10 +176,7 @@ class ShardedIndex:
         present = np.array([sig is not None for sig in fetched], dtype=bool)
         rows = np.flatnonzero(missing)[present]
         if len(rows):
-            width = self._bands.signature_bytes
-            signatures[rows] = np.frombuffer(b"".join(s for s in fetched if isinstance(s, bytes)), np.uint8).reshape(
-                -1, width
-            )
+            signatures[rows] = self._signature_rows(b"".join(s for s in fetched if isinstance(s, bytes)))
             self._cache.add(shard, ids[rows], signatures[rows])
         keep = ~missing
         keep[rows] = True
@@ -187,7 +186,6 @@ class ShardedIndex:
         """Load every stored signature into the cache (an HSCAN per shard), so
         that queries read only bucket ids from Redis. Returns how many were loaded."""
         loaded = 0
-        width = self._bands.signature_bytes
         for shard in range(self._shards):
             # Generation first: a write during the scan is logged after it, and
             # the next query evicts it from what this scan cached.
@@ -199,10 +197,10 @@ class ShardedIndex:
                 ids.append(id_)
                 signatures.append(signature)
                 if len(ids) == batch:
-                    self._cache.add(shard, parse_ids(b"".join(ids)), _rows(signatures, width))
+                    self._cache.add(shard, parse_ids(b"".join(ids)), self._signature_rows(b"".join(signatures)))
                     loaded, ids, signatures = loaded + batch, [], []
             if ids:
-                self._cache.add(shard, parse_ids(b"".join(ids)), _rows(signatures, width))
+                self._cache.add(shard, parse_ids(b"".join(ids)), self._signature_rows(b"".join(signatures)))
                 loaded += len(ids)
         return loaded
 
@@ -292,7 +290,3 @@ def most_named(ids: IdArray, hits: npt.NDArray[np.int64], cap: int) -> IdArray:
     keep = hits > cut
     keep[np.flatnonzero(hits == cut)[: cap - int(keep.sum())]] = True
     return ids[keep]
-
-
-def _rows(signatures: list[bytes], width: int) -> ByteArray:
-    return np.frombuffer(b"".join(signatures), np.uint8).reshape(len(signatures), width)

@@ -417,13 +417,12 @@ class LSHRS:
             raise ValueError("tune() has no queries: pass some, or fill the store that the index points into")
         truth = await exact_neighbours(store, vectors, own_ids, top_k, self._batch_size)
         curve: list[TuningPoint] = []
+        # A stored vector finds itself first: ask for one more and drop it.
+        owns: list[int | None] = [None] * len(vectors) if own_ids is None else own_ids.tolist()
+        extra = 0 if own_ids is None else 1
         for probes in probe_ladder(bands):
-            if own_ids is None:
-                hits, read = await self._search(opened, vectors, top_k, None, probes)
-                found = [[h.id for h in query_hits] for query_hits in hits]
-            else:
-                hits, read = await self._search(opened, vectors, top_k + 1, None, probes)
-                found = [[h.id for h in query_hits if h.id != own][:top_k] for query_hits, own in zip(hits, own_ids)]
+            hits, read = await self._search(opened, vectors, top_k + extra, None, probes)
+            found = [[h.id for h in query_hits if h.id != own][:top_k] for query_hits, own in zip(hits, owns)]
             curve.append(TuningPoint(probes, recall(found, truth), float(np.mean(read))))
             if curve[-1].recall >= target_recall or curve[-1].candidates >= total:
                 break  # reached, or every query already reads the whole index
