@@ -94,7 +94,8 @@ def main() -> None:
         type=float,
         nargs="*",
         default=[8.0, 16.0, 32.0],
-        help="buckets read per query, as multiples of bands (the default and tune(0.95)'s choice are always added)",
+        help="buckets read per query: multiples of bands (hyperplane) or sixteenths of the default (kmeans); "
+        "the default and tune(0.95)'s choice are always added",
     )
     parser.add_argument("--rerank", type=int, nargs="*", default=[256], help="candidates reranked exactly")
     parser.add_argument("--skip", nargs="*", default=[], choices=["faiss", "pgvector", "stores"])

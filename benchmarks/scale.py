@@ -19,7 +19,6 @@ import numpy as np
 import numpy.typing as npt
 
 from lshrs import LSHRS, Rows
-from lshrs._config import default_probes
 
 from .datasets import _real, exact_top, generate
 from .systems import redis_memory, share_curve, timed_point
@@ -89,6 +88,7 @@ async def scale_run(url: str, size: int, sample: int, batch: int = 100_000) -> d
     # 6.4M): a service at this size should size signature_cache the same way.
     cache = {"signature_cache": size, "timeout": 300}
     async with LSHRS(dim=real.shape[1], redis_url=url, prefix="scale", store=store, **cache) as lsh:
+        default = (await lsh._ready()).probes or 1
         await lsh.warm()
         t = time.perf_counter()
         curve = await lsh.tune(0.98, queries=queries[:200])
@@ -97,10 +97,9 @@ async def scale_run(url: str, size: int, sample: int, batch: int = 100_000) -> d
         for c in build["share_curve"]:
             print(f"    probes={c['probes']}: recall@10 {c['recall@10']}, candidate share {c['share']:.3%}")
     # The default, half and twice it; probes= given explicitly overrides the tuning just saved.
-    default = default_probes(config.num_bands, config.rows_per_band)
     for probes in (default // 2, default, 2 * default):
         async with LSHRS(dim=real.shape[1], redis_url=url, prefix="scale", store=store, probes=probes, **cache) as lsh:
-            setting = f"{config.num_bands}x{config.rows_per_band}, probes={probes}"
+            setting = f"{config.hashing} {config.num_bands}x{config.rows_per_band}, probes={probes}"
             points.append(await timed_point(lsh, setting, queries, truth))
     return {
         "dataset": f"minilm-generated-{size} (GENERATED from minilm embeddings, n={size:,}; float16 store)",

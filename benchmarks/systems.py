@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from lshrs import LSHRS, Tuning
-from lshrs._config import default_probes
+from lshrs._family import LearnedFamily
 from lshrs.adapters import InMemoryStore
 
 from .datasets import Dataset
@@ -49,14 +49,17 @@ async def lshrs_runs(
     reranks: list[int],
     sample: int,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Build one index per (bands, rows) structure, then sweep the query-time knobs."""
+    """Build one learned index and one hyperplane index per (bands, rows)
+    structure, then sweep the query-time knobs of each."""
     points, builds = [], []
     store = InMemoryStore()
     await store.put(np.arange(len(data.base)), data.base)
     queries, truth = data.queries[:sample], data.truth[:sample]
-    for bands, rows in structures:
+    for bands, rows in [("kmeans", None), *structures]:
         prefix = f"bench-{bands}-{rows}"
-        options = {"num_bands": bands, "rows_per_band": rows, "expected_size": len(data.base)}
+        options: dict[str, Any] = {"hashing": "kmeans"}
+        if bands != "kmeans":
+            options = {"num_bands": bands, "rows_per_band": rows, "expected_size": len(data.base)}
         async with LSHRS(dim=data.base.shape[1], redis_url=url, prefix=prefix, **options) as lsh:
             await lsh.drop()  # the next call opens the prefix afresh
             before = await redis_memory(url)
@@ -67,9 +70,16 @@ async def lshrs_runs(
                 )
             seconds = time.perf_counter() - started
             config = lsh.config
+            opened = await lsh._ready()
+            family = opened.family
+            default = opened.probes
+            assert family is not None and default is not None
+            shape = _shape(family)
         memory = await redis_memory(url) - before
         builds.append(
             {
+                "hashing": config.hashing,
+                "shape": shape,
                 "bands": config.num_bands,
                 "rows": config.rows_per_band,
                 "build_s": round(seconds, 2),
@@ -77,10 +87,7 @@ async def lshrs_runs(
                 "redis_bytes_per_vector": round(memory / len(data.base), 1),
             }
         )
-        print(
-            f"  lshrs {config.num_bands}x{config.rows_per_band}: built in {seconds:.1f} s, "
-            f"{memory / len(data.base):.0f} B/vector"
-        )
+        print(f"  lshrs {shape}: built in {seconds:.1f} s, {memory / len(data.base):.0f} B/vector")
         async with LSHRS(dim=data.base.shape[1], redis_url=url, prefix=prefix, store=store) as lsh:
             started = time.perf_counter()
             tuning = await lsh.tune(0.95)
@@ -92,8 +99,11 @@ async def lshrs_runs(
             # The recall / candidate-share curve on real held-out queries, up to 0.98.
             curve = await lsh.tune(0.98, queries=queries[:200])
             builds[-1]["share_curve"] = share_curve(curve, len(data.base))
-        ladder = {int(factor * config.num_bands): "" for factor in probe_factors}
-        ladder[default_probes(config.num_bands, config.rows_per_band)] = " (default)"
+        if config.hashing == "kmeans":  # factors of the default: buckets are not bands
+            ladder = {max(1, int(default * factor / 16)): "" for factor in probe_factors}
+        else:
+            ladder = {int(factor * config.num_bands): "" for factor in probe_factors}
+        ladder[default] = " (default)"
         ladder[tuning.probes] = ladder.get(tuning.probes, "") + " (tune 0.95)"
         for probes, label in sorted(ladder.items()):
             for rerank in reranks:
@@ -106,9 +116,16 @@ async def lshrs_runs(
                     rerank=rerank,
                     timeout=120,  # 64 queued queries wait on one Redis core: queueing, not a fault
                 ) as lsh:
-                    setting = f"{config.num_bands}x{config.rows_per_band}, probes={probes}{label}, rerank={rerank}"
+                    setting = f"{shape}, probes={probes}{label}, rerank={rerank}"
                     points.append(await timed_point(lsh, setting, queries, truth))
     return points, builds
+
+
+def _shape(family: Any) -> str:
+    """How a family reads in a table: ``kmeans K=6246`` or ``48x12``."""
+    if isinstance(family, LearnedFamily):
+        return f"kmeans K={family.partition.buckets}"
+    return f"{family.bands.num_bands}x{family.bands.rows}"
 
 
 def share_curve(tuning: Tuning, size: int) -> list[dict[str, Any]]:
@@ -126,11 +143,15 @@ async def timed_point(lsh: LSHRS, setting: str, queries: np.ndarray, truth: np.n
     await lsh.warm()
 
     async def call(query: np.ndarray) -> list[int]:
-        return [h.id for h in await lsh.query(query, top_k=100)]
+        return [h.id for h in await lsh.query(query, top_k=10)]
 
+    # Timed as users ask (top 10); a query for 100 reads more buckets and
+    # reranks deeper, so recall@100 is measured by its own pass.
     found, latency = await one_client(call, queries)
     qps = await concurrent_qps(call, queries)
     row = point("lshrs", setting, found, truth, latency, qps)
+    hundred = await lsh.query_many(queries, top_k=100)
+    row["recall@100"] = round(recall([[h.id for h in hits] for hits in hundred], truth, 100), 4)
     print(f"    {setting}: recall@10 {row['recall@10']}, p50 {latency['p50_ms']} ms, {qps} QPS")
     return row
 
@@ -186,6 +207,21 @@ def faiss_runs(data: Dataset, sample: int) -> tuple[list[dict[str, Any]], list[d
         for k_factor in (4, 16):
             params = faiss.IndexRefineSearchParameters(k_factor=k_factor)
             measure(_WithParams(refine, params), "faiss IndexLSH+refine", f"nbits={nbits}, k_factor={k_factor}")
+    # IVFFlat: the closest in-process relative of lshrs's learned buckets,
+    # with the same K (16 vectors a list) and probes around lshrs's default.
+    lists = max(1, len(data.base) // 16)
+    started = time.perf_counter()
+    quantizer = faiss.IndexFlatIP(d)
+    ivf = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(0).choice(len(data.base), min(len(data.base), 16 * lists), replace=False)
+    ivf.train(data.base[sample])
+    ivf.add(data.base)
+    builds.append(
+        {"system": "faiss IVFFlat", "setting": f"nlist={lists}", "build_s": round(time.perf_counter() - started, 2)}
+    )
+    for nprobe in sorted({max(1, round(f * lists**0.5)) for f in (1.25, 2.5, 5.0)}):
+        ivf.nprobe = nprobe
+        measure(ivf, "faiss IVFFlat", f"nlist={lists}, nprobe={nprobe}")
     started = time.perf_counter()
     hnsw = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
     hnsw.hnsw.efConstruction = 100

@@ -47,6 +47,12 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(params=["kmeans", "hyperplane"])
+def hashing(request: pytest.FixtureRequest) -> str:
+    """Every test that opens an index through ``make_lsh`` runs with both hash families."""
+    return str(request.param)
+
+
 @pytest.fixture
 def shards(backend: str) -> int:
     """Default shard count of the suite: several on the cluster, to spread over nodes."""
@@ -84,14 +90,17 @@ _prefixes = itertools.count()
 
 
 @pytest.fixture
-async def make_lsh(redis_url: str, shards: int) -> AsyncIterator[Callable[..., Awaitable[LSHRS]]]:
-    """Opens LSHRS objects on the test's Redis and closes them afterwards."""
+async def make_lsh(redis_url: str, shards: int, hashing: str) -> AsyncIterator[Callable[..., Awaitable[LSHRS]]]:
+    """Opens LSHRS objects on the test's Redis and closes them afterwards,
+    with the test's hash family unless bands are given."""
     opened: list[LSHRS] = []
 
     async def make(**options: Any) -> LSHRS:
         options.setdefault("dim", 32)
         options.setdefault("expected_size", 10_000)
         options.setdefault("shards", shards)
+        if "num_bands" not in options and "rows_per_band" not in options:
+            options.setdefault("hashing", hashing)
         lsh = LSHRS(redis_url=redis_url, **options)
         await lsh.open()
         opened.append(lsh)
@@ -119,9 +128,9 @@ async def keyspace(client: Any) -> dict[bytes, Any]:
 
 
 async def index_state(client: Any, lsh: LSHRS) -> dict[int, bytes]:
-    """Signature records of the prefix, after checking that they and the bucket
-    sets agree exactly: every id sits in one bucket per band, the one its
-    signature names, and no bucket holds an id without a signature."""
+    """Records of the prefix, after checking that they and the buckets agree
+    exactly: every id sits in one bucket per table (band), the one its record
+    names, and no bucket holds an id without a record."""
     signatures: dict[int, bytes] = {}
     buckets: dict[tuple[bytes, int], set[int]] = {}
     logs: list[set[int]] = []
@@ -132,6 +141,8 @@ async def index_state(client: Any, lsh: LSHRS) -> dict[int, bytes]:
                 signatures[int.from_bytes(id_, "little", signed=True)] = sig
         elif kind == b"g":  # the shard's generation counter, not an id's data
             assert int(await client.get(key)) >= 0
+        elif kind == b"k":  # write leases: none may outlive the write that took them
+            raise AssertionError(f"a lease was left behind: {await client.hgetall(key)}")
         elif kind == b"l":  # the change log: recently written ids, each still indexed
             logged = {int.from_bytes(i, "little", signed=True) for i in await client.lrange(key, 0, -1)}
             logs.append(logged - {TOMBSTONE})
@@ -144,10 +155,15 @@ async def index_state(client: Any, lsh: LSHRS) -> dict[int, bytes]:
     for logged in logs:
         assert logged <= set(signatures), f"the change log names deleted ids {logged - set(signatures)}"
     expected: dict[bytes, set[int]] = {}
-    width = (lsh.config.rows_per_band + 7) // 8
+    config = lsh.config
+    if config.hashing == "kmeans":  # one table; a record is a 4-byte bucket number, then a sketch
+        tables, width, size = 1, 4, 4 + config.sketch_bits // 8
+    else:
+        tables, width = config.num_bands, (config.rows_per_band + 7) // 8
+        size = tables * width
     for id_, sig in signatures.items():
-        assert len(sig) == width * lsh.config.num_bands
-        for band in range(lsh.config.num_bands):
+        assert len(sig) == size
+        for band in range(tables):
             expected.setdefault(bytes((band,)) + sig[band * width : (band + 1) * width], set()).add(id_)
     actual: dict[bytes, set[int]] = {}
     for (suffix, _shard), members in buckets.items():

@@ -64,12 +64,13 @@ async def test_bad_input_is_refused_and_writes_nothing(
 ) -> None:
     store = InMemoryStore()
     lsh = await make_lsh(dim=DIM, store=store)
-    await lsh.index([100, 101], clustered(2, DIM, seed=3), texts=["a", "b"])
+    # Enough for a learned index to train on: its first write learns the buckets.
+    await lsh.index(range(100, 400), clustered(300, DIM, seed=3), texts=["t"] * 300)
     before = await keyspace(raw_redis)
     with pytest.raises(error, match=message):
         await call(lsh)
     assert await keyspace(raw_redis) == before
-    assert len(store) == 2
+    assert len(store) == 300
 
 
 @pytest.mark.parametrize(
@@ -89,6 +90,11 @@ async def test_bad_input_is_refused_and_writes_nothing(
         ({"redis": object()}, TypeError, "redis.asyncio.Redis"),
         ({"redis_url": "redis://x", "redis": object()}, ValueError, "not both"),
         ({"progress": "yes"}, TypeError, "progress"),
+        ({"hashing": "lsh"}, ValueError, "hashing must be one of 'kmeans', 'hyperplane'"),
+        ({"hashing": "kmeans", "num_bands": 8}, ValueError, "shape hashing='hyperplane'"),
+        ({"buckets": 0}, ValueError, "buckets must be at least 1"),
+        ({"hashing": "hyperplane", "buckets": 64}, ValueError, "buckets= sizes hashing='kmeans'"),
+        ({"rerank": 0}, ValueError, "rerank must be at least 1"),
     ],
 )
 def test_bad_configuration_is_refused(options: dict[str, Any], error: type[Exception], message: str) -> None:
@@ -104,3 +110,35 @@ async def test_decoding_client_is_refused() -> None:
     with pytest.raises(TypeError, match="decode_responses=False"):
         LSHRS(dim=8, redis=client)
     await client.aclose()
+
+
+async def test_a_learned_index_refuses_to_train_on_too_few_vectors(make_lsh: Any, raw_redis: Any) -> None:
+    lsh = await make_lsh(dim=DIM, store=InMemoryStore(), hashing="kmeans")
+    before = await keyspace(raw_redis)
+    with pytest.raises(ValueError, match="needs at least 256 vectors \\(this one has 4\\).*hashing='hyperplane'"):
+        await lsh.index([1, 2, 3, 4], good)
+    assert await keyspace(raw_redis) == before  # no centroids, no records
+    assert await lsh.query(good[0]) == []  # an untrained index is an empty one
+    await lsh.index(range(300), clustered(300, DIM, seed=3))  # a first batch large enough trains it
+    assert (await lsh.query(clustered(300, DIM, seed=3)[7], top_k=1))[0].id == 7
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda blob: blob[:-2], "stored centroids have"),
+        (lambda blob: b"junk" + blob[4:], "not an lshrs partition"),
+        (lambda blob: blob[:4] + (16).to_bytes(4, "little") + blob[8:], "16-d but the index is 32-d"),
+    ],
+    ids=["truncated", "not a partition", "other dimension"],
+)
+async def test_damaged_centroids_refuse_to_open(
+    make_lsh: Any, raw_redis: Any, damage: Callable[[bytes], bytes], message: str
+) -> None:
+    """Centroids that do not fit the configuration would mis-hash every id: refuse."""
+    lsh = await make_lsh(dim=DIM, hashing="kmeans", prefix="damaged")
+    await lsh.index(range(300), clustered(300, DIM, seed=3))
+    key = "{damaged}:cent"
+    await raw_redis.set(key, damage(await raw_redis.get(key)))
+    with pytest.raises(ValueError, match=message):
+        await make_lsh(dim=DIM, prefix="damaged", hashing=None)

@@ -40,7 +40,7 @@ async def test_cluster_client_can_be_passed_in(cluster_ports: list[int]) -> None
     from redis.asyncio.cluster import RedisCluster
 
     client: Any = RedisCluster(host="127.0.0.1", port=cluster_ports[1])
-    async with LSHRS(dim=8, redis=client, prefix="given", shards=3) as lsh:
+    async with LSHRS(dim=8, redis=client, prefix="given", shards=3, hashing="hyperplane") as lsh:
         await lsh.ingest(9, np.arange(1, 9))
         assert (await lsh.query(np.arange(1, 9), top_k=1))[0].id == 9
         await lsh.drop()
@@ -49,7 +49,7 @@ async def test_cluster_client_can_be_passed_in(cluster_ports: list[int]) -> None
 
 
 async def test_shard_count_mismatch_is_refused(redis_url: str) -> None:
-    async with LSHRS(dim=8, redis_url=redis_url, shards=3) as lsh:
+    async with LSHRS(dim=8, redis_url=redis_url, shards=3, hashing="hyperplane") as lsh:
         await lsh.ingest(1, np.ones(8))
     with pytest.raises(ValueError, match="shards: given 5, stored 3"):
         async with LSHRS(dim=8, redis_url=redis_url, shards=5):

@@ -61,13 +61,19 @@ async def test_without_store_scores_are_marked_estimates(make_lsh: Any) -> None:
 
 async def test_top_p_keeps_a_fraction_of_the_reranked_pool(make_lsh: Any) -> None:
     base = clustered(600, 32, centers=3)
-    lsh = await make_lsh(store=InMemoryStore(), rerank=40)
+    lsh = await make_lsh(store=InMemoryStore(), rerank=40, probes=10_000)
     await lsh.index(np.arange(600), base)
-    everything = await lsh.query(base[0], top_k=1000)
-    assert len(everything) == 40
-    tenth = await lsh.query(base[0], top_k=1000, top_p=0.1)
-    assert tenth == everything[:4]
-    assert await lsh.query(base[0], top_k=2, top_p=0.5) == everything[:2]
+    pool = await lsh.query(base[0], top_k=10)  # 40 reranked, the best 10 returned
+    assert len(pool) == 10
+    tenth = await lsh.query(base[0], top_k=10, top_p=0.1)  # ceil(0.1 * 40) = 4
+    assert tenth == pool[:4]
+    assert await lsh.query(base[0], top_k=2, top_p=0.5) == pool[:2]
+    # The rerank depth follows top_k (40 per 10 asked), so top 100 are all exact.
+    hundred = await lsh.query(base[0], top_k=100)
+    assert len(hundred) == 100
+    assert all(deep.score >= shallow.score - 1e-6 for deep, shallow in zip(hundred[:10], pool))  # deeper: no worse
+    truth = brute_force(base, base[:1], 100)[0]
+    assert len({h.id for h in hundred} & set(truth.tolist())) >= 95
 
 
 async def test_empty_index_returns_nothing(make_lsh: Any) -> None:
@@ -93,7 +99,7 @@ async def test_delete_removes_every_trace(make_lsh: Any, raw_redis: Any) -> None
             assert not {value[at : at + 8] for at in range(0, len(value), 8)} & gone, key
     assert all(h.id not in (5, 6, 7) for h in await lsh.query(base[5], top_k=50))
     assert await lsh.delete(range(300)) == 297
-    assert {k for k in await keyspace(raw_redis) if not k.endswith((b":cfg", b":proj", b":g"))} == set()
+    assert {k for k in await keyspace(raw_redis) if not k.endswith((b":cfg", b":proj", b":cent", b":g"))} == set()
 
 
 async def test_reingest_moves_an_id(make_lsh: Any, raw_redis: Any) -> None:
@@ -114,19 +120,21 @@ async def test_two_clients_share_a_prefix_and_conflicts_are_refused(make_lsh: An
     base = clustered(200, 32)
     first = await make_lsh(num_bands=12, rows_per_band=9, seed=5, store=InMemoryStore())
     await first.index(np.arange(200), base)
-    second = await make_lsh(store=InMemoryStore())
+    second = await make_lsh(store=InMemoryStore(), hashing=None)  # no configuration: adopts the stored one
     assert second.config == first.config
     await second.ingest(1000, base[3])
-    view = await make_lsh()  # no store: scores are signature agreement
+    view = await make_lsh(hashing=None)  # no store: scores are signature agreement
     hits = await view.query(base[3], top_k=2)
     assert {h.id for h in hits} == {3, 1000}
     assert [h.score for h in hits] == [1.0, 1.0]
     with pytest.raises(ValueError, match="num_bands: given 20, stored 12"):
         await make_lsh(num_bands=20)
+    with pytest.raises(ValueError, match="hashing: given kmeans, stored hyperplane"):
+        await make_lsh(hashing="kmeans")
     with pytest.raises(ValueError, match="dim: given 16, stored 32"):
-        await make_lsh(dim=16)
+        await make_lsh(dim=16, hashing=None)
     with pytest.raises(ValueError, match="seed"):
-        await make_lsh(seed=6)
+        await make_lsh(seed=6, hashing=None)
     other = await make_lsh(prefix="other", num_bands=20)
     assert other.config.num_bands == 20
 
@@ -145,7 +153,8 @@ async def test_concurrent_tasks_end_like_a_dict_model(make_lsh: Any, raw_redis: 
     are owned by one task each so the final state is deterministic."""
     vectors = clustered(1000, 32)
     lsh = await make_lsh(store=InMemoryStore())
-    model: dict[int, int] = {}
+    await lsh.index(np.arange(10_000, 11_000), vectors)  # a learned index trains on its first write
+    model: dict[int, int] = {i: i - 10_000 for i in range(10_000, 11_000)}
 
     async def worker(task: int) -> None:
         rng = random.Random(task)
@@ -173,7 +182,7 @@ async def test_concurrent_tasks_end_like_a_dict_model(make_lsh: Any, raw_redis: 
 
 
 async def test_context_manager_opens_and_closes(redis_url: str) -> None:
-    async with LSHRS(dim=8, redis_url=redis_url, store=InMemoryStore()) as lsh:
+    async with LSHRS(dim=8, redis_url=redis_url, store=InMemoryStore(), hashing="hyperplane") as lsh:
         await lsh.ingest(1, np.arange(1, 9))
         assert (await lsh.query(np.arange(1, 9)))[0].id == 1
     async with LSHRS(dim=8, redis_url=redis_url) as again:

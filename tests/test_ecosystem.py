@@ -115,14 +115,14 @@ def test_cli_index_query_stats_drop(postgres_dsn: str, redis_proc: Any, tmp_path
     assert stats["probes"] == saved  # every later client uses what tune saved
     assert stats["vectors"] == N and stats["config"]["dim"] == DIM and stats["buckets"] > 0
     assert sum(stats["bucket_size_histogram"].values()) == stats["buckets"]
-    np.save(tmp_path / "more.npy", BASE[:50])
+    np.save(tmp_path / "more.npy", BASE[:300])  # a learned index trains on a first write of 256 or more
     both = runner.invoke(cli, ["--prefix", "npy", "index", "--npy", str(tmp_path / "more.npy")], env=env)
     assert both.exit_code == 2 and "exactly one source" in both.output
     no_table = {**env, "LSHRS_POSTGRES_DSN": ""}
     result = runner.invoke(
         cli, ["--prefix", "npy", "index", "--npy", str(tmp_path / "more.npy"), "--quiet"], env=no_table
     )
-    assert result.exit_code == 0 and "indexed 50 vectors" in result.output
+    assert result.exit_code == 0 and "indexed 300 vectors" in result.output
     result = runner.invoke(cli, ["drop", "--yes"], env=env)
     assert result.exit_code == 0 and "deleted" in result.output
     result = runner.invoke(cli, ["index"], env={**env, "LSHRS_POSTGRES_DSN": ""})

@@ -7,13 +7,13 @@ import asyncio
 import itertools
 from typing import Any
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from conftest import clustered, index_state
 from lshrs import LSHRS
-from lshrs._hashing import project
 from lshrs.adapters import InMemoryStore
 
 DIM = 16
@@ -34,12 +34,33 @@ operations = st.lists(
 _prefixes = itertools.count()
 
 
+def reference_record(vector: Any, projection: Any, bands: int, rows: int) -> bytes:
+    """A band's bucket value written out by hand from the raw hyperplanes in
+    Redis: bit i of a band is the sign of the vector against hyperplane
+    (band * rows + i), packed big-endian into whole bytes. Independent of
+    lshrs's own ``Bands.pack`` and projection code, so a hashing bug there
+    cannot be mirrored here."""
+    width = (rows + 7) // 8
+    out = b""
+    for band in range(bands):
+        value = 0
+        for i in range(rows):
+            column = [float(projection[d][band * rows + i]) for d in range(len(vector))]
+            if sum(float(x) * c for x, c in zip(vector, column)) > 0:
+                value |= 1 << (8 * width - 1 - i)
+        out += value.to_bytes(width, "big")
+    return out
+
+
 async def play(url: str, steps: list[tuple[Any, ...]]) -> None:
     client = Redis.from_url(url)
     store = InMemoryStore()
-    async with LSHRS(dim=DIM, redis_url=url, prefix=f"prop{next(_prefixes)}", store=store, expected_size=1000) as lsh:
-        opened = await lsh._ready()
-        bands, projection = opened.bands, opened.projection
+    prefix = f"prop{next(_prefixes)}"
+    options = {"expected_size": 1000, "hashing": "hyperplane"}
+    async with LSHRS(dim=DIM, redis_url=url, prefix=prefix, store=store, **options) as lsh:  # type: ignore[arg-type]
+        config = lsh.config
+        raw = await client.get(f"{{{prefix}}}:proj")
+        projection = np.frombuffer(raw, "<f4").reshape(DIM, config.num_bands * config.rows_per_band).tolist()
         model: dict[int, int] = {}
         for step in steps:
             kind = step[0]
@@ -64,8 +85,7 @@ async def play(url: str, steps: list[tuple[Any, ...]]) -> None:
             state = await index_state(client, lsh)  # buckets and signatures agree
             assert set(state) == set(model)
             for id_, row in model.items():
-                expected = bands.pack(project(VECTORS[row : row + 1], projection) > 0)[0].tobytes()
-                assert state[id_] == expected
+                assert state[id_] == reference_record(VECTORS[row], projection, config.num_bands, config.rows_per_band)
             assert len(store) == len(model)
         await lsh.drop()
     await client.aclose()

@@ -112,7 +112,7 @@ async def test_acl_user_and_password() -> None:
     with redis_server(*acl) as server:
         url = server.url.replace("redis://", "redis://app:s3cret@")
         async with LSHRS(dim=DIM, redis_url=url, store=InMemoryStore()) as lsh:
-            await lsh.index(np.arange(100), BASE[:100])
+            await lsh.index(np.arange(300), BASE[:300])
             assert (await lsh.query(BASE[7], top_k=1))[0].id == 7
         with pytest.raises(redis.exceptions.AuthenticationError):
             await LSHRS(dim=DIM, redis_url=url.replace("s3cret", "wrong")).open()
@@ -137,7 +137,7 @@ async def test_tls_only_server(tmp_path: Path) -> None:
         url = f"rediss://127.0.0.1:{port}/0"
         async with LSHRS(dim=DIM, redis_url=url, redis_options={"ssl_ca_certs": str(ca_file)},
                          store=InMemoryStore()) as lsh:  # fmt: skip
-            await lsh.index(np.arange(100), BASE[:100])
+            await lsh.index(np.arange(300), BASE[:300])
             assert (await lsh.query(BASE[8], top_k=1))[0].id == 8
         with pytest.raises(redis.exceptions.ConnectionError):  # an unknown authority is refused
             await LSHRS(dim=DIM, redis_url=url, timeout=2.0).open()

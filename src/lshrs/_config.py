@@ -36,18 +36,6 @@ def choose_bands(threshold: float, rows: int, target: float = 0.9) -> int:
     return min(_MAX_BANDS, max(_MIN_BANDS, bands))
 
 
-def default_probes(num_bands: int, rows: int) -> int:
-    """Buckets a query reads when neither ``probes=`` nor a saved tuning says.
-
-    Two more rows per band make a bucket about four times smaller for
-    strangers but only about half as likely to hold a neighbour, so twice the
-    probes keep recall level: ``bands * 2**((rows - 6) / 2)``, which measured
-    recall@10 of 0.9-0.98 on real sentence embeddings at 10k and 100k
-    (README, Performance). ``LSHRS.tune()`` replaces it with a measurement.
-    """
-    return round(num_bands * 2 ** ((rows - 6) / 2))
-
-
 def collision_probability(cosine: float, rows: int, bands: int) -> float:
     """Chance that a vector at ``cosine`` to the query lands in a shared bucket."""
     p = 1.0 - math.acos(max(-1.0, min(1.0, cosine))) / math.pi
@@ -63,9 +51,22 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+#: The hash families: learned k-means buckets (the default) and random hyperplanes.
+HASHINGS = ("kmeans", "hyperplane")
+#: SimHash bits kept per id by the learned family to pre-rank candidates:
+#: 256 bits capped recall@10 at 0.93 on real sentence embeddings, 512 reach
+#: 0.95 at 2.3% of the corpus read (benchmarks/partition.py).
+SKETCH_BITS = 512
+
+
 @dataclass(frozen=True)
 class IndexConfig:
-    """What two clients must agree on to share an index. Stored as JSON in Redis."""
+    """What two clients must agree on to share an index. Stored as JSON in Redis.
+
+    ``num_bands`` and ``rows_per_band`` shape the hyperplane family (0 for
+    k-means); ``sketch_bits`` is the learned family's pre-ranking sketch (0
+    for hyperplanes, whose bands are their sketch). A configuration stored
+    before ``hashing`` existed is a hyperplane index."""
 
     dim: int
     num_bands: int
@@ -73,6 +74,8 @@ class IndexConfig:
     seed: int
     shards: int
     layout: int = LAYOUT_VERSION
+    hashing: str = "hyperplane"
+    sketch_bits: int = 0
 
     def to_json(self) -> bytes:
         """The form stored under ``{prefix}:cfg``: plain JSON, never pickle."""
@@ -82,7 +85,11 @@ class IndexConfig:
     def from_json(cls, raw: bytes | str) -> IndexConfig:
         data = json.loads(raw)
         names = {f.name for f in fields(cls)}
-        return cls(**{k: int(v) for k, v in data.items() if k in names})
+        hashing = str(data.get("hashing", "hyperplane"))
+        if hashing not in HASHINGS:
+            raise ValueError(f"the stored index uses hashing {hashing!r}, unknown to this lshrs version")
+        numbers = {k: int(v) for k, v in data.items() if k in names and k != "hashing"}
+        return cls(hashing=hashing, **numbers)
 
     def conflicts(self, stored: IndexConfig, given: set[str]) -> list[str]:
         """Fields the caller set explicitly that differ from the stored index."""

@@ -15,7 +15,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from . import _scripts
 from ._cache import SignatureCache
-from ._hashing import Bands
+from ._family import Layout
 
 Client = Redis | RedisCluster
 IdArray = npt.NDArray[np.int64]
@@ -37,6 +37,11 @@ def meta_keys(prefix: str) -> tuple[str, str]:
     return f"{{{prefix}}}:cfg", f"{{{prefix}}}:proj"
 
 
+def centroids_key(prefix: str) -> str:
+    """The learned family's partition (``_partition.Partition.to_bytes``), beside the configuration."""
+    return f"{{{prefix}}}:cent"
+
+
 def tuning_key(prefix: str) -> str:
     """The saved result of ``LSHRS.tune()``: JSON, beside the configuration."""
     return f"{{{prefix}}}:tune"
@@ -47,10 +52,10 @@ class ShardedIndex:
     one cluster slot, so per-shard scripts are atomic and run on one node."""
 
     def __init__(
-        self, client: Client, prefix: str, shards: int, bands: Bands, cache_size: int, max_in_flight: int = 64
+        self, client: Client, prefix: str, shards: int, layout: Layout, cache_size: int, max_in_flight: int = 64
     ) -> None:
         self._client = client
-        self._cache = SignatureCache(shards, bands.signature_bytes, cache_size)
+        self._cache = SignatureCache(shards, layout.record_bytes, cache_size)
         # Bounds the calls in flight, so thousands of concurrent tasks queue here
         # instead of exhausting the client's connection pool. Writes have their
         # own, smaller budget: queued behind thousands of reads in one line, an
@@ -59,10 +64,12 @@ class ShardedIndex:
         self._writes_in_flight = asyncio.Semaphore(max(1, max_in_flight // 8))
         self._prefix = prefix
         self._shards = shards
-        self._bands = bands
+        self._layout = layout
         self._upsert = client.register_script(_scripts.UPSERT)
         self._delete = client.register_script(_scripts.DELETE)
         self._query = client.register_script(_scripts.QUERY)
+        self._lease = client.register_script(_scripts.LEASE)
+        self._release = client.register_script(_scripts.RELEASE)
 
     def signature_key(self, shard: int) -> str:
         return f"{{{self._prefix}:{shard}}}:s"
@@ -74,7 +81,7 @@ class ShardedIndex:
 
     def _signature_rows(self, packed: bytes) -> ByteArray:
         """Concatenated signatures as one (n, signature_bytes) array, no copy."""
-        return np.frombuffer(packed, np.uint8).reshape(-1, self._bands.signature_bytes)
+        return np.frombuffer(packed, np.uint8).reshape(-1, self._layout.record_bytes)
 
     def bucket_base(self, shard: int) -> bytes:
         return f"{{{self._prefix}:{shard}}}:b".encode()
@@ -83,31 +90,61 @@ class ShardedIndex:
         return np.mod(ids, self._shards)
 
     def _static_args(self, shard: int) -> list[Any]:
-        return [self.bucket_base(shard), self._bands.band_bytes, self._bands.num_bands]
+        return [self.bucket_base(shard), self._layout.key_bytes, self._layout.tables]
+
+    def _chunks(self, ids: IdArray) -> list[tuple[int, npt.NDArray[np.intp]]]:
+        """Rows of ``ids`` by shard, at most ``WRITE_CHUNK`` a chunk."""
+        shard_of = self.shard_of(ids)
+        chunks = []
+        for shard in range(self._shards):
+            rows = np.flatnonzero(shard_of == shard)
+            chunks += [(shard, rows[start : start + WRITE_CHUNK]) for start in range(0, len(rows), WRITE_CHUNK)]
+        return chunks
 
     async def _per_shard(self, ids: IdArray, payload: Sequence[Any] | None, script: Any) -> int:
         """Run ``script`` over ``ids`` (and their payload) in chunks, shards concurrently."""
-        shard_of = self.shard_of(ids)
         calls = []
-        for shard in range(self._shards):
-            rows = np.flatnonzero(shard_of == shard)
-            for start in range(0, len(rows), WRITE_CHUNK):
-                chunk = rows[start : start + WRITE_CHUNK]
-                args = self._static_args(shard)
-                for row in chunk:
-                    args.append(packed_id(ids[row]))
-                    if payload is not None:
-                        args.append(payload[row])
-                calls.append(self._write(script, shard, args))
+        for shard, chunk in self._chunks(ids):
+            args = self._static_args(shard)
+            for row in chunk:
+                args.append(packed_id(ids[row]))
+                if payload is not None:
+                    args.append(payload[row])
+            calls.append(self._write(script, self.script_keys(shard), args))
         results = await asyncio.gather(*calls)
         return sum(int(r) for r in results)
 
-    async def _write(self, script: Any, shard: int, args: list[Any]) -> Any:
+    def lease_key(self, shard: int) -> str:
+        return f"{{{self._prefix}:{shard}}}:k"
+
+    async def lease(self, ids: IdArray, token: bytes, lifetime_ms: int) -> bool:
+        """Lease every id to ``token``, or none (``_scripts.LEASE``): a chunk
+        refused because another writer holds one of its ids releases the
+        chunks that were granted, so two writers never wait on each other."""
+        calls = [
+            self._write(self._lease, [self.lease_key(shard)], [token, lifetime_ms, *(packed_id(ids[r]) for r in chunk)])
+            for shard, chunk in self._chunks(ids)
+        ]
+        granted = await asyncio.gather(*calls)
+        if all(int(g) for g in granted):
+            return True
+        await self.release(ids, token)
+        return False
+
+    async def release(self, ids: IdArray, token: bytes) -> None:
+        await asyncio.gather(
+            *(
+                self._write(self._release, [self.lease_key(shard)], [token, *(packed_id(ids[r]) for r in chunk)])
+                for shard, chunk in self._chunks(ids)
+            )
+        )
+
+    async def _write(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         async with self._writes_in_flight:
-            return await script(keys=self.script_keys(shard), args=args)
+            return await script(keys=keys, args=args)
 
     async def upsert(self, ids: IdArray, signatures: ByteArray) -> int:
-        """Insert or replace; returns how many ids changed (same signature: no-op)."""
+        """Insert or replace; returns how many ids changed (same record: no-op)."""
         packed = [row.tobytes() for row in signatures]
         changed = await self._per_shard(ids, packed, self._upsert)
         shard_of = self.shard_of(ids)
@@ -156,7 +193,7 @@ class ShardedIndex:
         args: list[bytes | int] = [
             self.bucket_base(shard),
             int(cold),
-            1 + self._bands.band_bytes,
+            1 + self._layout.key_bytes,
             probe_keys,
             -1 if known is None else known,
         ]
@@ -203,6 +240,16 @@ class ShardedIndex:
                 self._cache.add(shard, parse_ids(b"".join(ids)), self._signature_rows(b"".join(signatures)))
                 loaded += len(ids)
         return loaded
+
+    async def centroids(self) -> bytes | None:
+        raw = await self._client.get(centroids_key(self._prefix))
+        return raw if isinstance(raw, bytes) else None
+
+    async def save_centroids(self, blob: bytes) -> bytes:
+        """Store a partition unless one is there; returns the stored one, so
+        clients that trained at once all adopt the first."""
+        before = await self._client.set(centroids_key(self._prefix), blob, nx=True, get=True)
+        return before if isinstance(before, bytes) else blob
 
     async def bucket_sizes(self) -> list[int]:
         """Ids in every bucket (a keyspace scan: for statistics only)."""

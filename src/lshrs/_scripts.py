@@ -158,3 +158,38 @@ if not cfg then
 end
 return {cfg, redis.call('GET', KEYS[2])}
 """
+
+# Leases serialise writers of one id across clients and processes. With a
+# store lshrs owns, a write is two steps on two systems (the vector, then the
+# index; or the index, then the vector), and an ingest and a delete of the
+# same id that interleave leave the index naming a vector the store lacks.
+# A writer leases its ids before the first step and releases them after the
+# second. A lease is ``<expiry ms>:<token>`` in the shard's lease hash, so a
+# crashed writer's leases lapse by themselves.
+# KEYS: the shard's lease hash. ARGV: token, lifetime in ms, then the ids.
+# All or nothing: returns 1 if every id is now leased to the token, else 0.
+LEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local token = ARGV[1]
+for i = 3, #ARGV do
+  local held = redis.call('HGET', KEYS[1], ARGV[i])
+  if held then
+    local colon = string.find(held, ':', 1, true)
+    if string.sub(held, colon + 1) ~= token and tonumber(string.sub(held, 1, colon - 1)) > now then return 0 end
+  end
+end
+local value = string.format('%d', now + tonumber(ARGV[2])) .. ':' .. token
+for i = 3, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], value) end
+return 1
+"""
+
+# KEYS and ARGV as LEASE, without the lifetime: drops the token's own leases.
+RELEASE = """
+local suffix = ':' .. ARGV[1]
+for i = 2, #ARGV do
+  local held = redis.call('HGET', KEYS[1], ARGV[i])
+  if held and string.sub(held, -#suffix) == suffix then redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+return 1
+"""

@@ -17,7 +17,6 @@ import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
 
-from ._hashing import Bands
 from ._types import Rows, VectorStore
 
 IdArray = npt.NDArray[np.int64]
@@ -39,7 +38,8 @@ class Tuning:
 
     ``probes`` is the fewest buckets per query that reached ``target_recall``
     (or the most tried, if none did: compare ``recall``). ``rebuild_bands`` and
-    ``rebuild_rows`` are the shape lshrs would give an index of this size.
+    ``rebuild_rows`` are the shape lshrs would give a hyperplane index of this
+    size (0 for a learned index, whose buckets follow the data it is built on).
     """
 
     target_recall: float
@@ -59,14 +59,6 @@ class Tuning:
         data = json.loads(raw)
         data["curve"] = [TuningPoint(**point) for point in data.get("curve", [])]
         return cls(**data)
-
-
-def probe_ladder(bands: Bands) -> list[int]:
-    """Probe counts to try, each about 1.4 times the last: from one bucket per
-    band up to every bucket the prober can name."""
-    most = bands.num_bands * 2 ** min(bands.rows, 8)
-    steps = bands.num_bands * 2.0 ** (np.arange(0, 17) / 2)
-    return sorted({min(most, int(step)) for step in steps})
 
 
 async def exact_neighbours(

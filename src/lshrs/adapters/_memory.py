@@ -94,6 +94,14 @@ class InMemoryStore:
         at = np.asarray(rows, dtype=np.int64)
         return Rows(self._ids[at], self._vectors[at], [self._texts[r] for r in rows])
 
+    async def sample(self, count: int, seed: int = 0) -> Rows:
+        """``count`` distinct random rows, to fit a learned partition on."""
+        at = np.sort(np.random.default_rng(seed).choice(self._size, min(count, self._size), replace=False))
+        dim = 0 if self._vectors is None else self._vectors.shape[1]
+        if self._vectors is None:
+            return Rows(np.empty(0, np.int64), np.empty((0, dim), np.float32))
+        return Rows(self._ids[at].copy(), self._vectors[at].copy())
+
     async def batches(self, batch_size: int) -> AsyncIterator[Rows]:
         """Snapshots of consecutive rows; safe against removals during the build."""
         for start in range(0, self._size, batch_size):

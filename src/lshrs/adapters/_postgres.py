@@ -120,6 +120,12 @@ class PostgresStore:
             logger.debug("%d of %d candidate ids are not in %s", len(ids) - len(records), len(ids), self._table)
         return self._rows(records)
 
+    async def sample(self, count: int) -> Rows:
+        """``count`` random rows with a vector, to fit a learned partition on."""
+        pool = await self._ready()
+        query = self._select.format(vec=self._send()) + f" WHERE {self._vec_sql} IS NOT NULL ORDER BY random() LIMIT $1"
+        return self._rows(await pool.fetch(query, count))
+
     async def batches(self, batch_size: int) -> AsyncIterator[Rows]:
         """The whole table through a server-side cursor, ``batch_size`` rows at a time."""
         pool = await self._ready()

@@ -100,6 +100,13 @@ class SQLAlchemyStore:
         async with self._engine.connect() as conn:
             return self._rows((await conn.execute(query)).all())
 
+    async def sample(self, count: int) -> Rows:
+        """``count`` random rows with a vector, to fit a learned partition on."""
+        table = await self._ready()
+        async with self._engine.connect() as conn:
+            result = await conn.execute(self._select(table).order_by(sa.func.random()).limit(count))
+            return self._rows(result.all())
+
     async def batches(self, batch_size: int) -> AsyncIterator[Rows]:
         """The whole table as a server-side stream, ``batch_size`` rows at a time."""
         table = await self._ready()
