@@ -115,7 +115,7 @@ async def test_decoding_client_is_refused() -> None:
 async def test_a_learned_index_refuses_to_train_on_too_few_vectors(make_lsh: Any, raw_redis: Any) -> None:
     lsh = await make_lsh(dim=DIM, store=InMemoryStore(), hashing="kmeans")
     before = await keyspace(raw_redis)
-    with pytest.raises(ValueError, match="needs at least 256 vectors \\(this one has 4\\).*hashing='hyperplane'"):
+    with pytest.raises(ValueError, match=r"needs at least 256 vectors \(this one has 4\).*hashing='hyperplane'"):
         await lsh.index([1, 2, 3, 4], good)
     assert await keyspace(raw_redis) == before  # no centroids, no records
     assert await lsh.query(good[0]) == []  # an untrained index is an empty one
