@@ -52,3 +52,20 @@ def load(session: nox.Session) -> None:
     session.run("bash", "scripts/install-servers.sh", external=True)
     session.install("-e", ".[test]")  # tests/servers.py starts the Redis it loads
     session.run("python", "-m", "benchmarks.load", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def breakages(session: nox.Session) -> None:
+    """Break the code in each way tests/breakages.py lists and check that its test fails."""
+    session.run("bash", "scripts/install-servers.sh", external=True)
+    session.install("-e", ".[test,progress]")
+    session.run("python", "tests/breakages.py")
+
+
+@nox.session(python=PYTHON)
+def mutate(session: nox.Session) -> None:
+    """Mutation testing of the core modules (mutmut; see tests/README.md): slow, not in CI."""
+    session.run("bash", "scripts/install-servers.sh", external=True)
+    session.install("-e", ".[test,progress]", "mutmut==3.8.1")
+    session.run("mutmut", "run", *session.posargs)
+    session.run("mutmut", "results", success_codes=[0, 1])

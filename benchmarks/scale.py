@@ -45,6 +45,11 @@ class HalfStore:
     async def count(self) -> int | None:
         return len(self.vectors)
 
+    async def sample(self, count: int) -> Rows:
+        """Random rows, so a learned index trains on all of the corpus."""
+        at = np.sort(np.random.default_rng(0).choice(len(self.vectors), min(count, len(self.vectors)), replace=False))
+        return Rows(at, self.vectors[at].astype(np.float32))
+
     async def close(self) -> None:
         pass
 
@@ -53,34 +58,43 @@ async def scale_run(url: str, size: int, sample: int, batch: int = 100_000) -> d
     real, held_out, _ = _real("minilm-100k")
     queries = held_out[:sample]
     store = HalfStore(size, real.shape[1])
-    async with LSHRS(dim=real.shape[1], redis_url=url, prefix="scale", expected_size=size) as lsh:
+    t = time.perf_counter()
+    for start in range(0, size, batch):
+        store.vectors[start : start + batch] = generate(real, min(batch, size - start), start=start)
+    generating = time.perf_counter() - t
+    print(f"  generated {size:,} vectors in {generating:.0f} s")
+    async with LSHRS(dim=real.shape[1], redis_url=url, prefix="scale", store=store, expected_size=size) as lsh:
         await lsh.drop()
     before = await redis_memory(url)
-    async with LSHRS(dim=real.shape[1], redis_url=url, prefix="scale", expected_size=size, signature_cache=0) as lsh:
+    last = [time.perf_counter()]
+
+    def progress(done: int, total: int | None) -> None:
+        if time.perf_counter() - last[0] > 30:
+            last[0] = time.perf_counter()
+            print(f"  {done:,} of {total:,} vectors in {last[0] - started:.0f} s")
+
+    options: dict[str, Any] = {"expected_size": size, "signature_cache": 0, "batch_size": batch}
+    async with LSHRS(dim=real.shape[1], redis_url=url, prefix="scale", store=store, **options) as lsh:
         started = time.perf_counter()
-        generating = 0.0
-        for start in range(0, size, batch):
-            t = time.perf_counter()
-            vectors = generate(real, min(batch, size - start), start=start)
-            store.vectors[start : start + len(vectors)] = vectors
-            generating += time.perf_counter() - t
-            await lsh.index(np.arange(start, start + len(vectors)), vectors)
-            if (start // batch) % 10 == 0:
-                print(f"  {start + len(vectors):,} vectors in {time.perf_counter() - started:.0f} s")
-        seconds = time.perf_counter() - started - generating
+        await lsh.index(progress=progress)  # streamed from the store; a learned index trains on its sample first
+        seconds = time.perf_counter() - started
         config = lsh.config
+        stats = await lsh.stats()
     memory = await redis_memory(url) - before
     build = {
         "system": "lshrs",
         "bands": config.num_bands,
         "rows": config.rows_per_band,
+        "hashing": config.hashing,
+        "buckets": stats.get("partition_buckets"),
+        "largest_bucket": stats["largest_bucket"],
         "build_s": round(seconds, 1),
         "generator_s": round(generating, 1),
         "vectors_per_s": round(size / seconds),
         "redis_bytes_per_vector": round(memory / size, 1),
         "redis_gb": round(memory / 2**30, 2),
     }
-    print(f"  built {config.num_bands}x{config.rows_per_band} in {seconds:.0f} s, {memory / size:.0f} B/vector")
+    print(f"  built {config.hashing} in {seconds:.0f} s, {memory / size:.0f} B/vector")
     truth = exact_top(store.vectors, queries)
     print("  exact top-100 of the held-out queries computed")
     points = []
@@ -99,7 +113,7 @@ async def scale_run(url: str, size: int, sample: int, batch: int = 100_000) -> d
     # The default, half and twice it; probes= given explicitly overrides the tuning just saved.
     for probes in (default // 2, default, 2 * default):
         async with LSHRS(dim=real.shape[1], redis_url=url, prefix="scale", store=store, probes=probes, **cache) as lsh:
-            setting = f"{config.hashing} {config.num_bands}x{config.rows_per_band}, probes={probes}"
+            setting = f"{config.hashing} K={build['buckets']}, probes={probes}"
             points.append(await timed_point(lsh, setting, queries, truth))
     return {
         "dataset": f"minilm-generated-{size} (GENERATED from minilm embeddings, n={size:,}; float16 store)",

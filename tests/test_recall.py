@@ -200,3 +200,23 @@ async def test_tune_refuses_what_it_cannot_measure(make_lsh: Any) -> None:
         await empty.tune()
     with pytest.raises(ValueError, match="target_recall"):
         await empty.tune(1.5)
+
+
+async def test_open_clients_adopt_a_new_tuning(make_lsh: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that was open before another one ran tune() follows the saved
+    probes at its next query after the refresh interval; ``probes=`` still wins."""
+    import lshrs._lshrs
+
+    base = clustered(3000, 32, seed=2, spread=0.4)
+    tuner = await make_lsh(store=InMemoryStore())
+    await tuner.index(np.arange(len(base)), base)
+    reader = await make_lsh(hashing=None)
+    pinned = await make_lsh(hashing=None, probes=3)
+    before = (await reader._ready()).probes
+    tuning = await tuner.tune(0.99, sample=40)
+    assert tuning.probes != before  # else this test proves nothing
+    monkeypatch.setattr(lshrs._lshrs, "TUNING_REFRESH", 0.0)
+    await reader.query(base[0])
+    await pinned.query(base[0])
+    assert (await reader._ready()).probes == tuning.probes
+    assert (await pinned._ready()).probes == 3

@@ -202,9 +202,15 @@ class ShardedIndex:
         self._cache.observe(shard, int(generation), int(size), known, parse_ids(changed) if covered else None)
         if cold and reply[5]:  # the script read these in the same atomic step as the buckets
             self._cache.add(shard, parse_ids(reply[5]), self._signature_rows(reply[6]))
-        ids, hits = count_ids(parse_ids(b"".join(buckets)))
-        if len(ids) > cap:
-            ids = most_named(ids, hits, cap)
+        named = parse_ids(b"".join(buckets))
+        if self._layout.tables == 1:
+            # One table: each id is in one bucket, and the buckets come best
+            # first, so a cap keeps the ids of the nearest buckets.
+            ids = named[:cap]
+        else:
+            ids, hits = count_ids(named)
+            if len(ids) > cap:
+                ids = most_named(ids, hits, cap)
         signatures, missing = self._cache.lookup(shard, ids)
         if not missing.any():
             return Candidates(ids, signatures)

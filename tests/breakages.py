@@ -1,0 +1,99 @@
+"""Break the code on purpose, one way at a time, and check that the test
+guarding it fails: ``nox -s breakages``. Each breakage once passed the whole
+suite (issue 16's audit) or guards a promise the README makes. The source
+file is restored after each run, also when the run is interrupted.
+
+Exits non-zero if any breakage survives its test.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: (what is broken, file, text, broken text, tests that must fail)
+BREAKAGES = [
+    (
+        "change-log gap check removed",
+        "src/lshrs/_scripts.py",
+        "elseif known >= 0 and gap > 0 and gap <= redis.call('LLEN', KEYS[3]) then",
+        "elseif known >= 0 and gap > 0 then",
+        "test_regressions.py -k change_log",
+    ),
+    ("a capped learned query keeps the smallest ids", "src/lshrs/_index.py",
+     "            ids = named[:cap]", "            ids = np.sort(named)[:cap]", "test_regressions.py -k capped"),
+    ("a capped banded query keeps the smallest ids", "src/lshrs/_index.py",
+     "                ids = most_named(ids, hits, cap)", "                ids = ids[:cap]", "test_regressions.py -k capped"),
+    (
+        "index() writes the index before the store",
+        "src/lshrs/_lshrs.py",
+        "                if isinstance(self._store, WritableStore):\n"
+        "                    await self._store.put(chunk, matrix[start:stop], None if texts is None else texts[start:stop])\n"
+        "                await opened.sharded.upsert(chunk, records)",
+        "                await opened.sharded.upsert(chunk, records)\n"
+        "                if isinstance(self._store, WritableStore):\n"
+        "                    await self._store.put(chunk, matrix[start:stop], None if texts is None else texts[start:stop])",
+        "test_regressions.py -k store_write",
+    ),
+    (
+        "delete() empties the store before the index",
+        "src/lshrs/_lshrs.py",
+        "            removed = await index.delete(id_array)\n"
+        "            if isinstance(self._store, WritableStore):\n"
+        "                await self._store.remove(id_array)",
+        "            if isinstance(self._store, WritableStore):\n"
+        "                await self._store.remove(id_array)\n"
+        "            removed = await index.delete(id_array)",
+        "test_regressions.py -k index_delete",
+    ),
+    ("no write leases", "src/lshrs/_lshrs.py",
+     "        if not isinstance(self._store, WritableStore):\n            yield\n            return\n        token",
+     "        if True:\n            yield\n            return\n        token", "test_integrity.py"),
+    ("ids the store lacks kept in the rerank", "src/lshrs/_lshrs.py",
+     "            rows_of = order[at[sorted_ids[at] == ids]]", "            rows_of = order[at]",
+     "test_regressions.py -k store_lacks"),
+    ("hyperplanes see the first 8 dimensions only", "src/lshrs/_family.py",
+     "        return self.bands.pack(vectors @ self._projection > 0)",
+     "        return self.bands.pack(vectors[:, :8] @ self._projection[:8] > 0)", "test_properties.py"),
+    ("Postgres ids cast to int4", "src/lshrs/adapters/_postgres.py",
+     "= ANY($1::bigint[])", "= ANY($1::integer[])", "test_regressions.py -k int32"),
+    ("a caller's pool closed", "src/lshrs/adapters/_postgres.py",
+     "        if self._dsn is not None and self._pool is not None:", "        if self._pool is not None:",
+     "test_regressions.py -k pool"),
+    ("skipped_nulls never reset", "src/lshrs/adapters/_postgres.py",
+     "        self.skipped_nulls = 0\n        query", "        query", "test_regressions.py -k skipped"),
+    ("Postgres SELECT from raw, unquoted names", "src/lshrs/adapters/_postgres.py",
+     "        id_sql, vec_sql = quote_ident(id_column), quote_ident(vector_column)",
+     "        id_sql, vec_sql = id_column, vector_column", "test_regressions.py -k quoted"),
+]  # fmt: skip
+
+
+def main() -> int:
+    survived = []
+    for name, path, text, broken, tests in BREAKAGES:
+        source = ROOT / path
+        original = source.read_text()
+        if text not in original:
+            print(f"{name}: the text to break is gone from {path}: update tests/breakages.py")
+            survived.append(name)
+            continue
+        source.write_text(original.replace(text, broken, 1))
+        try:
+            command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+            command += [f"tests/{tests.split()[0]}", *tests.split()[1:]]
+            run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        finally:
+            source.write_text(original)
+        verdict = "caught" if run.returncode == 1 else "SURVIVED" if run.returncode == 0 else f"error {run.returncode}"
+        print(f"{verdict:9} {name}  ({tests})", flush=True)
+        if run.returncode != 1:
+            survived.append(name)
+    print(f"{len(BREAKAGES) - len(survived)} of {len(BREAKAGES)} breakages caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Breakages that once passed the whole suite (issue 16's audit), each now
+guarded by a test that fails when the code it names is broken."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import numpy as np
+import pytest
+
+from conftest import clustered, index_state
+from lshrs import LSHRS, Hit
+from lshrs._index import ShardedIndex
+from lshrs._scripts import CHANGE_LOG
+from lshrs.adapters import InMemoryStore, PostgresStore, SQLAlchemyStore
+
+pytestmark = pytest.mark.anyio
+
+DIM = 32
+
+
+async def test_a_reader_past_the_change_log_drops_its_cache(make_lsh: Any) -> None:
+    """More writes than the change log holds happen while a reader is warm:
+    the reader must refetch, never rank with the signatures it cached
+    (the log's gap check; without it id 0 dropped out of its own query)."""
+    size = CHANGE_LOG + 600
+    base = clustered(size, DIM, centers=20, seed=4)
+    writer = await make_lsh()
+    await writer.index(np.arange(size), base)
+    reader = await make_lsh(hashing=None)
+    await reader.warm()
+    await writer.index(np.arange(size), -base)  # every id moves: more log entries than the log keeps
+    for i in (0, 1, 2, size - 1):  # the oldest writes fell off the log
+        hits = await reader.query(-base[i], top_k=1)
+        assert hits == [Hit(i, 1.0, None, False)], (i, hits)
+
+
+async def test_a_capped_query_keeps_the_nearest_candidates(make_lsh: Any) -> None:
+    """With ``max_candidates`` far below what the probes read, a stored
+    vector still finds itself first, whatever its id (a cap that kept the
+    smallest ids passed a test that only ever queried id 0)."""
+    base = np.random.default_rng(3).standard_normal((2000, DIM)).astype(np.float32)
+    cap = 64  # four learned buckets' worth, far below the 400 probes' ids
+    lsh = await make_lsh(max_candidates=cap, probes=400, store=InMemoryStore(), rerank=1000)
+    await lsh.index(np.arange(2000), base)
+    for i in (1999, 1500, 777):
+        hits = await lsh.query(base[i], top_k=1000)
+        assert hits and hits[0].id == i, (i, hits[:3])
+        assert len(hits) <= cap * lsh.config.shards
+
+
+async def test_ids_the_store_lacks_are_skipped_on_the_query_path(make_lsh: Any) -> None:
+    """The index may name ids the store no longer has (a user's table edited
+    behind lshrs): they are skipped, never returned twice or with another's score."""
+    base = clustered(600, DIM, seed=8)
+    store = InMemoryStore()
+    lsh = await make_lsh(store=store)
+    await lsh.index(np.arange(600), base)
+    gone = np.arange(0, 600, 3)
+    await store.remove(gone)  # behind lshrs's back: the index still names them
+    for i in (1, 2, 4, 5):
+        hits = await lsh.query(base[i], top_k=20)
+        ids = [h.id for h in hits]
+        assert len(ids) == len(set(ids)), ids
+        assert not set(ids) & set(gone.tolist())
+        assert hits[0].id == i and hits[0].score == pytest.approx(1.0, abs=1e-5)
+        for hit in hits:
+            assert hit.score == pytest.approx(float(base[hit.id] @ base[i]), abs=1e-5)
+
+
+class _FailingStore(InMemoryStore):
+    """An owned store whose writes fail when told to: a crash between the
+    store's write and the index's."""
+
+    fail_put = False
+
+    async def put(self, ids: Any, vectors: Any, texts: Any = None) -> None:
+        if self.fail_put:
+            raise ConnectionError("the store went away")
+        await super().put(ids, vectors, texts)
+
+
+async def test_a_store_write_that_fails_leaves_the_index_untouched(make_lsh: Any, raw_redis: Any) -> None:
+    """The vector is written before the index points at it: when the store
+    write fails, the index must not name the new ids."""
+    base = clustered(400, DIM, seed=9)
+    store = _FailingStore()
+    lsh = await make_lsh(store=store)
+    await lsh.index(np.arange(300), base[:300])
+    store.fail_put = True
+    with pytest.raises(ConnectionError):
+        await lsh.index(np.arange(300, 400), base[300:])
+    assert set(await index_state(raw_redis, lsh)) == set(range(300))
+
+
+async def test_an_index_delete_that_fails_leaves_the_store_untouched(
+    make_lsh: Any, raw_redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index forgets an id before the store drops its vector: when Redis
+    fails during a delete, the store must still hold every id the index names."""
+    base = clustered(300, DIM, seed=10)
+    store = InMemoryStore()
+    lsh = await make_lsh(store=store)
+    await lsh.index(np.arange(300), base)
+
+    async def broken(self: ShardedIndex, ids: Any) -> int:
+        raise ConnectionError("Redis went away")
+
+    monkeypatch.setattr(ShardedIndex, "delete", broken)
+    with pytest.raises(ConnectionError):
+        await lsh.delete([1, 2, 3])
+    monkeypatch.undo()
+    named = set(await index_state(raw_redis, lsh))
+    held = set((await store.fetch(np.arange(300))).ids.tolist())
+    assert named <= held, sorted(named - held)
+
+
+@pytest.fixture
+async def big_ids_table(postgres_dsn: str) -> str:
+    """Ids past 2**31 (an int4 cast would overflow) in a table and columns
+    whose names need quoting."""
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute('DROP TABLE IF EXISTS "Big Ids"')
+    await conn.execute('CREATE TABLE "Big Ids" ("Row Id" bigint PRIMARY KEY, "Vec" bytea, "Body" text)')
+    base = clustered(400, DIM, seed=12)
+    await conn.executemany(
+        'INSERT INTO "Big Ids" VALUES ($1, $2, $3)',
+        [(2**40 + i, base[i].astype("<f4").tobytes(), f"row {i}") for i in range(400)],
+    )
+    await conn.close()
+    return postgres_dsn
+
+
+async def test_postgres_ids_past_int32_and_quoted_names(big_ids_table: str, redis_proc: Any) -> None:
+    base = clustered(400, DIM, seed=12)
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    store = PostgresStore(big_ids_table, table="Big Ids", id_column="Row Id", vector_column="Vec", text_column="Body")
+    async with LSHRS(dim=DIM, redis_url=url, prefix="bigids", store=store) as lsh:
+        await lsh.drop()
+        assert await lsh.index() == 400
+        hits = await lsh.query(base[17], top_k=3)
+        assert hits[0] == Hit(2**40 + 17, pytest.approx(1.0, abs=1e-5), "row 17")  # type: ignore[arg-type]
+        await lsh.drop()
+
+
+async def test_a_pool_passed_in_stays_open(big_ids_table: str, redis_proc: Any) -> None:
+    pool = await asyncpg.create_pool(big_ids_table, min_size=1, max_size=2)
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    store = PostgresStore(pool, table="Big Ids", id_column="Row Id", vector_column="Vec")
+    async with LSHRS(dim=DIM, redis_url=url, prefix="pool", store=store) as lsh:
+        await lsh.drop()
+        await lsh.index()
+        await lsh.drop()
+    assert not pool._closed  # the caller's pool: the caller closes it
+    assert await pool.fetchval("SELECT 1") == 1
+    await pool.close()
+
+
+async def test_skipped_nulls_count_each_build_afresh(postgres_dsn: str, redis_proc: Any) -> None:
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("DROP TABLE IF EXISTS with_nulls")
+    await conn.execute("CREATE TABLE with_nulls (id bigint PRIMARY KEY, embedding real[])")
+    base = clustered(300, DIM, seed=13)
+    await conn.executemany("INSERT INTO with_nulls VALUES ($1, $2)", [(i, base[i].tolist()) for i in range(300)])
+    await conn.execute("INSERT INTO with_nulls VALUES (999, NULL), (1000, NULL)")
+    await conn.close()
+    store = PostgresStore(postgres_dsn, table="with_nulls")
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    async with LSHRS(dim=DIM, redis_url=url, prefix="nulls", store=store) as lsh:
+        await lsh.drop()
+        await lsh.index()
+        assert store.skipped_nulls == 2
+        await lsh.index()
+        assert store.skipped_nulls == 2  # counted again, not added to the last build's
+        await lsh.drop()
+
+
+@pytest.mark.parametrize("column", ["numeric_array", "pgvector_text"])
+async def test_sqlalchemy_reads_numeric_arrays_and_pgvector_text(
+    postgres_dsn: str, redis_proc: Any, column: str
+) -> None:
+    """Columns SQLAlchemy hands back as lists of Decimal, or as pgvector's
+    text form when no pgvector type is registered."""
+    base = clustered(300, DIM, seed=14)
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    table = f"sa_{column}"
+    await conn.execute(f"DROP TABLE IF EXISTS {table}")
+    if column == "numeric_array":
+        await conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, embedding numeric[])")
+        rows = [(i, [float(x) for x in base[i]]) for i in range(300)]
+        await conn.executemany(f"INSERT INTO {table} VALUES ($1, $2::float8[]::numeric[])", rows)
+    else:
+        await conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, embedding vector({DIM}))")
+        text_rows = [(i, "[" + ",".join(map(str, base[i].tolist())) + "]") for i in range(300)]
+        await conn.executemany(f"INSERT INTO {table} VALUES ($1, $2::vector)", text_rows)
+    await conn.close()
+    store = SQLAlchemyStore(postgres_dsn.replace("postgresql://", "postgresql+asyncpg://"), table=table)
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    async with LSHRS(dim=DIM, redis_url=url, prefix=table, store=store) as lsh:
+        await lsh.drop()
+        assert await lsh.index() == 300
+        hits = await lsh.query(base[42], top_k=2)
+        assert hits[0].id == 42 and hits[0].score == pytest.approx(1.0, abs=1e-4)
+        await lsh.drop()
+
+
+def test_the_cli_exits_non_zero_when_a_server_is_down(tmp_path: Path) -> None:
+    """Run as a user would, in a subprocess: an unreachable Redis or
+    PostgreSQL is a non-zero exit code."""
+    import subprocess
+    import sys
+
+    import port_for
+
+    lshrs_command = str(Path(sys.executable).with_name("lshrs"))  # the console script, as a user runs it
+
+    dead = int(port_for.select_random())
+    env = {"PATH": "/usr/bin:/bin", "LSHRS_REDIS_URL": f"redis://127.0.0.1:{dead}/0", "LSHRS_DIM": str(DIM)}
+    result = subprocess.run(
+        [lshrs_command, "stats"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0, result.stdout
+    assert "Error" in result.stderr + result.stdout or "Connection" in result.stderr, result.stderr[-500:]
+    env["LSHRS_POSTGRES_DSN"] = f"postgresql://postgres@127.0.0.1:{dead}/postgres"
+    env["LSHRS_TABLE"] = "passages"
+    result = subprocess.run(
+        [lshrs_command, "index"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0, result.stdout
