@@ -11,7 +11,6 @@ import numpy as np
 
 from lshrs import LSHRS, Tuning
 from lshrs._family import LearnedFamily
-from lshrs._partition import choose_buckets
 from lshrs.adapters import InMemoryStore
 
 from .datasets import Dataset
@@ -58,9 +57,7 @@ async def lshrs_runs(
     queries, truth = data.queries[:sample], data.truth[:sample]
     for bands, rows in [("kmeans", None), *structures]:
         prefix = f"bench-{bands}-{rows}"
-        # Built in 100k batches: the first batch would size the buckets for
-        # 100k, so the corpus size is given (or index() over a store).
-        options: dict[str, Any] = {"hashing": "kmeans", "buckets": choose_buckets(len(data.base))}
+        options: dict[str, Any] = {"hashing": "kmeans"}
         if bands != "kmeans":
             options = {"hashing": "hyperplane", "expected_size": len(data.base)}
             options.update({k: v for k, v in (("num_bands", bands), ("rows_per_band", rows)) if v is not None})
@@ -68,10 +65,7 @@ async def lshrs_runs(
             await lsh.drop()  # the next call opens the prefix afresh
             before = await redis_memory(url)
             started = time.perf_counter()
-            for start in range(0, len(data.base), 100_000):
-                await lsh.index(
-                    np.arange(start, min(start + 100_000, len(data.base))), data.base[start : start + 100_000]
-                )
+            await lsh.index(np.arange(len(data.base)), data.base)  # one call: a learned index sizes itself from it
             seconds = time.perf_counter() - started
             config = lsh.config
             opened = await lsh._ready()

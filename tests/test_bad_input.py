@@ -95,6 +95,10 @@ async def test_bad_input_is_refused_and_writes_nothing(
         ({"buckets": 0}, ValueError, "buckets must be at least 1"),
         ({"hashing": "hyperplane", "buckets": 64}, ValueError, "buckets= sizes hashing='kmeans'"),
         ({"rerank": 0}, ValueError, "rerank must be at least 1"),
+        ({"timeout": 0}, ValueError, "timeout must be a positive number"),
+        ({"timeout": -1.0}, ValueError, "timeout must be a positive number"),
+        ({"timeout": "10"}, ValueError, "timeout must be a positive number"),
+        ({"timeout": float("nan")}, ValueError, "timeout must be a positive number"),
     ],
 )
 def test_bad_configuration_is_refused(options: dict[str, Any], error: type[Exception], message: str) -> None:

@@ -80,6 +80,8 @@ async def test_empty_index_returns_nothing(make_lsh: Any) -> None:
     lsh = await make_lsh(store=InMemoryStore())
     assert await lsh.query(np.ones(32), top_k=5) == []
     assert await lsh.count() == 0
+    await lsh.index(np.arange(300), clustered(300, 32))
+    assert await lsh.query_many(np.empty((0, 32), np.float32)) == []  # no queries: no answers, no error
 
 
 async def test_delete_removes_every_trace(make_lsh: Any, raw_redis: Any) -> None:

@@ -118,6 +118,10 @@ class LSHRS:
             raise ValueError(f"threshold must be a cosine in (0, 1), got {threshold}")
         if rerank is not None:
             _positive_int("rerank", rerank)
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds (or None for no limit), got {timeout!r}")
         for name, value in (
             ("max_candidates", max_candidates),
             ("batch_size", batch_size),
@@ -309,9 +313,10 @@ class LSHRS:
 
     async def _fit(self, config: IndexConfig, batch: FloatArray | None) -> bytes:
         count = await self._store.count() if self._store is not None else None
-        if batch is not None and len(batch) >= MIN_TRAIN:
-            sample, size = batch, max(len(batch), count or 0)
-        elif self._store is not None and count is not None and count >= MIN_TRAIN:
+        batch_rows = len(batch) if batch is not None else 0
+        if batch is not None and batch_rows >= MIN_TRAIN and batch_rows >= (count or 0):
+            sample, size = batch, batch_rows
+        elif self._store is not None and count is not None and count >= max(MIN_TRAIN, batch_rows):
             rows = await sample_store(self._store, min(count, _TRAIN_ROWS))
             sample, size = as_vectors(rows.vectors, config.dim, what="the training sample"), count
         else:
@@ -498,7 +503,7 @@ class LSHRS:
             self._require_store("top_p")
         opened = await self._adopt_tuning(await self._ready())
         matrix = as_vectors(vectors, opened.config.dim)
-        if opened.family is None or opened.probes is None:  # a learned index with no write yet is empty
+        if opened.family is None or opened.probes is None or not len(matrix):  # nothing to find, or to ask
             return [[] for _ in matrix]
         # A query that asks for more neighbours reads more buckets: recall@100
         # trailed recall@10 by 0.07 at equal probes (measured on minilm-100k).
