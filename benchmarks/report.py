@@ -28,12 +28,12 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for p in result["points"]:
         lines.append(
-            f"| {p['system']} | {p['setting']} | {p['recall@10']:.3f} | {p.get('recall@100', float('nan')):.3f} | "
+            f"| {p['system']} | {p['setting']} | {p['recall@10']:.3f} | {_at_100(p)} | "
             f"{p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | {p['qps64']} |"
         )
     lines += ["", "| build | setting | seconds | vectors/s | memory per vector |", "|---|---|---|---|---|"]
     for b in result["builds"]:
-        setting = b.get("setting") or f"{b['bands']} bands x {b['rows']} rows"
+        setting = b.get("setting") or _shape(b)
         per_s = b.get("vectors_per_s", round(result["size"] / b["build_s"]) if b["build_s"] else "")
         memory = (
             f"{b['redis_bytes_per_vector']} B in Redis"
@@ -47,7 +47,7 @@ def markdown(result: dict[str, Any]) -> str:
         if b.get("share_curve"):
             lines += [
                 "",
-                f"lshrs {b['bands']} x {b['rows']}: recall@10 of 200 held-out queries against the share of the corpus "
+                f"lshrs {_shape(b)}: recall@10 of 200 held-out queries against the share of the corpus "
                 "read as candidates per query (the curve of `tune(0.98, queries=...)`)",
                 "",
                 "| probes | recall@10 | candidate share |",
@@ -78,7 +78,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes = panels[0][0]
     systems: dict[str, list[dict[str, Any]]] = {}
     for p in result["points"]:
-        systems.setdefault(p["system"], []).append(p)
+        systems.setdefault(_series(p), []).append(p)
     for name, points in systems.items():
         points.sort(key=lambda p: p["recall@10"])
         axes.plot([p["recall@10"] for p in points], [p["qps64"] for p in points], marker="o", label=name)
@@ -93,7 +93,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for b in curves:
             xs = [100 * c["share"] for c in b["share_curve"]]
             share.plot(
-                xs, [c["recall@10"] for c in b["share_curve"]], marker="o", label=f"lshrs {b['bands']}x{b['rows']}"
+                xs, [c["recall@10"] for c in b["share_curve"]], marker="o", label=f"lshrs {_shape(b)}"
             )
         share.set_xlabel("candidates read per query, % of the corpus")
         share.set_ylabel("recall@10")
@@ -103,3 +103,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _shape(build: dict[str, Any]) -> str:
+    """A build's index shape: ``kmeans K=6253`` or ``48 bands x 12 rows``."""
+    return str(build.get("shape") or f"{build['bands']} bands x {build['rows']} rows")
+
+
+def _at_100(point: dict[str, Any]) -> str:
+    """recall@100 where it was measured (a search capped below 100 results has none)."""
+    return f"{point['recall@100']:.3f}" if "recall@100" in point else "-"
+
+
+def _series(point: dict[str, Any]) -> str:
+    """Plot series: lshrs's two hash families are two lines."""
+    if point["system"] != "lshrs":
+        return str(point["system"])
+    return "lshrs kmeans" if "kmeans" in point["setting"] else "lshrs hyperplane"

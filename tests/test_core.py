@@ -366,3 +366,24 @@ async def test_max_candidates_bounds_each_shard_and_keeps_the_query_deterministi
     assert 0 < len(first) <= 7 * shards
     assert first[0].id == 0  # the query's own vector is named by every band: it survives any cap
     assert await lsh.query(vectors[0], top_k=100) == first
+
+
+async def test_concurrent_queries_get_what_a_lone_query_gets(make_lsh: Any) -> None:
+    """Queries from many tasks at once are answered in batches: each gets
+    exactly its own hits, a caller that gives up does not disturb the rest,
+    and a bad query fails alone, before it joins a batch."""
+    base = clustered(800, 32)
+    lsh = await make_lsh(store=InMemoryStore())
+    await lsh.index(np.arange(800), base)
+    queries = base[:100] + 0.05 * np.random.default_rng(5).standard_normal((100, 32)).astype(np.float32)
+    alone = [await lsh.query(q, top_k=7) for q in queries]
+    together = await asyncio.gather(*(lsh.query(q, top_k=7) for q in queries))
+    assert together == alone
+    mixed = await asyncio.gather(*(lsh.query(q, top_k=3 + i % 3) for i, q in enumerate(queries[:30])))
+    assert mixed == [alone[i][: 3 + i % 3] for i in range(30)]
+    doomed = asyncio.ensure_future(lsh.query(queries[0], top_k=7))
+    survivors = [asyncio.ensure_future(lsh.query(q, top_k=7)) for q in queries[1:20]]
+    doomed.cancel()
+    assert await asyncio.gather(*survivors) == alone[1:20]
+    bad = await asyncio.gather(lsh.query(np.full(32, np.nan)), lsh.query(queries[0], top_k=7), return_exceptions=True)
+    assert isinstance(bad[0], ValueError) and bad[1] == alone[0]

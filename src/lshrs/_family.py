@@ -129,8 +129,8 @@ class LearnedFamily:
 
     def plan(self, unit_queries: FloatArray, probes: int) -> list[bytes]:
         plans = []
-        for query in unit_queries:
-            buckets = self.partition.probe(query, probes).astype(">u4")
+        for found in self.partition.probe_many(unit_queries, probes):
+            buckets = found.astype(">u4")
             keys = np.zeros((len(buckets), 1 + BUCKET_BYTES), np.uint8)  # table byte 0, then the bucket
             keys[:, 1:] = buckets.view(np.uint8).reshape(-1, BUCKET_BYTES)
             plans.append(keys.tobytes())

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _progress, _scripts
+from ._coalesce import Coalescer
 from ._config import HASHINGS, SKETCH_BITS, IndexConfig, check_prefix, choose_bands, choose_rows
 from ._connect import check_client, connect
 from ._family import Family, HyperplaneFamily, Layout, LearnedFamily, banded_layout, learned_layout
@@ -186,6 +187,7 @@ class LSHRS:
         self._train_lock = asyncio.Lock()
         self._opened: _Opened | None = None
         self._tuning_read = 0.0
+        self._coalescer = Coalescer(self._query_batch)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -487,13 +489,21 @@ class LSHRS:
 
         With a store, candidates are reranked by exact cosine; ``top_p`` keeps the
         best fraction of that reranked pool (``top_k`` still caps it). Without a
-        store, scores are LSH estimates (``Hit.exact`` is False).
+        store, scores are LSH estimates (``Hit.exact`` is False). Queries from
+        concurrent tasks that arrive together are answered as one batch
+        (``_coalesce``); each gets the hits it would get alone.
         """
         config = (await self._ready()).config
         matrix = as_vectors(vector, config.dim, what="vector")
         if len(matrix) != 1:
             raise ValueError(f"query() takes one vector, got {len(matrix)}; use query_many()")
-        return (await self.query_many(matrix, top_k=top_k, top_p=top_p))[0]
+        check_top(top_k, top_p)
+        if top_p is not None:
+            self._require_store("top_p")
+        return await self._coalescer.query(matrix[0], top_k, top_p)
+
+    async def _query_batch(self, matrix: FloatArray, top_k: int, top_p: float | None) -> list[list[Hit]]:
+        return await self.query_many(matrix, top_k=top_k, top_p=top_p)
 
     async def query_many(self, vectors: Any, *, top_k: int = 10, top_p: float | None = None) -> list[list[Hit]]:
         """Many queries at once: one matrix product, Redis reads in flight
