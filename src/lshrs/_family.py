@@ -153,8 +153,12 @@ class LearnedFamily:
         return min(self.partition.buckets, max(PROBE_FLOOR, round(PROBE_FACTOR * math.sqrt(self.partition.buckets))))
 
     def ladder(self) -> list[int]:
-        steps = 8 * 2.0 ** (np.arange(0, 24) / 2)
-        return sorted({min(self.partition.buckets, int(step)) for step in steps})
+        """From 8 buckets, each step about 1.4 times the last, up to 16 times
+        the default (past that a query reads more than ``max_candidates``
+        long before it reads every bucket)."""
+        most = min(self.partition.buckets, 16 * self.default_probes())
+        steps = 8 * 2.0 ** (np.arange(0, 40) / 2)
+        return sorted({min(most, int(step)) for step in steps})
 
 
 PROBE_FACTOR = 2.5

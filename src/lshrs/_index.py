@@ -196,6 +196,7 @@ class ShardedIndex:
             1 + self._layout.key_bytes,
             probe_keys,
             -1 if known is None else known,
+            cap,
         ]
         reply = await self._query(keys=self.script_keys(shard), args=args)
         generation, size, buckets, changed, covered = reply[:5]

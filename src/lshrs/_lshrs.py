@@ -55,6 +55,8 @@ _TRAIN_PER_BUCKET = 8
 #: A learned index holding this many times the vectors its buckets were
 #: sized for has outgrown them (``stats()`` says so).
 OUTGROWN = 4
+#: Queries tune() sends at once.
+_TUNE_BATCH = 16
 #: Seconds between re-reads of the saved tuning by an open client.
 TUNING_REFRESH = 5.0
 #: Default rerank depths (see ``LSHRS._depth``).
@@ -622,7 +624,13 @@ class LSHRS:
         owns: list[int | None] = [None] * len(vectors) if own_ids is None else own_ids.tolist()
         extra = 0 if own_ids is None else 1
         for probes in family.ladder():
-            hits, read = await self._search(opened, vectors, top_k + extra, None, probes)
+            hits, read = [], []
+            for start in range(0, len(vectors), _TUNE_BATCH):  # bounded, so no query waits behind hundreds
+                batch_hits, batch_read = await self._search(
+                    opened, vectors[start : start + _TUNE_BATCH], top_k + extra, None, probes
+                )
+                hits += batch_hits
+                read += batch_read
             found = [[h.id for h in query_hits if h.id != own][:top_k] for query_hits, own in zip(hits, owns)]
             curve.append(TuningPoint(probes, recall(found, truth), float(np.mean(read))))
             if curve[-1].recall >= target_recall or curve[-1].candidates >= total:

@@ -107,7 +107,9 @@ return removed
 # covers little of this shard yet (else 0), the width of one bucket suffix,
 # all the suffixes to read concatenated into one string (a thousand
 # arguments cost the client more to encode than the server to read), and the
-# generation the client's cache knows (-1 for none).
+# generation the client's cache knows (-1 for none), and the most candidates
+# the client keeps (a cold reply carries signatures for about that many, from
+# the first buckets on; the client fetches any others it keeps).
 # Returns {generation, ids in the shard, the non-empty probed buckets, the
 # ids changed since the client's generation, 1 if those are all of them (else
 # the client drops its cached shard)}: the client joins, counts and dedupes
@@ -133,12 +135,13 @@ elseif known >= 0 and gap > 0 and gap <= redis.call('LLEN', KEYS[3]) then
   changed, covered = table.concat(redis.call('LRANGE', KEYS[3], -gap, -1)), 1
 end
 if ARGV[2] == '0' then return {generation, size, buckets, changed, covered} end
-local seen, ids, sigs = {}, {}, {}
+local seen, ids, sigs, cap = {}, {}, {}, tonumber(ARGV[6])
 for _, bucket in ipairs(buckets) do
   for at = 1, #bucket, 8 do
     local id = string.sub(bucket, at, at + 7)
     if not seen[id] then seen[id] = true; ids[#ids + 1] = id end
   end
+  if #ids >= cap then break end
 end
 for start = 1, #ids, 2000 do
   local got = redis.call('HMGET', KEYS[1], unpack(ids, start, math.min(start + 1999, #ids)))
