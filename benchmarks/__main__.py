@@ -62,7 +62,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         url, dsn = redis.url, pg.url
         result["points"].append(systems.numpy_exact(data, args.queries))
         structures = [(b, r) for b in (args.bands or [None]) for r in (args.rows or [None])]
-        points, builds = await systems.lshrs_runs(data, url, structures, args.probes, args.rerank, args.queries)
+        points, builds = await systems.lshrs_runs(
+            data, url, structures, args.probes, args.rerank, args.queries, hyperplanes="hyperplane" not in args.skip
+        )
         result["points"] += points
         result["builds"] += [{"system": "lshrs", **b} for b in builds]
         if "faiss" not in args.skip:
@@ -74,8 +76,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             result["points"] += points
             result["builds"] += builds
         if "stores" not in args.skip:
-            first = structures[0]
-            prefix = f"bench-{first[0]}-{first[1]}"
+            prefix = "bench-kmeans-None"  # the learned index lshrs_runs built: the default family
             rows = min(size, args.store_rows)
             result["stores"] = await stores.compare(data, url, dsn, prefix, rows, min(args.queries, 200))
     result["seconds"] = round(time.time() - started, 1)
@@ -98,7 +99,7 @@ def main() -> None:
         "the default and tune(0.95)'s choice are always added",
     )
     parser.add_argument("--rerank", type=int, nargs="*", default=[256], help="candidates reranked exactly")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["faiss", "pgvector", "stores"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["faiss", "pgvector", "stores", "hyperplane"])
     parser.add_argument("--store-rows", type=int, default=100_000, help="rows per store table in the store comparison")
     parser.add_argument(
         "--scale",

@@ -48,6 +48,7 @@ async def lshrs_runs(
     probe_factors: list[float],
     reranks: list[int],
     sample: int,
+    hyperplanes: bool = True,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Build one learned index and one hyperplane index per (bands, rows)
     structure, then sweep the query-time knobs of each."""
@@ -55,7 +56,7 @@ async def lshrs_runs(
     store = InMemoryStore()
     await store.put(np.arange(len(data.base)), data.base)
     queries, truth = data.queries[:sample], data.truth[:sample]
-    for bands, rows in [("kmeans", None), *structures]:
+    for bands, rows in [("kmeans", None), *(structures if hyperplanes else [])]:
         prefix = f"bench-{bands}-{rows}"
         options: dict[str, Any] = {"hashing": "kmeans"}
         if bands != "kmeans":
