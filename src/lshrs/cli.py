@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +25,7 @@ from ._connect import connect
 from ._index import meta_keys
 from ._lshrs import LSHRS
 from ._tuning import Tuning
-from ._types import Hit, VectorStore
+from ._types import Hit, Rows, VectorStore
 
 T = TypeVar("T")
 
@@ -47,6 +47,48 @@ async def _stored_config(url: str, prefix: str) -> IndexConfig:
     if raw is None:
         raise ValueError(f"no index under prefix {prefix!r} at {url}: build one with 'lshrs index'")
     return IndexConfig.from_json(raw)
+
+
+class NpyStore:
+    """A ``.npy`` file read through a memory map, as a read-only store: a
+    build streams it batch by batch and a learned index samples all of it."""
+
+    def __init__(self, path: Path, ids: Path | None) -> None:
+        self._vectors = np.load(path, mmap_mode="r")
+        if self._vectors.ndim != 2:
+            raise ValueError(f"{path} holds an array of shape {self._vectors.shape}, not (n, dim)")
+        self._ids = np.load(ids).astype(np.int64) if ids else np.arange(len(self._vectors), dtype=np.int64)
+        if len(self._ids) != len(self._vectors):
+            raise ValueError(f"{ids} has {len(self._ids)} ids for {len(self._vectors)} vectors")
+
+    async def dimension(self) -> int | None:
+        return int(self._vectors.shape[1])
+
+    async def count(self) -> int:
+        return len(self._vectors)
+
+    async def fetch(self, ids: np.ndarray) -> Rows:
+        order = np.argsort(self._ids)
+        at = np.searchsorted(self._ids, ids, sorter=order).clip(0, len(order) - 1)
+        rows = order[at][self._ids[order[at]] == ids]
+        return Rows(self._ids[rows], np.asarray(self._vectors[rows], dtype=np.float32))
+
+    async def sample(self, count: int) -> Rows:
+        size = len(self._vectors)
+        rows = np.sort(np.random.default_rng(0).choice(size, min(count, size), replace=False))
+        return Rows(self._ids[rows], np.asarray(self._vectors[rows], dtype=np.float32))
+
+    async def batches(self, batch_size: int) -> AsyncIterator[Rows]:
+        for start in range(0, len(self._vectors), batch_size):
+            stop = start + batch_size
+            yield Rows(self._ids[start:stop], np.asarray(self._vectors[start:stop], dtype=np.float32))
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def _never() -> VectorStore:
+    raise click.UsageError("give exactly one source: --postgres with --table, or --npy")
 
 
 def _postgres(dsn: str | None, table: str | None, options: dict[str, Any]) -> VectorStore | None:
@@ -106,6 +148,12 @@ def main(context: click.Context, redis_url: str, prefix: str) -> None:
 @click.option("--npy", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A (n, dim) .npy file.")
 @click.option("--ids", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A .npy of ids for --npy.")
 @click.option("--shards", type=int, default=None, help="Key groups (Redis Cluster: 4 x masters).")
+@click.option(
+    "--hashing",
+    type=click.Choice(["kmeans", "hyperplane"]),
+    default=None,
+    help="Hash family of a new index: learned k-means buckets (the default) or random hyperplanes.",
+)
 @click.option("--batch-size", type=int, default=10_000, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_obj
@@ -115,6 +163,7 @@ def index(
     npy: Path | None,
     ids: Path | None,
     shards: int | None,
+    hashing: str | None,
     batch_size: int,
     quiet: bool,
 ) -> None:
@@ -123,35 +172,22 @@ def index(
         raise click.UsageError("give exactly one source: --postgres with --table, or --npy")
 
     async def build() -> int:
-        vectors = np.load(npy, mmap_mode="r") if npy else None
-        if store is not None:
-            dim = await store.dimension()
-            count = await store.count()
-        else:
-            assert vectors is not None
-            dim, count = vectors.shape[1], len(vectors)
+        source: VectorStore = store if store is not None else NpyStore(npy, ids) if npy else _never()
+        dim = await source.dimension()
         if dim is None:
             raise ValueError("the table has no vectors to index")
         async with LSHRS(
             dim=dim,
             redis_url=obj["url"],
             prefix=obj["prefix"],
-            store=store,
+            store=source,
+            hashing=hashing,
             shards=shards,
-            expected_size=max(count or 1, 1),
+            expected_size=max(await source.count() or 1, 1),
             batch_size=batch_size,
             progress=not quiet,
         ) as lsh:
-            if vectors is None:
-                return await lsh.index()
-            row_ids = np.load(ids) if ids else np.arange(len(vectors))
-            done = 0
-            for start in range(0, len(vectors), batch_size):  # from the memory map, one batch at a time
-                stop = start + batch_size
-                done += await lsh.index(row_ids[start:stop], np.asarray(vectors[start:stop]), progress=False)
-                if not quiet:
-                    click.echo(f"\rindexed {done:,} of {len(vectors):,}", nl=False, err=True)
-            return done
+            return await lsh.index()  # streamed; a new learned index trains on a random sample first
 
     total = _run(build)
     click.echo(f"\nindexed {total:,} vectors under prefix {obj['prefix']!r}", err=True)
