@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,57 @@ async def test_redis_restart_mid_build_then_rerun_equals_clean_build() -> None:
         async with LSHRS(dim=DIM, redis_url=server.url, prefix="clean") as clean:
             await clean.index(np.arange(6000), BASE)
         assert await signatures_of(server.url, "build") == await signatures_of(server.url, "clean")
+
+
+async def test_a_frozen_redis_fails_within_the_timeout() -> None:
+    """A server that accepts and never answers (SIGSTOP): only the socket
+    timeout ends the call, within its bound and not much later; once the
+    server thaws the same client works again."""
+    with redis_server() as server:
+        async with LSHRS(dim=DIM, redis_url=server.url, store=InMemoryStore(), timeout=1.0) as lsh:
+            await lsh.index(np.arange(500), BASE[:500])
+            pid = server.executor.process.pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises((redis.exceptions.TimeoutError, TimeoutError)):
+                    await asyncio.wait_for(lsh.query(BASE[3], top_k=1), 10)  # fail, not hang, without timeouts
+                elapsed = time.monotonic() - started
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert 0.9 <= elapsed <= 1.6, elapsed
+            assert (await lsh.query(BASE[4], top_k=1))[0].id == 4
+
+
+async def test_redis_killed_during_writes_then_rerun_equals_clean_build() -> None:
+    """SIGKILL, not a shutdown: the server dies while write scripts run. The
+    append-only file brings back whole scripts only, so every id is whole, and
+    re-running the build gives exactly the clean build."""
+    with redis_server("--appendonly", "yes", "--appendfsync", "always") as server:
+        from redis.asyncio import Redis
+
+        lsh = LSHRS(dim=DIM, redis_url=server.url, prefix="killed", batch_size=500, timeout=2.0)
+        build = asyncio.ensure_future(lsh.index(np.arange(6000), BASE))
+        watcher = Redis.from_url(server.url)
+        for _ in range(4000):  # poll: the kill must land while write scripts are running
+            if await watcher.hlen("{killed:0}:s") >= 1500:
+                break
+            await anyio.sleep(0.005)
+        os.kill(server.executor.process.pid, signal.SIGKILL)
+        await watcher.aclose()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await build
+        await lsh.close()
+        server.executor.process.wait()
+        server.executor.process = None  # it died outside mirakuru's hands: let it start a new one
+        await restart(server)
+        partial = await signatures_of(server.url, "killed")  # checks every id is whole
+        assert 1500 <= len(partial) < 6000
+        async with LSHRS(dim=DIM, redis_url=server.url, prefix="killed") as again:
+            assert await again.index(np.arange(6000), BASE) == 6000
+        async with LSHRS(dim=DIM, redis_url=server.url, prefix="clean") as clean:
+            await clean.index(np.arange(6000), BASE)
+        assert await signatures_of(server.url, "killed") == await signatures_of(server.url, "clean")
 
 
 async def test_dropped_redis_fails_fast_and_recovers() -> None:
