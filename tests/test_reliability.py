@@ -53,6 +53,18 @@ async def restart(server: Any) -> None:
     await client.aclose()
 
 
+async def rerun_equals_clean_build(url: str, prefix: str, at_least: int) -> None:
+    """After a build was cut off: what survived is whole ids (``index_state``
+    checks each), and running the build again gives exactly a clean build."""
+    partial = await signatures_of(url, prefix)
+    assert at_least <= len(partial) < 6000
+    async with LSHRS(dim=DIM, redis_url=url, prefix=prefix) as again:
+        assert await again.index(np.arange(6000), BASE) == 6000
+    async with LSHRS(dim=DIM, redis_url=url, prefix="clean") as clean:
+        await clean.index(np.arange(6000), BASE)
+    assert await signatures_of(url, prefix) == await signatures_of(url, "clean")
+
+
 async def test_redis_restart_mid_build_then_rerun_equals_clean_build() -> None:
     with redis_server("--appendonly", "yes", "--appendfsync", "always") as server:
         batches = 0
@@ -68,13 +80,7 @@ async def test_redis_restart_mid_build_then_rerun_equals_clean_build() -> None:
             await lsh.index(np.arange(6000), BASE, progress=stop_after_two)
         await lsh.close()
         await restart(server)  # the append-only file brings back what was acknowledged
-        partial = await signatures_of(server.url, "build")
-        assert 2000 <= len(partial) < 6000
-        async with LSHRS(dim=DIM, redis_url=server.url, prefix="build") as again:
-            assert await again.index(np.arange(6000), BASE) == 6000
-        async with LSHRS(dim=DIM, redis_url=server.url, prefix="clean") as clean:
-            await clean.index(np.arange(6000), BASE)
-        assert await signatures_of(server.url, "build") == await signatures_of(server.url, "clean")
+        await rerun_equals_clean_build(server.url, "build", at_least=2000)
 
 
 async def test_a_frozen_redis_fails_within_the_timeout() -> None:
@@ -119,13 +125,7 @@ async def test_redis_killed_during_writes_then_rerun_equals_clean_build() -> Non
         server.executor.process.wait()
         server.executor.process = None  # it died outside mirakuru's hands: let it start a new one
         await restart(server)
-        partial = await signatures_of(server.url, "killed")  # checks every id is whole
-        assert 1500 <= len(partial) < 6000
-        async with LSHRS(dim=DIM, redis_url=server.url, prefix="killed") as again:
-            assert await again.index(np.arange(6000), BASE) == 6000
-        async with LSHRS(dim=DIM, redis_url=server.url, prefix="clean") as clean:
-            await clean.index(np.arange(6000), BASE)
-        assert await signatures_of(server.url, "killed") == await signatures_of(server.url, "clean")
+        await rerun_equals_clean_build(server.url, "killed", at_least=1500)
 
 
 async def test_dropped_redis_fails_fast_and_recovers() -> None:
