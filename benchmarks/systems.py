@@ -210,8 +210,10 @@ def faiss_runs(data: Dataset, sample: int) -> tuple[list[dict[str, Any]], list[d
             params = faiss.IndexRefineSearchParameters(k_factor=k_factor)
             measure(_WithParams(refine, params), "faiss IndexLSH+refine", f"nbits={nbits}, k_factor={k_factor}")
     # IVFFlat: the closest in-process relative of lshrs's learned buckets,
-    # with the same K (16 vectors a list) and probes around lshrs's default.
-    lists = max(1, len(data.base) // 16)
+    # with the same K (16 vectors a list) and probes around lshrs's default,
+    # up to 8,192 lists: training 62,500 lists at 1M would take about an hour
+    # on two cores.
+    lists = max(1, min(len(data.base) // 16, 8192))
     started = time.perf_counter()
     quantizer = faiss.IndexFlatIP(d)
     ivf = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
