@@ -59,8 +59,6 @@ OUTGROWN = 4
 _TUNE_BATCH = 16
 #: Seconds between re-reads of the saved tuning by an open client.
 TUNING_REFRESH = 5.0
-#: Default rerank depths (see ``LSHRS._depth``).
-RERANK, SMALL_RERANK, SMALL_INDEX = 256, 512, 50_000
 #: How long a write's leases live if its client dies holding them.
 _LEASE_MS = 30_000
 
@@ -296,7 +294,7 @@ class LSHRS:
 
     # -- training ------------------------------------------------------------------
 
-    async def _trained(self, batch: FloatArray | None = None) -> _Opened:
+    async def _trained(self, batch: FloatArray | None = None, report: ProgressCallback | None = None) -> _Opened:
         """The open index with a hash family: a learned index not trained yet
         is fitted now, on ``batch`` if it is large enough, else on a random
         sample of the store. Clients that train at once all adopt the first
@@ -310,12 +308,12 @@ class LSHRS:
                 return opened
             blob = await opened.sharded.centroids()
             if blob is None:
-                blob = await opened.sharded.save_centroids(await self._fit(opened.config, batch))
+                blob = await opened.sharded.save_centroids(await self._fit(opened.config, batch, report))
             trained = await self._with_probes(opened._replace(family=self._learned(blob, opened.config, opened.sketch)))
             self._opened = trained
             return trained
 
-    async def _fit(self, config: IndexConfig, batch: FloatArray | None) -> bytes:
+    async def _fit(self, config: IndexConfig, batch: FloatArray | None, report: ProgressCallback | None) -> bytes:
         count = await self._store.count() if self._store is not None else None
         batch_rows = len(batch) if batch is not None else 0
         if batch is not None and batch_rows >= MIN_TRAIN and batch_rows >= (count or 0):
@@ -334,12 +332,16 @@ class LSHRS:
         if len(sample) > min(_TRAIN_ROWS, _TRAIN_PER_BUCKET * buckets):
             keep = min(_TRAIN_ROWS, _TRAIN_PER_BUCKET * buckets)
             sample = sample[np.random.default_rng(config.seed).choice(len(sample), keep, replace=False)]
-        _progress.logger.info("lshrs: fitting %d buckets on %d vectors", buckets, len(sample))
+        started = asyncio.get_running_loop().time()
+        say = _progress.note if report else _progress.logger.info
+        say(f"fitting {buckets:,} buckets on {len(sample):,} sampled vectors of {size:,}")
 
         def work() -> bytes:
             return fit(sample, buckets, seed=config.seed, trained_for=size).to_bytes()
 
-        return await anyio.to_thread.run_sync(work)
+        blob = await anyio.to_thread.run_sync(work)
+        say(f"fitted {buckets:,} buckets in {asyncio.get_running_loop().time() - started:.1f} s")
+        return blob
 
     # -- writing -------------------------------------------------------------------
 
@@ -396,7 +398,7 @@ class LSHRS:
         id_array = as_ids(ids)
         matrix = as_vectors(vectors, config.dim)
         check_batch(id_array, matrix, texts)
-        opened = await self._trained(matrix)
+        opened = await self._trained(matrix, report)
         for start in range(0, len(id_array), self._batch_size):
             stop = start + self._batch_size
             chunk = id_array[start:stop]
@@ -413,7 +415,7 @@ class LSHRS:
         """A three-stage pipeline: batch i+2 is read from the store while batch
         i+1 is hashed in a worker thread and batch i is written to Redis."""
         store = self._require_store("index() with no arguments")
-        opened = await self._trained()
+        opened = await self._trained(None, report)
         family, index, dim = opened.family, opened.sharded, opened.config.dim
         assert family is not None
         total = await store.count()
@@ -543,13 +545,8 @@ class LSHRS:
         """Candidates reranked exactly: ``rerank`` for the usual top 10, and
         as many more as a larger ``top_k`` needs (recall@100 fell to 0.78
         where recall@10 was 0.97 when 256 were reranked whatever was asked).
-        Left unset, 512 below 50,000 vectors and 256 above: a small corpus
-        has sparser neighbourhoods, which the sketch orders less sharply
-        (recall@10 at 10k real embeddings: 0.940 with 256, 0.955 with 512),
-        and fetching 512 rows of a small table is cheap."""
-        rerank = self._rerank
-        if rerank is None:
-            rerank = SMALL_RERANK if opened.size < SMALL_INDEX else RERANK
+        Left unset, it follows the index size (:func:`default_rerank`)."""
+        rerank = self._rerank if self._rerank is not None else default_rerank(opened.size)
         return max(rerank, math.ceil(rerank * top_k / 10))
 
     async def _search(
@@ -738,6 +735,21 @@ class LSHRS:
                 deleted += await client.delete(*keys[start : start + 500])
         self._opened = None
         return deleted
+
+
+def default_rerank(size: int) -> int:
+    """Candidates reranked per 10 hits asked, by index size: 512 below 50,000
+    vectors, 256 up to 250,000, then growing with the index up to 1,024 at 1M.
+
+    The true neighbours must survive the sketch's Hamming ranking among ever
+    more candidates. Measured with real queries: at 10k, 0.940 with 256 and
+    0.955 with 512 (a small corpus has sparser neighbourhoods, and fetching
+    512 rows of a small table is cheap); at 100k, 0.969 with 256; at 1M
+    (generated base), 0.944 with 256 and 0.963 with 1,024 at the same probes
+    (benchmarks/results/minilm-1M.md)."""
+    if size < 50_000:
+        return 512
+    return round(256 * min(4.0, max(1.0, size / 250_000)))
 
 
 def _sketch_bits(config: IndexConfig) -> int:

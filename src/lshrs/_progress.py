@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from ._types import ProgressCallback
@@ -39,3 +40,10 @@ def resolve(progress: bool | ProgressCallback | None) -> ProgressCallback | None
     if not callable(progress):
         raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
     return progress
+
+
+def note(message: str) -> None:
+    """One line on stderr for a step with no count to show (fitting the
+    buckets), for callers who asked for progress; logged as well."""
+    logger.info(message)
+    print(f"lshrs: {message}", file=sys.stderr, flush=True)
