@@ -8,9 +8,10 @@ import itertools
 from typing import Any
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from conftest import clustered, index_state
 from lshrs import LSHRS
@@ -30,6 +31,19 @@ operations = st.lists(
     ),
     min_size=1,
     max_size=20,
+)
+#: Ids written at once by a bulk step: over 500 a shard on 2 shards, so the
+#: writes are split into several script calls (``_index.WRITE_CHUNK``).
+BULK = 1100
+cluster_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("bulk"), st.integers(min_value=0, max_value=3)),
+        st.tuples(st.just("ingest"), IDS, ROWS),
+        st.tuples(st.just("delete"), st.lists(st.one_of(IDS, st.integers(100, 100 + 4 * BULK)), max_size=5)),
+        st.tuples(st.just("query"), ROWS),
+    ),
+    min_size=1,
+    max_size=6,
 )
 _prefixes = itertools.count()
 
@@ -52,19 +66,24 @@ def reference_record(vector: Any, projection: Any, bands: int, rows: int) -> byt
     return out
 
 
-async def play(url: str, steps: list[tuple[Any, ...]]) -> None:
-    client = Redis.from_url(url)
+async def play(url: str, steps: list[tuple[Any, ...]], shards: int = 1) -> None:
+    client: Any = Redis.from_url(url) if shards == 1 else RedisCluster.from_url(url)
     store = InMemoryStore()
     prefix = f"prop{next(_prefixes)}"
-    options = {"expected_size": 1000, "hashing": "hyperplane"}
+    options = {"expected_size": 1000, "hashing": "hyperplane", "shards": shards}
     async with LSHRS(dim=DIM, redis_url=url, prefix=prefix, store=store, **options) as lsh:  # type: ignore[arg-type]
         config = lsh.config
         raw = await client.get(f"{{{prefix}}}:proj")
         projection = np.frombuffer(raw, "<f4").reshape(DIM, config.num_bands * config.rows_per_band).tolist()
+        expected = [reference_record(v, projection, config.num_bands, config.rows_per_band) for v in VECTORS]
         model: dict[int, int] = {}
         for step in steps:
             kind = step[0]
-            if kind == "ingest":
+            if kind == "bulk":
+                ids = np.arange(100 + step[1] * BULK, 100 + (step[1] + 1) * BULK)
+                await lsh.index(ids, VECTORS[ids % len(VECTORS)])
+                model.update({int(i): int(i) % len(VECTORS) for i in ids})
+            elif kind == "ingest":
                 await lsh.ingest(step[1], VECTORS[step[2]])
                 model[step[1]] = step[2]
             elif kind == "index":
@@ -85,7 +104,7 @@ async def play(url: str, steps: list[tuple[Any, ...]]) -> None:
             state = await index_state(client, lsh)  # buckets and signatures agree
             assert set(state) == set(model)
             for id_, row in model.items():
-                assert state[id_] == reference_record(VECTORS[row], projection, config.num_bands, config.rows_per_band)
+                assert state[id_] == expected[row]
             assert len(store) == len(model)
         await lsh.drop()
     await client.aclose()
@@ -95,6 +114,17 @@ async def play(url: str, steps: list[tuple[Any, ...]]) -> None:
 @given(steps=operations)
 def test_random_operations_match_a_dict_model(redis_proc: Any, steps: list[tuple[Any, ...]]) -> None:
     asyncio.run(play(f"redis://{redis_proc.host}:{redis_proc.port}/3", steps))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=cluster_operations)
+@example(steps=[("bulk", 0), ("delete", [100, 101, 102]), ("bulk", 1), ("ingest", 150, 3), ("query", 3)])
+def test_random_operations_on_a_cluster_match_a_dict_model(
+    cluster_ports: list[int], steps: list[tuple[Any, ...]]
+) -> None:
+    """The same model check on the 3-master cluster, ids over 2 shards, with
+    bulk writes larger than one script call takes."""
+    asyncio.run(play(f"redis://127.0.0.1:{cluster_ports[0]}/0", steps, shards=2))
 
 
 def test_the_property_test_catches_a_lost_delete(redis_proc: Any) -> None:
