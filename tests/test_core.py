@@ -387,3 +387,19 @@ async def test_concurrent_queries_get_what_a_lone_query_gets(make_lsh: Any) -> N
     assert await asyncio.gather(*survivors) == alone[1:20]
     bad = await asyncio.gather(lsh.query(np.full(32, np.nan)), lsh.query(queries[0], top_k=7), return_exceptions=True)
     assert isinstance(bad[0], ValueError) and bad[1] == alone[0]
+
+
+async def test_rerank_depth_follows_the_size_the_query_scripts_report(make_lsh: Any) -> None:
+    """The default rerank depth is sized from the index as the query scripts
+    just reported it, so a client opened on an empty prefix still sizes it
+    from what was indexed since."""
+    from lshrs._lshrs import default_rerank
+
+    lsh = await make_lsh(store=InMemoryStore())  # opened empty
+    base = clustered(600, 32)
+    await lsh.index(np.arange(600), base)
+    await lsh.query(base[0])
+    index = (await lsh._ready()).sharded
+    assert index.reported_size() == 600
+    assert lsh._depth(index, 10) == 512 and lsh._depth(index, 100) == 5120
+    assert [default_rerank(n) for n in (49_999, 100_000, 500_000, 1_000_000, 6_400_000)] == [512, 256, 512, 1024, 1024]

@@ -148,6 +148,10 @@ class SignatureCache:
         if room > 0:
             cached.pending.append((ids[:room].copy(), signatures[:room].copy()))
 
+    def indexed(self) -> int:
+        """Ids in the index, as the shards' latest query replies reported them."""
+        return sum(cached.shard_size for cached in self._shards)
+
     def lookup(self, shard: int, ids: IdArray) -> tuple[ByteArray, npt.NDArray[np.bool_]]:
         """Signatures of ``ids`` (zeros where missing) and the mask of the missing."""
         cached = self._shards[shard]

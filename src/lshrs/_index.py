@@ -226,6 +226,11 @@ class ShardedIndex:
         keep[rows] = True
         return Candidates(ids[keep], signatures[keep])
 
+    def reported_size(self) -> int:
+        """Ids in the index as the query scripts last reported them (each
+        reply carries its shard's size): free, and current after any query."""
+        return self._cache.indexed()
+
     async def warm(self, batch: int = 10_000) -> int:
         """Load every stored signature into the cache (an HSCAN per shard), so
         that queries read only bucket ids from Redis. Returns how many were loaded."""

@@ -42,7 +42,6 @@ class _Opened(NamedTuple):
     sketch: FloatArray  # the stored projection: bands' hyperplanes, or the learned family's sketch
     sharded: ShardedIndex
     probes: int | None  # buckets a query reads: probes=, else the saved tuning, else the family's default
-    size: int = 0  # vectors the index held when opened or trained: sizes the default rerank depth
 
 
 #: A learned index fits its partition on at least this many vectors.
@@ -260,8 +259,7 @@ class LSHRS:
         if probes is None and opened.family is not None:
             saved = await opened.sharded.saved_tuning()
             probes = Tuning.from_json(saved).probes if saved else opened.family.default_probes()
-        size = opened.family.partition.trained_for if isinstance(opened.family, LearnedFamily) else 0
-        return opened._replace(probes=probes, size=max(size, await opened.sharded.count()))
+        return opened._replace(probes=probes)
 
     async def close(self) -> None:
         """Close the Redis client lshrs opened (not one passed in) and the store."""
@@ -322,15 +320,15 @@ class LSHRS:
             rows = await sample_store(self._store, min(count, _TRAIN_ROWS))
             sample, size = as_vectors(rows.vectors, config.dim, what="the training sample"), count
         else:
-            have = max(len(batch) if batch is not None else 0, count or 0)
+            have = max(batch_rows, count or 0)
             raise ValueError(
                 f"a k-means index learns its buckets from its first write, which needs at least {MIN_TRAIN} "
                 f"vectors (this one has {have}): index() a larger first batch, or a store that holds them, "
                 "or open the index with hashing='hyperplane', which needs no training"
             )
         buckets = self._buckets or choose_buckets(size)
-        if len(sample) > min(_TRAIN_ROWS, _TRAIN_PER_BUCKET * buckets):
-            keep = min(_TRAIN_ROWS, _TRAIN_PER_BUCKET * buckets)
+        keep = min(_TRAIN_ROWS, _TRAIN_PER_BUCKET * buckets)
+        if len(sample) > keep:
             sample = sample[np.random.default_rng(config.seed).choice(len(sample), keep, replace=False)]
         started = asyncio.get_running_loop().time()
         say = _progress.note if report else _progress.logger.info
@@ -399,10 +397,12 @@ class LSHRS:
         matrix = as_vectors(vectors, config.dim)
         check_batch(id_array, matrix, texts)
         opened = await self._trained(matrix, report)
+        family = opened.family
+        assert family is not None
         for start in range(0, len(id_array), self._batch_size):
             stop = start + self._batch_size
             chunk = id_array[start:stop]
-            records = await self._records(opened.family, matrix[start:stop])  # type: ignore[arg-type]
+            records = await self._records(family, matrix[start:stop])
             async with self._leased(opened.sharded, chunk):
                 if isinstance(self._store, WritableStore):
                     await self._store.put(chunk, matrix[start:stop], None if texts is None else texts[start:stop])
@@ -501,9 +501,7 @@ class LSHRS:
         matrix = as_vectors(vector, config.dim, what="vector")
         if len(matrix) != 1:
             raise ValueError(f"query() takes one vector, got {len(matrix)}; use query_many()")
-        check_top(top_k, top_p)
-        if top_p is not None:
-            self._require_store("top_p")
+        self._check_options(top_k, top_p)  # here, so a bad call fails alone, before it joins a batch
         return await self._coalescer.query(matrix[0], top_k, top_p)
 
     async def _query_batch(self, matrix: FloatArray, top_k: int, top_p: float | None) -> list[list[Hit]]:
@@ -512,9 +510,7 @@ class LSHRS:
     async def query_many(self, vectors: Any, *, top_k: int = 10, top_p: float | None = None) -> list[list[Hit]]:
         """Many queries at once: one matrix product, Redis reads in flight
         together, and one store round trip for all their candidates."""
-        check_top(top_k, top_p)
-        if top_p is not None:
-            self._require_store("top_p")
+        self._check_options(top_k, top_p)
         opened = await self._adopt_tuning(await self._ready())
         matrix = as_vectors(vectors, opened.config.dim)
         if opened.family is None or opened.probes is None or not len(matrix):  # nothing to find, or to ask
@@ -524,6 +520,11 @@ class LSHRS:
         probes = math.ceil(opened.probes * math.sqrt(max(1.0, top_k / 10)))
         hits, _ = await self._search(opened, matrix, top_k, top_p, probes)
         return hits
+
+    def _check_options(self, top_k: int, top_p: float | None) -> None:
+        check_top(top_k, top_p)
+        if top_p is not None:
+            self._require_store("top_p")
 
     async def _adopt_tuning(self, opened: _Opened) -> _Opened:
         """Follow a ``tune()`` run by another client: without ``probes=``, the
@@ -541,12 +542,13 @@ class LSHRS:
             self._opened = opened = opened._replace(probes=probes)
         return opened
 
-    def _depth(self, opened: _Opened, top_k: int) -> int:
+    def _depth(self, index: ShardedIndex, top_k: int) -> int:
         """Candidates reranked exactly: ``rerank`` for the usual top 10, and
         as many more as a larger ``top_k`` needs (recall@100 fell to 0.78
         where recall@10 was 0.97 when 256 were reranked whatever was asked).
-        Left unset, it follows the index size (:func:`default_rerank`)."""
-        rerank = self._rerank if self._rerank is not None else default_rerank(opened.size)
+        Left unset, it follows the index size that the query scripts just
+        reported (:func:`default_rerank`)."""
+        rerank = self._rerank if self._rerank is not None else default_rerank(index.reported_size())
         return max(rerank, math.ceil(rerank * top_k / 10))
 
     async def _search(
@@ -562,7 +564,7 @@ class LSHRS:
         else:
             keys = family.plan(unit, probes)
         found = await asyncio.gather(*(index.candidates(k, self._max_candidates) for k in keys))
-        depth = self._depth(opened, top_k) if self._store is not None else top_k
+        depth = self._depth(index, top_k) if self._store is not None else top_k
         shortlists = []
         for candidates, record in zip(found, records):
             distance = family.distances(candidates.signatures, record)

@@ -87,21 +87,18 @@ class InMemoryStore:
 
     async def fetch(self, ids: npt.NDArray[np.int64]) -> Rows:
         """The rows of ``ids`` that exist, in the order given."""
-        get = self._row_of.get
-        rows = [r for r in map(get, ids.tolist()) if r is not None]
+        rows = [r for r in map(self._row_of.get, ids.tolist()) if r is not None]
         dim = 0 if self._vectors is None else self._vectors.shape[1]
         if self._vectors is None or not rows:
             return Rows(np.empty(0, np.int64), np.empty((0, dim), np.float32), [])
         at = np.asarray(rows, dtype=np.int64)
-        texts = self._texts
-        return Rows(self._ids[at], self._vectors.take(at, axis=0), [texts[r] for r in rows])
+        return Rows(self._ids[at], self._vectors[at], [self._texts[r] for r in rows])
 
     async def sample(self, count: int, seed: int = 0) -> Rows:
         """``count`` distinct random rows, to fit a learned partition on."""
-        at = np.sort(np.random.default_rng(seed).choice(self._size, min(count, self._size), replace=False))
-        dim = 0 if self._vectors is None else self._vectors.shape[1]
         if self._vectors is None:
-            return Rows(np.empty(0, np.int64), np.empty((0, dim), np.float32))
+            return Rows(np.empty(0, np.int64), np.empty((0, 0), np.float32))
+        at = np.sort(np.random.default_rng(seed).choice(self._size, min(count, self._size), replace=False))
         return Rows(self._ids[at].copy(), self._vectors[at].copy())
 
     async def batches(self, batch_size: int) -> AsyncIterator[Rows]:
