@@ -403,3 +403,15 @@ async def test_rerank_depth_follows_the_size_the_query_scripts_report(make_lsh: 
     assert index.reported_size() == 600
     assert lsh._depth(index, 10) == 512 and lsh._depth(index, 100) == 5120
     assert [default_rerank(n) for n in (49_999, 100_000, 500_000, 1_000_000, 6_400_000)] == [512, 256, 512, 1024, 1024]
+
+
+async def test_stats_says_when_a_learned_index_outgrew_its_buckets(make_lsh: Any) -> None:
+    base = clustered(1600, 32)
+    lsh = await make_lsh(hashing="kmeans")
+    await lsh.index(np.arange(300), base[:300])  # the buckets are sized for 300 vectors
+    stats = await lsh.stats()
+    assert stats["trained_for"] == 300 and stats["outgrown"] is False and "advice" not in stats
+    await lsh.index(np.arange(300, 1201), base[300:1201])  # 1,201 > 4 x 300
+    stats = await lsh.stats()
+    assert stats["outgrown"] is True and "sized for 300" in stats["advice"]
+    assert 0 < stats["largest_bucket"] < 1201

@@ -127,3 +127,21 @@ def test_cli_index_query_stats_drop(postgres_dsn: str, redis_proc: Any, tmp_path
     assert result.exit_code == 0 and "deleted" in result.output
     result = runner.invoke(cli, ["index"], env={**env, "LSHRS_POSTGRES_DSN": ""})
     assert result.exit_code == 2 and "exactly one source" in result.output
+
+
+def test_cli_index_npy_takes_the_hash_family(redis_proc: Any, tmp_path: Path) -> None:
+    """``--hashing`` picks the family of a new index built from a .npy file;
+    the learned build says on stderr what it fits."""
+    np.save(tmp_path / "vectors.npy", BASE[:300])
+    env = {"LSHRS_REDIS_URL": f"redis://{redis_proc.host}:{redis_proc.port}/2"}
+    runner = CliRunner()
+    for prefix, hashing in (("npy-banded", "hyperplane"), ("npy-learned", "kmeans")):
+        runner.invoke(cli, ["--prefix", prefix, "drop", "--yes"], env=env)
+        built = runner.invoke(
+            cli, ["--prefix", prefix, "index", "--npy", str(tmp_path / "vectors.npy"), "--hashing", hashing], env=env
+        )
+        assert built.exit_code == 0, built.output
+        assert ("fitting" in built.output) == (hashing == "kmeans"), built.output
+        stats = json.loads(runner.invoke(cli, ["--prefix", prefix, "stats"], env=env).output)
+        assert stats["config"]["hashing"] == hashing and stats["vectors"] == 300
+        runner.invoke(cli, ["--prefix", prefix, "drop", "--yes"], env=env)
