@@ -415,3 +415,19 @@ async def test_stats_says_when_a_learned_index_outgrew_its_buckets(make_lsh: Any
     stats = await lsh.stats()
     assert stats["outgrown"] is True and "sized for 300" in stats["advice"]
     assert 0 < stats["largest_bucket"] < 1201
+
+
+def test_a_capped_learned_query_cuts_its_boundary_bucket_by_id() -> None:
+    """Whole buckets in probe order, then the smallest ids of the bucket that
+    crosses the cap, whatever order the writes left inside it."""
+    from lshrs._index import nearest_buckets, packed_id
+
+    def bucket(*ids: int) -> bytes:
+        return b"".join(packed_id(i) for i in ids)
+
+    buckets = [bucket(9, 4), bucket(30, 7, 12), bucket(1, 2)]
+    assert nearest_buckets(buckets, 10).tolist() == [9, 4, 30, 7, 12, 1, 2]
+    assert nearest_buckets(buckets, 4).tolist() == [9, 4, 7, 12]
+    assert nearest_buckets(list(reversed(buckets[:2])), 4).tolist() == [30, 7, 12, 4]
+    assert nearest_buckets(buckets, 2).tolist() == [9, 4]
+    assert nearest_buckets(buckets, 1).tolist() == [4]

@@ -41,7 +41,7 @@ async def test_a_capped_query_keeps_the_nearest_candidates(make_lsh: Any) -> Non
     """With ``max_candidates`` far below what the probes read, a stored
     vector still finds itself first, whatever its id (a cap that kept the
     smallest ids passed a test that only ever queried id 0)."""
-    base = np.random.default_rng(3).standard_normal((2000, DIM)).astype(np.float32)
+    base = clustered(2000, DIM, centers=100, seed=3)
     cap = 64  # four learned buckets' worth, far below the 400 probes' ids
     lsh = await make_lsh(max_candidates=cap, probes=400, store=InMemoryStore(), rerank=1000)
     await lsh.index(np.arange(2000), base)

@@ -203,13 +203,10 @@ class ShardedIndex:
         self._cache.observe(shard, int(generation), int(size), known, parse_ids(changed) if covered else None)
         if cold and reply[5]:  # the script read these in the same atomic step as the buckets
             self._cache.add(shard, parse_ids(reply[5]), self._signature_rows(reply[6]))
-        named = parse_ids(b"".join(buckets))
         if self._layout.tables == 1:
-            # One table: each id is in one bucket, and the buckets come best
-            # first, so a cap keeps the ids of the nearest buckets.
-            ids = named[:cap]
+            ids = nearest_buckets(buckets, cap)
         else:
-            ids, hits = count_ids(named)
+            ids, hits = count_ids(parse_ids(b"".join(buckets)))
             if len(ids) > cap:
                 ids = most_named(ids, hits, cap)
         signatures, missing = self._cache.lookup(shard, ids)
@@ -338,6 +335,22 @@ def count_ids(ids: IdArray) -> tuple[IdArray, npt.NDArray[np.int64]]:
     np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
     starts = np.flatnonzero(first)
     return ordered[starts].astype(np.int64), np.diff(starts, append=len(ordered))
+
+
+def nearest_buckets(buckets: Sequence[bytes], cap: int) -> IdArray:
+    """With one table each id is in one bucket, and the buckets come best
+    first: a capped query keeps whole buckets in that order and, from the
+    bucket that crosses the cap, its smallest ids. The order of ids inside a
+    bucket depends on which write reached Redis first, so cutting it as it
+    stands would make a capped query differ from run to run."""
+    named = parse_ids(b"".join(buckets))
+    if len(named) <= cap:
+        return named
+    ends = np.cumsum([len(bucket) // 8 for bucket in buckets])
+    whole = int(np.searchsorted(ends, cap, side="right"))  # buckets that fit whole
+    start = int(ends[whole - 1]) if whole else 0
+    boundary = np.sort(named[start : int(ends[whole])])[: cap - start]
+    return np.concatenate([named[:start], boundary])
 
 
 def most_named(ids: IdArray, hits: npt.NDArray[np.int64], cap: int) -> IdArray:
