@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from lshrs import LSHRS, Hit
+from lshrs import LSHRS, Hit, Overloaded
 from lshrs.adapters import PostgresStore
 
 
@@ -52,6 +53,13 @@ def create_app(
             yield
 
     app = FastAPI(title="lshrs search", lifespan=lifespan)
+
+    @app.exception_handler(TimeoutError)
+    async def late(request: Request, exc: Exception) -> JSONResponse:
+        # A call past its deadline, or refused by an overloaded client: the
+        # caller should retry shortly; neither is a bug of this service.
+        status = 503 if isinstance(exc, Overloaded) else 504
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers={"Retry-After": "1"})
 
     async def row_vector(request: Request, id_: int) -> np.ndarray:
         rows = await request.app.state.store.fetch(np.array([id_], dtype=np.int64))

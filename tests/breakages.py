@@ -31,23 +31,23 @@ BREAKAGES = [
     (
         "index() writes the index before the store",
         "src/lshrs/_lshrs.py",
-        "                if isinstance(self._store, WritableStore):\n"
-        "                    await self._store.put(chunk, matrix[start:stop], None if texts is None else texts[start:stop])\n"
-        "                await opened.sharded.upsert(chunk, records)",
-        "                await opened.sharded.upsert(chunk, records)\n"
-        "                if isinstance(self._store, WritableStore):\n"
-        "                    await self._store.put(chunk, matrix[start:stop], None if texts is None else texts[start:stop])",
+        "                    if isinstance(self._store, WritableStore):\n"
+        "                        await self._store.put(chunk, matrix[start:stop], None if texts is None else texts[start:stop])\n"
+        "                    await opened.sharded.upsert(chunk, records)",
+        "                    await opened.sharded.upsert(chunk, records)\n"
+        "                    if isinstance(self._store, WritableStore):\n"
+        "                        await self._store.put(chunk, matrix[start:stop], None if texts is None else texts[start:stop])",
         "test_regressions.py -k store_write",
     ),
     (
         "delete() empties the store before the index",
         "src/lshrs/_lshrs.py",
-        "            removed = await index.delete(id_array)\n"
-        "            if isinstance(self._store, WritableStore):\n"
-        "                await self._store.remove(id_array)",
-        "            if isinstance(self._store, WritableStore):\n"
-        "                await self._store.remove(id_array)\n"
-        "            removed = await index.delete(id_array)",
+        "                    removed = await index.delete(id_array)\n"
+        "                    if isinstance(self._store, WritableStore):\n"
+        "                        await self._store.remove(id_array)",
+        "                    if isinstance(self._store, WritableStore):\n"
+        "                        await self._store.remove(id_array)\n"
+        "                    removed = await index.delete(id_array)",
         "test_regressions.py -k index_delete",
     ),
     ("no write leases", "src/lshrs/_lshrs.py",
@@ -72,6 +72,21 @@ BREAKAGES = [
     ("Postgres SELECT from raw, unquoted names", "src/lshrs/adapters/_postgres.py",
      "        id_sql, vec_sql = quote_ident(id_column), quote_ident(vector_column)",
      "        id_sql, vec_sql = id_column, vector_column", "test_regressions.py -k quoted"),
+    ("no deadline per call", "src/lshrs/_admission.py",
+     "anyio.CancelScope(deadline=anyio.current_time() + seconds)", "anyio.CancelScope()",
+     "test_deadlines.py -k own_deadline"),
+    ("the admission queue unbounded", "src/lshrs/_admission.py",
+     "if len(self._waiting) >= WAITING_PER_SLOT * self.limit:", "if False:", "test_deadlines.py -k overload"),
+    ("a wait past the deadline queued", "src/lshrs/_admission.py",
+     "if remaining is not None and self._expected_wait() > remaining:", "if False:",
+     "test_deadlines.py -k would_pass"),
+    ("a write cancelled between store and index", "src/lshrs/_lshrs.py",
+     "    return anyio.CancelScope(shield=True)", "    return anyio.CancelScope()", "test_deadlines.py -k cut"),
+    ("a flushed index unnoticed", "src/lshrs/_lshrs.py",
+     "if config is None or IndexConfig.from_json(config) != opened.config:", "if False:",
+     "test_deadlines.py -k flushed"),
+    ("a failed build raises an ExceptionGroup", "src/lshrs/_lshrs.py",
+     "            raise _cause(failed) from None", "            raise", "test_deadlines.py -k streamed_build"),
 ]  # fmt: skip
 
 

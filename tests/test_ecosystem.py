@@ -104,6 +104,8 @@ def test_cli_index_query_stats_drop(postgres_dsn: str, redis_proc: Any, tmp_path
     assert result.exit_code == 0, result.output
     first = json.loads(result.output.splitlines()[0])
     assert first["id"] == 5 and first["text"] == "text 5" and first["exact"]
+    result = runner.invoke(cli, ["query", "--id", "987654", "--top-k", "3"], env=env)
+    assert result.exit_code == 1 and "row 987654 is not in the table" in result.output
     np.save(tmp_path / "q.npy", BASE[8])
     result = runner.invoke(cli, ["query", "--vector-file", str(tmp_path / "q.npy"), "--top-k", "1"], env=env)
     assert result.exit_code == 0 and result.output.split()[1] == "8"

@@ -6,6 +6,7 @@ rerank a query's few best candidates by exact cosine.
 """
 
 from ._config import IndexConfig, collision_probability
+from ._errors import IndexMissing, Overloaded
 from ._lshrs import LSHRS
 from ._tuning import Tuning, TuningPoint
 from ._types import Hit, ProgressCallback, Rows, VectorStore, WritableStore
@@ -14,6 +15,8 @@ __all__ = [
     "LSHRS",
     "Hit",
     "IndexConfig",
+    "IndexMissing",
+    "Overloaded",
     "ProgressCallback",
     "Rows",
     "Tuning",

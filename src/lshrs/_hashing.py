@@ -71,12 +71,6 @@ class Bands:
         padded[:, :, : self.rows] = bits.reshape(n, self.num_bands, self.rows)
         return np.packbits(padded, axis=-1).reshape(n, self.signature_bytes)
 
-    def band_keys(self, signature: ByteArray) -> list[bytes]:
-        """Bucket suffixes of one signature: band index byte + band value bytes."""
-        width = self.band_bytes
-        raw = signature.tobytes()
-        return [bytes((j,)) + raw[j * width : (j + 1) * width] for j in range(self.num_bands)]
-
 
 def project(vectors: FloatArray, projection: FloatArray) -> FloatArray:
     """One matrix product for the whole batch; its signs are the signature bits."""

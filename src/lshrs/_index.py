@@ -157,22 +157,6 @@ class ShardedIndex:
         """Remove every bucket membership and the signature; returns how many existed."""
         return await self._per_shard(ids, None, self._delete)
 
-    async def signatures(self, ids: IdArray) -> list[bytes | None]:
-        """Stored signatures of ``ids`` (None where absent), in order."""
-        shard_of = self.shard_of(ids)
-        out: list[bytes | None] = [None] * len(ids)
-
-        async def read(shard: int) -> None:
-            rows = np.flatnonzero(shard_of == shard)
-            if len(rows):
-                async with self._in_flight:
-                    got = await self._client.hmget(self.signature_key(shard), [packed_id(i) for i in ids[rows]])
-                for row, sig in zip(rows, got):
-                    out[row] = sig if isinstance(sig, bytes) else None
-
-        await asyncio.gather(*(read(s) for s in range(self._shards)))
-        return out
-
     async def candidates(self, probe_keys: bytes, cap: int) -> Candidates:
         """Ids in the probed buckets (``probe_keys``: fixed-width bucket suffixes,
         concatenated) with their signatures: one script per shard,
@@ -289,8 +273,12 @@ class ShardedIndex:
         return np.sort(np.random.default_rng().permutation(ids)[:count])
 
     async def saved_tuning(self) -> bytes | None:
-        saved = await self._client.get(tuning_key(self._prefix))
-        return saved if isinstance(saved, bytes) else None
+        return _bytes(await self._client.get(tuning_key(self._prefix)))
+
+    async def config_and_tuning(self) -> tuple[bytes | None, bytes | None]:
+        """The stored configuration and tuning in one round trip (one hash tag)."""
+        config, tuning = await self._client.mget(meta_keys(self._prefix)[0], tuning_key(self._prefix))
+        return _bytes(config), _bytes(tuning)
 
     async def save_tuning(self, tuning: bytes) -> None:
         await self._client.set(tuning_key(self._prefix), tuning)
@@ -362,3 +350,7 @@ def most_named(ids: IdArray, hits: npt.NDArray[np.int64], cap: int) -> IdArray:
     keep = hits > cut
     keep[np.flatnonzero(hits == cut)[: cap - int(keep.sum())]] = True
     return ids[keep]
+
+
+def _bytes(reply: object) -> bytes | None:
+    return reply if isinstance(reply, bytes) else None

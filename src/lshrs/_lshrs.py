@@ -8,7 +8,10 @@ import dataclasses
 import functools
 import math
 import random
+import re
 import secrets
+import sys
+import warnings
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -17,11 +20,14 @@ import anyio
 import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
+from redis.exceptions import RedisError
 
 from . import _progress, _scripts
+from ._admission import Admission, check_timeout, deadline
 from ._coalesce import Coalescer
 from ._config import HASHINGS, SKETCH_BITS, IndexConfig, check_prefix, choose_bands, choose_rows
 from ._connect import check_client, connect
+from ._errors import IndexMissing
 from ._family import Family, HyperplaneFamily, Layout, LearnedFamily, banded_layout, learned_layout
 from ._hashing import Bands, make_projection
 from ._index import Client, ShardedIndex, meta_keys
@@ -30,6 +36,9 @@ from ._sampling import sample_store
 from ._tuning import Tuning, TuningPoint, exact_neighbours, recall
 from ._types import Hit, ProgressCallback, Rows, VectorStore, WritableStore
 from ._validate import as_id, as_ids, as_vectors, check_batch, check_top
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -56,7 +65,8 @@ _TRAIN_PER_BUCKET = 8
 OUTGROWN = 4
 #: Queries tune() sends at once.
 _TUNE_BATCH = 16
-#: Seconds between re-reads of the saved tuning by an open client.
+#: Seconds between an open client's checks of the stored configuration and
+#: tuning: it adopts a new tuning and notices a vanished index within this.
 TUNING_REFRESH = 5.0
 #: How long a write's leases live if its client dies holding them.
 _LEASE_MS = 30_000
@@ -81,6 +91,13 @@ class LSHRS:
     ``expected_size``. ``seed`` defaults to 0 and ``shards`` to 1.
     Opening a prefix that already holds an index adopts its configuration;
     explicitly given values that differ raise ``ValueError``.
+
+    ``timeout`` bounds each call of ``query``, ``query_many``, ``ingest`` and
+    ``delete`` as a whole (each also takes ``timeout=`` for itself) and every
+    Redis command; past it a call raises ``TimeoutError``. At most
+    ``max_inflight`` of those calls run at once and 64 times as many wait;
+    more, or one whose wait would pass its deadline, fail at once with
+    ``Overloaded`` (a ``TimeoutError``).
 
     Use it as ``async with LSHRS(dim=384) as lsh:``, or call :meth:`open`
     (also done on first use) and :meth:`close`.
@@ -108,6 +125,7 @@ class LSHRS:
         signature_cache: int = 2_000_000,
         batch_size: int = 10_000,
         timeout: float | None = 10.0,
+        max_inflight: int = 64,
         redis_options: Mapping[str, Any] | None = None,
         progress: bool | ProgressCallback | None = None,
     ) -> None:
@@ -118,11 +136,9 @@ class LSHRS:
             raise ValueError(f"threshold must be a cosine in (0, 1), got {threshold}")
         if rerank is not None:
             _positive_int("rerank", rerank)
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
-        ):
-            raise ValueError(f"timeout must be a positive number of seconds (or None for no limit), got {timeout!r}")
+        check_timeout("timeout", timeout)
         for name, value in (
+            ("max_inflight", max_inflight),
             ("max_candidates", max_candidates),
             ("batch_size", batch_size),
             ("expected_size", expected_size),
@@ -180,6 +196,7 @@ class LSHRS:
         self._cache_size = signature_cache
         self._batch_size = batch_size
         self._timeout = timeout
+        self._admission = Admission(max_inflight)
         self._redis_options = dict(redis_options or {})
         self._progress = _progress.resolve(progress)
         self._open_lock = asyncio.Lock()
@@ -187,6 +204,7 @@ class LSHRS:
         self._opened: _Opened | None = None
         self._tuning_read = 0.0
         self._coalescer = Coalescer(self._query_batch)
+        self._releasing: set[asyncio.Future[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -212,6 +230,7 @@ class LSHRS:
     async def _open(self) -> _Opened:
         client = self._given_client or await connect(self._url, self._timeout, self._redis_options)
         self._client = client
+        await _check_eviction(client)
         cfg_key, proj_key = meta_keys(self._prefix)
         raw_cfg = await client.get(cfg_key)
         if raw_cfg is None:
@@ -263,6 +282,10 @@ class LSHRS:
 
     async def close(self) -> None:
         """Close the Redis client lshrs opened (not one passed in) and the store."""
+        if self._releasing:  # leases given up on: let their releases land, briefly
+            _, late = await asyncio.wait(self._releasing, timeout=1.0)
+            for task in late:
+                task.cancel()
         client, self._client, self._opened = self._client, None, None
         if client is not None and client is not self._given_client:
             await client.aclose()
@@ -362,15 +385,31 @@ class LSHRS:
         loop = asyncio.get_running_loop()
         patience = self._timeout if self._timeout is not None else _LEASE_MS / 1000
         deadline, pause = loop.time() + patience, 0.001
-        while not await index.lease(ids, token, _LEASE_MS):
-            if loop.time() > deadline:
-                raise TimeoutError(f"another client kept writing some of these ids for {patience:g} s")
-            await asyncio.sleep(pause * (0.5 + random.random()))
-            pause = min(2 * pause, 0.05)
         try:
+            while not await index.lease(ids, token, _LEASE_MS):
+                if loop.time() > deadline:
+                    raise TimeoutError(f"another client kept writing some of these ids for {patience:g} s")
+                await asyncio.sleep(pause * (0.5 + random.random()))
+                pause = min(2 * pause, 0.05)
             yield
-        finally:
+        except (anyio.get_cancelled_exc_class(), TimeoutError, RedisError):
+            # Given up on a server that may be frozen or gone: the release must
+            # not hold the caller up, nor be skipped (the lease may even land
+            # after this), so it goes out in the background.
+            self._release_later(index, ids, token)
+            raise
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await index.release(ids, token)
+            raise
+        with anyio.CancelScope(shield=True):
             await index.release(ids, token)
+
+    def _release_later(self, index: ShardedIndex, ids: npt.NDArray[np.int64], token: bytes) -> None:
+        task = asyncio.ensure_future(index.release(ids, token))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # expiry covers a failure
 
     async def index(
         self,
@@ -379,14 +418,28 @@ class LSHRS:
         *,
         texts: Sequence[str | None] | None = None,
         progress: bool | ProgressCallback | None = None,
+        timeout: float | None = None,
     ) -> int:
         """Add or replace a batch; with no arguments, stream every row of the store.
 
         A learned index that is not trained yet learns its buckets first,
         from this batch or from a random sample of the store. Returns how
         many vectors were read. Re-running a build is idempotent: ids whose
-        record is unchanged cost one lookup and no write.
+        record is unchanged cost one lookup and no write. A build has no
+        deadline as a whole unless ``timeout=`` gives one; each batch of
+        ``batch_size`` is written whole or not at all.
         """
+        check_timeout("timeout", timeout)
+        with deadline(timeout, "index()"):
+            return await self._index(ids, vectors, texts, progress)
+
+    async def _index(
+        self,
+        ids: Iterable[int] | npt.NDArray[np.integer[Any]] | None,
+        vectors: Any,
+        texts: Sequence[str | None] | None,
+        progress: bool | ProgressCallback | None,
+    ) -> int:
         config = (await self._ready()).config
         report = _progress.resolve(progress) if progress is not None else self._progress
         if ids is None and vectors is None:
@@ -396,7 +449,7 @@ class LSHRS:
         id_array = as_ids(ids)
         matrix = as_vectors(vectors, config.dim)
         check_batch(id_array, matrix, texts)
-        opened = await self._trained(matrix, report)
+        opened = await self._refreshed(await self._trained(matrix, report))
         family = opened.family
         assert family is not None
         for start in range(0, len(id_array), self._batch_size):
@@ -404,9 +457,10 @@ class LSHRS:
             chunk = id_array[start:stop]
             records = await self._records(family, matrix[start:stop])
             async with self._leased(opened.sharded, chunk):
-                if isinstance(self._store, WritableStore):
-                    await self._store.put(chunk, matrix[start:stop], None if texts is None else texts[start:stop])
-                await opened.sharded.upsert(chunk, records)
+                with _whole():
+                    if isinstance(self._store, WritableStore):
+                        await self._store.put(chunk, matrix[start:stop], None if texts is None else texts[start:stop])
+                    await opened.sharded.upsert(chunk, records)
             if report:
                 report(min(stop, len(id_array)), len(id_array))
         return len(id_array)
@@ -433,15 +487,18 @@ class LSHRS:
                 async for rows in hashing:
                     await to_write.send((rows, await self._records(family, as_vectors(rows.vectors, dim))))
 
-        async with anyio.create_task_group() as group:
-            group.start_soon(read)
-            group.start_soon(hash_batches)
-            async with writing:
-                async for rows, records in writing:
-                    await self._write_read_rows(store, index, rows, records)
-                    done += len(rows)
-                    if report:
-                        report(done, total)
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(read)
+                group.start_soon(hash_batches)
+                async with writing:
+                    async for rows, records in writing:
+                        await self._write_read_rows(store, index, rows, records)
+                        done += len(rows)
+                        if report:
+                            report(done, total)
+        except BaseExceptionGroup as failed:
+            raise _cause(failed) from None
         return done
 
     async def _write_read_rows(
@@ -451,28 +508,43 @@ class LSHRS:
         them to a delete since they were read: under the lease, only the ids it
         still holds are written, or the index would name a vector it lacks."""
         async with self._leased(index, rows.ids):
-            if isinstance(store, WritableStore):
-                still = np.isin(rows.ids, (await store.fetch(rows.ids)).ids)
-                await index.upsert(rows.ids[still], records[still])
-            else:
-                await index.upsert(rows.ids, records)
+            with _whole():
+                if isinstance(store, WritableStore):
+                    still = np.isin(rows.ids, (await store.fetch(rows.ids)).ids)
+                    await index.upsert(rows.ids[still], records[still])
+                else:
+                    await index.upsert(rows.ids, records)
 
-    async def ingest(self, id: int, vector: Any, *, text: str | None = None) -> None:
+    async def ingest(self, id: int, vector: Any, *, text: str | None = None, timeout: float | None = None) -> None:
         """Insert one id, or replace it (it moves to its new buckets)."""
-        await self.index([as_id(id)], vector, texts=None if text is None else [text])
+        ids = [as_id(id)]
+        async with self._call("ingest()", timeout):
+            await self._index(ids, vector, None if text is None else [text], None)
 
-    async def delete(self, ids: Iterable[int] | npt.NDArray[np.integer[Any]]) -> int:
+    async def delete(self, ids: Iterable[int] | npt.NDArray[np.integer[Any]], *, timeout: float | None = None) -> int:
         """Remove every trace of ``ids``; returns how many were indexed (unknown
         ids are ignored, so ``len(ids) - result`` of them were not there)."""
         id_array = np.unique(as_ids(ids, unique=False))
         if len(id_array) == 0:
             return 0
-        index = (await self._ready()).sharded
-        async with self._leased(index, id_array):
-            removed = await index.delete(id_array)
-            if isinstance(self._store, WritableStore):
-                await self._store.remove(id_array)
+        async with self._call("delete()", timeout):
+            index = (await self._refreshed(await self._ready())).sharded
+            async with self._leased(index, id_array):
+                with _whole():
+                    removed = await index.delete(id_array)
+                    if isinstance(self._store, WritableStore):
+                        await self._store.remove(id_array)
         return removed
+
+    @contextlib.asynccontextmanager
+    async def _call(self, what: str, timeout: float | None) -> AsyncIterator[None]:
+        """One public call: its deadline (``timeout=``, else the client's)
+        around its wait for a slot and all its work."""
+        check_timeout("timeout", timeout)
+        seconds = timeout if timeout is not None else self._timeout
+        with deadline(seconds, what):
+            async with self._admission.slot(seconds):
+                yield
 
     # -- reading -------------------------------------------------------------------
 
@@ -488,7 +560,9 @@ class LSHRS:
         index = (await self._ready()).sharded
         return await index.count()
 
-    async def query(self, vector: Any, *, top_k: int = 10, top_p: float | None = None) -> list[Hit]:
+    async def query(
+        self, vector: Any, *, top_k: int = 10, top_p: float | None = None, timeout: float | None = None
+    ) -> list[Hit]:
         """Nearest ids to ``vector``, best first.
 
         With a store, candidates are reranked by exact cosine; ``top_p`` keeps the
@@ -497,21 +571,31 @@ class LSHRS:
         concurrent tasks that arrive together are answered as one batch
         (``_coalesce``); each gets the hits it would get alone.
         """
-        config = (await self._ready()).config
-        matrix = as_vectors(vector, config.dim, what="vector")
-        if len(matrix) != 1:
-            raise ValueError(f"query() takes one vector, got {len(matrix)}; use query_many()")
-        self._check_options(top_k, top_p)  # here, so a bad call fails alone, before it joins a batch
-        return await self._coalescer.query(matrix[0], top_k, top_p)
+        async with self._call("query()", timeout):
+            config = (await self._ready()).config
+            matrix = as_vectors(vector, config.dim, what="vector")
+            if len(matrix) != 1:
+                raise ValueError(f"query() takes one vector, got {len(matrix)}; use query_many()")
+            self._check_options(top_k, top_p)  # here, so a bad call fails alone, before it joins a batch
+            return await self._coalescer.query(matrix[0], top_k, top_p)
 
     async def _query_batch(self, matrix: FloatArray, top_k: int, top_p: float | None) -> list[list[Hit]]:
-        return await self.query_many(matrix, top_k=top_k, top_p=top_p)
+        """A batch of coalesced queries: its callers' deadlines bound their
+        waits, the client's ``timeout`` bounds the batch."""
+        with deadline(self._timeout, "a batch of query() calls"):
+            return await self._query_many(matrix, top_k, top_p)
 
-    async def query_many(self, vectors: Any, *, top_k: int = 10, top_p: float | None = None) -> list[list[Hit]]:
+    async def query_many(
+        self, vectors: Any, *, top_k: int = 10, top_p: float | None = None, timeout: float | None = None
+    ) -> list[list[Hit]]:
         """Many queries at once: one matrix product, Redis reads in flight
         together, and one store round trip for all their candidates."""
+        async with self._call("query_many()", timeout):
+            return await self._query_many(vectors, top_k, top_p)
+
+    async def _query_many(self, vectors: Any, top_k: int, top_p: float | None) -> list[list[Hit]]:
         self._check_options(top_k, top_p)
-        opened = await self._adopt_tuning(await self._ready())
+        opened = await self._refreshed(await self._ready())
         matrix = as_vectors(vectors, opened.config.dim)
         if opened.family is None or opened.probes is None or not len(matrix):  # nothing to find, or to ask
             return [[] for _ in matrix]
@@ -526,16 +610,24 @@ class LSHRS:
         if top_p is not None:
             self._require_store("top_p")
 
-    async def _adopt_tuning(self, opened: _Opened) -> _Opened:
-        """Follow a ``tune()`` run by another client: without ``probes=``, the
-        saved tuning is read again at most every ``TUNING_REFRESH`` seconds
-        (one GET), so open clients adopt a new tuning without reopening."""
+    async def _refreshed(self, opened: _Opened) -> _Opened:
+        """Every ``TUNING_REFRESH`` seconds (one MGET), check that the stored
+        configuration is still the one opened, and follow a ``tune()`` run by
+        another client (without ``probes=``). A Redis restarted empty or
+        flushed under a live client raises ``IndexMissing`` instead of
+        answering ``[]`` or starting a new index behind the user's back."""
         now = asyncio.get_running_loop().time()
-        if self._probes is not None or opened.family is None or now - self._tuning_read < TUNING_REFRESH:
+        if now - self._tuning_read < TUNING_REFRESH:
             return opened
         self._tuning_read = now
-        saved = await opened.sharded.saved_tuning()
-        if saved is None:
+        config, saved = await opened.sharded.config_and_tuning()
+        if config is None or IndexConfig.from_json(config) != opened.config:
+            what = "is gone from Redis" if config is None else "was replaced by another configuration"
+            raise IndexMissing(
+                f"the index under prefix {self._prefix!r} {what} (restarted empty, flushed, evicted or dropped "
+                "by another client): close() this client and build it again with index()"
+            )
+        if saved is None or self._probes is not None or opened.family is None:
             return opened
         probes = Tuning.from_json(saved).probes
         if probes != opened.probes and self._opened is opened:
@@ -737,6 +829,46 @@ class LSHRS:
                 deleted += await client.delete(*keys[start : start + 500])
         self._opened = None
         return deleted
+
+
+async def _check_eviction(client: Client) -> None:
+    """Warn when Redis may evict index keys: a partly evicted index silently
+    loses recall, and a fully evicted one would be recreated empty."""
+    try:
+        reply = await client.config_get("maxmemory-policy")
+    except RedisError:  # managed services often refuse CONFIG: nothing to learn
+        return
+    evicting = re.search(r"allkeys-[a-z]+", str(reply))  # a cluster replies per node: any node will do
+    if evicting:
+        warnings.warn(
+            f"Redis runs with maxmemory-policy {evicting.group()}: it may evict the index's keys, which loses "
+            "results silently; run the index's Redis with maxmemory-policy noeviction",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _whole() -> anyio.CancelScope:
+    """Shield a write to the store and the index from cancellation: once
+    begun, both halves run (each bounded by the socket timeout), so a caller
+    that gives up never leaves an id in one and not the other."""
+    return anyio.CancelScope(shield=True)
+
+
+def _cause(failed: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that failed a task group, type unchanged, so that ``except
+    redis.ConnectionError`` catches a failed build; the other stages' errors
+    (a stream closed under them) are its consequences."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [failed]
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending[:0] = error.exceptions
+        else:
+            leaves.append(error)
+    consequences = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
+    return next((error for error in leaves if not isinstance(error, consequences)), leaves[0])
 
 
 def default_rerank(size: int) -> int:

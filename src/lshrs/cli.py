@@ -18,7 +18,9 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise SystemExit("the lshrs command needs click: pip install 'lshrs[cli]'") from exc
 
+import asyncpg
 import numpy as np
+from redis.exceptions import RedisError
 
 from ._config import IndexConfig
 from ._connect import connect
@@ -36,6 +38,9 @@ def _run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return asyncio.run(make())
     except (ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except (RedisError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        # A server that is down or refuses us is the user's to fix, not a bug: one line, not a traceback.
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
 
 async def _stored_config(url: str, prefix: str) -> IndexConfig:

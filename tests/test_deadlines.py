@@ -1,0 +1,249 @@
+"""Every call ends within its deadline; overload is refused at once; a
+vanished index is an error, not an empty answer (issue 13)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import warnings
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+import redis.exceptions
+from redis.asyncio import Redis
+
+from conftest import clustered, index_state
+from lshrs import LSHRS, IndexMissing, Overloaded
+from lshrs import _lshrs as lshrs_module
+from lshrs._admission import WAITING_PER_SLOT, Admission
+from lshrs.adapters import InMemoryStore, RedisStore
+from servers import redis_server
+
+pytestmark = pytest.mark.anyio
+
+DIM = 32
+BASE = clustered(3000, DIM, seed=43)
+
+
+def redis_url_of(redis_proc: Any, db: int) -> str:
+    return f"redis://{redis_proc.host}:{redis_proc.port}/{db}"
+
+
+async def test_a_call_keeps_its_own_deadline_on_a_frozen_server() -> None:
+    """SIGSTOP: the server accepts and never answers. A call's timeout= ends
+    it, however long the client's socket timeout is; writes end the same way
+    and leave every id whole once the server thaws."""
+    with redis_server() as server, redis_server() as store_server:
+        store = RedisStore(store_server.url, prefix="vec")
+        async with LSHRS(dim=DIM, redis_url=server.url, store=store, timeout=10.0) as lsh:
+            await lsh.index(np.arange(500), BASE[:500])
+            pid = server.executor.process.pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                for call in (
+                    lsh.query(BASE[3], top_k=1, timeout=0.3),
+                    lsh.query_many(BASE[3:5], timeout=0.3),
+                    lsh.ingest(600, BASE[600], timeout=0.3),
+                    lsh.delete([4, 5], timeout=0.3),
+                ):
+                    started = time.monotonic()
+                    with pytest.raises(TimeoutError, match="timeout"):
+                        await call
+                    elapsed = time.monotonic() - started
+                    assert 0.29 <= elapsed <= 0.45, elapsed
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert (await lsh.query(BASE[7], top_k=1))[0].id == 7  # the same client works again
+            client = Redis.from_url(server.url)
+            # A lease command sent before the deadline may run after its release
+            # once the server thaws; such a lease expires on its own.
+            indexed = set(await index_state(client, lsh, leases=True))
+            await client.aclose()
+            held = set((await store.fetch(np.arange(700))).ids.tolist())
+            assert indexed == held  # a write that timed out is whole in both, or in neither
+
+
+async def test_the_client_timeout_is_each_calls_default(redis_proc: Any) -> None:
+    """Without timeout=, the constructor's timeout bounds the whole call."""
+    with redis_server() as server:
+        async with LSHRS(dim=DIM, redis_url=server.url, timeout=0.4) as lsh:
+            await lsh.index(np.arange(500), BASE[:500])
+            os.kill(server.executor.process.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    await lsh.query(BASE[3], top_k=1)
+                assert time.monotonic() - started <= 0.6
+            finally:
+                os.kill(server.executor.process.pid, signal.SIGCONT)
+
+
+async def test_overload_is_refused_at_once_and_the_rest_served(redis_proc: Any) -> None:
+    """2 slots and 128 places in the queue: of 500 queries sent at once,
+    the 370 that find the queue full fail at once; every other one gets the
+    answer it would get alone."""
+    async with LSHRS(dim=DIM, redis_url=redis_url_of(redis_proc, 6), store=InMemoryStore(), max_inflight=2) as lsh:
+        await lsh.drop()
+        await lsh.index(np.arange(1000), BASE[:1000])
+        expected = (await lsh.query(BASE[9], top_k=3))[0].id
+
+        async def one(i: int) -> tuple[str, float]:
+            started = time.monotonic()
+            try:
+                hits = await lsh.query(BASE[9], top_k=3)
+            except Overloaded:
+                return "refused", time.monotonic() - started
+            assert hits[0].id == expected
+            return "served", time.monotonic() - started
+
+        outcomes = await asyncio.gather(*(one(i) for i in range(500)))
+        refused = [took for what, took in outcomes if what == "refused"]
+        assert len(refused) == 500 - 2 - 2 * WAITING_PER_SLOT
+        assert max(refused) < 0.005
+        await lsh.drop()
+
+
+async def test_a_wait_that_would_pass_the_deadline_is_refused() -> None:
+    """The admission queue judges the wait from how long calls held their
+    slot: past the time left, it refuses at once; within it, it waits."""
+    admission = Admission(1)
+
+    async def hold(seconds: float) -> None:
+        async with admission.slot(None):
+            await anyio.sleep(seconds)
+
+    await hold(0.2)  # teaches it that a call holds its slot about 0.2 s
+    async with anyio.create_task_group() as group:
+        group.start_soon(hold, 0.2)
+        await anyio.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(Overloaded, match="past the"):
+            async with admission.slot(0.1):
+                pass
+        assert time.monotonic() - started < 0.005
+        async with admission.slot(1.0):  # waits its turn, then runs
+            assert time.monotonic() - started >= 0.15
+    assert admission.refused == 1
+
+
+async def test_a_cancelled_waiter_passes_its_slot_on() -> None:
+    admission = Admission(1)
+    release = anyio.Event()
+
+    async def holder() -> None:
+        async with admission.slot(None):
+            await release.wait()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(holder)
+        await anyio.sleep(0.01)
+        with anyio.move_on_after(0.05):
+            async with admission.slot(None):
+                raise AssertionError("the slot is held")
+        release.set()
+    with anyio.fail_after(1):
+        async with admission.slot(None):  # nothing leaked: the slot is free
+            pass
+
+
+async def test_a_redis_flushed_under_a_live_client_is_an_error(
+    redis_proc: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis restarted empty or flushed must not answer [] or grow a new
+    index behind the user's back."""
+    monkeypatch.setattr(lshrs_module, "TUNING_REFRESH", 0.0)
+    url = redis_url_of(redis_proc, 7)
+    client = Redis.from_url(url)
+    async with LSHRS(dim=DIM, redis_url=url, store=InMemoryStore()) as lsh:
+        await lsh.drop()
+        await lsh.index(np.arange(500), BASE[:500])
+        assert (await lsh.query(BASE[1], top_k=1))[0].id == 1
+        await client.flushdb()
+        with pytest.raises(IndexMissing, match="'lshrs' is gone"):
+            await lsh.query(BASE[1], top_k=1)
+        with pytest.raises(IndexMissing):
+            await lsh.ingest(501, BASE[501])
+        with pytest.raises(IndexMissing):
+            await lsh.delete([1])
+        assert await client.dbsize() == 0  # nothing recreated
+        await lsh.close()
+        assert await lsh.index(np.arange(300), BASE[:300]) == 300  # reopened on purpose: a new index
+        await lsh.drop()
+    await client.aclose()
+
+
+async def test_a_failed_streamed_build_raises_the_redis_error_itself() -> None:
+    """A build whose Redis goes away raises redis's ConnectionError, which
+    ``except redis.ConnectionError`` catches, not an ExceptionGroup."""
+    with redis_server() as server:
+        store = InMemoryStore()
+        await store.put(np.arange(3000), BASE, None)
+        lsh = LSHRS(dim=DIM, redis_url=server.url, store=store, hashing="hyperplane", batch_size=100, timeout=2.0)
+        build = asyncio.ensure_future(lsh.index())
+        watcher = Redis.from_url(server.url)
+        for _ in range(4000):
+            if await watcher.hlen("{lshrs:0}:s") >= 300:
+                break
+            await anyio.sleep(0.002)
+        await watcher.aclose()
+        server.executor.stop()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await build
+        await lsh.close()
+
+
+async def test_an_evicting_redis_is_warned_about() -> None:
+    with redis_server("--maxmemory-policy", "allkeys-lru") as server, pytest.warns(RuntimeWarning, match="noeviction"):
+        async with LSHRS(dim=DIM, redis_url=server.url):
+            pass
+    with redis_server() as server, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        async with LSHRS(dim=DIM, redis_url=server.url):
+            pass
+
+
+@pytest.mark.parametrize("options", [{"timeout": 0}, {"timeout": -1.0}, {"timeout": "1"}, {"max_inflight": 0}])
+def test_bad_deadline_settings(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(options))):
+        LSHRS(dim=DIM, **options)
+
+
+async def test_a_bad_per_call_timeout_is_refused(redis_proc: Any) -> None:
+    async with LSHRS(dim=DIM, redis_url=redis_url_of(redis_proc, 6), prefix="badtimeout") as lsh:
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
+            await lsh.query(BASE[0], timeout=0)
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
+            await lsh.delete([1], timeout=float("nan"))
+        await lsh.drop()
+
+
+async def test_a_write_cut_by_its_deadline_is_whole_in_store_and_index() -> None:
+    """The deadline passes between the store write and the index write of
+    ingest(): the store's Redis is frozen while the lease is taken, then the
+    index's Redis while the store write completes. Once begun, the write
+    finishes both halves when the index thaws, so every id ends in both or
+    neither; a write cancelled between them leaves the vector in the store alone."""
+    with redis_server() as server, redis_server() as store_server:
+        store = RedisStore(store_server.url, prefix="vec")
+        async with LSHRS(dim=DIM, redis_url=server.url, store=store, hashing="hyperplane") as lsh:
+            await lsh.index(np.arange(10), BASE[:10])
+            index_pid, store_pid = server.executor.process.pid, store_server.executor.process.pid
+            os.kill(store_pid, signal.SIGSTOP)
+            writes = [asyncio.ensure_future(lsh.ingest(100 + i, BASE[100 + i], timeout=0.3)) for i in range(3)]
+            await anyio.sleep(0.1)  # leases taken, store writes waiting
+            os.kill(index_pid, signal.SIGSTOP)
+            os.kill(store_pid, signal.SIGCONT)
+            await anyio.sleep(0.5)  # store writes done, index writes waiting, deadlines passed
+            os.kill(index_pid, signal.SIGCONT)
+            await asyncio.wait(writes)
+            await anyio.sleep(0.2)  # anything sent has landed
+            client = Redis.from_url(server.url)
+            indexed = set(await index_state(client, lsh))
+            await client.aclose()
+            held = set((await store.fetch(np.arange(200))).ids.tolist())
+            assert held >= {100, 101, 102}  # the store writes did complete
+            assert indexed == held
