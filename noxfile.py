@@ -50,10 +50,13 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def load(session: nox.Session) -> None:
-    """Concurrent queries plus inserts and deletes for a fixed time: ``nox -s load -- --seconds 60``."""
+    """10,000 concurrent queries plus inserts and deletes, with the defaults and
+    with a tight deadline: ``nox -s load -- --seconds 60`` (benchmarks/load.py)."""
     session.run("bash", "scripts/install-servers.sh", external=True)
-    session.install("-e", ".[test]")  # tests/servers.py starts the Redis it loads
+    session.install("-e", ".[test]", "matplotlib")  # tests/servers.py starts the Redis it loads
     session.run("python", "-m", "benchmarks.load", *session.posargs)
+    if not session.posargs:
+        session.run("python", "-m", "benchmarks.load", "--max-inflight", "4", "--timeout", "0.05")
 
 
 @nox.session(python=PYTHON)

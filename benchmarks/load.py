@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import resource
 import sys
 import time
@@ -49,8 +50,9 @@ async def unloaded(lsh: LSHRS, queries: np.ndarray, count: int = 300) -> dict[st
 
 async def run(url: str, seconds: float, concurrency: int, timeout: float, max_inflight: int) -> dict[str, Any]:
     data = load("minilm", 100_000, 1000)
-    options = {"timeout": timeout, "max_inflight": max_inflight}
-    async with LSHRS(dim=384, redis_url=url, prefix="load", store=InMemoryStore(), **options) as lsh:
+    # The deadline goes on each call (timeout=): the client's own timeout stays
+    # the default, which also bounds every Redis command of the build.
+    async with LSHRS(dim=384, redis_url=url, prefix="load", store=InMemoryStore(), max_inflight=max_inflight) as lsh:
         await lsh.drop()
         await lsh.index(np.arange(100_000), data.base)
         await lsh.warm()  # as a service does at start-up
@@ -69,13 +71,14 @@ async def run(url: str, seconds: float, concurrency: int, timeout: float, max_in
             while time.monotonic() < deadline:
                 started = time.perf_counter()
                 try:
-                    await lsh.query(data.queries[i % len(data.queries)], top_k=10)
+                    await lsh.query(data.queries[i % len(data.queries)], top_k=10, timeout=timeout)
                     served.append(time.perf_counter() - started)
                 except Overloaded:
                     refused.append(time.perf_counter() - started)
-                    await asyncio.sleep(0.05)  # a refused client backs off, as behind a 503
+                    await asyncio.sleep(random.uniform(0.5, 1.5))  # a client told 503 backs off
                 except TimeoutError:
                     late.append(time.perf_counter() - started)
+                    await asyncio.sleep(random.uniform(0.5, 1.5))
                 except Exception as exc:  # counted, not hidden: the report shows them
                     errors.append(repr(exc))
                 i += concurrency
@@ -85,10 +88,10 @@ async def run(url: str, seconds: float, concurrency: int, timeout: float, max_in
             next_id = 100_000
             while time.monotonic() < deadline:
                 try:
-                    await lsh.ingest(next_id, data.base[rng.integers(100_000)])
+                    await lsh.ingest(next_id, data.base[rng.integers(100_000)], timeout=timeout)
                     ingested.add(next_id)
                     gone = int(rng.integers(next_id))
-                    await lsh.delete([gone])
+                    await lsh.delete([gone], timeout=timeout)
                     deleted.add(gone)
                 except (Overloaded, TimeoutError):
                     await asyncio.sleep(0.05)
@@ -130,6 +133,49 @@ async def run(url: str, seconds: float, concurrency: int, timeout: float, max_in
         }
 
 
+def table(result: dict[str, Any]) -> str:
+    served, alone = result["served_ms"], result["unloaded_ms"]
+    rows = [
+        ("calls in flight", result["concurrency"]),
+        ("max_inflight, deadline", f"{result['max_inflight']}, {result['timeout_s']} s"),
+        ("served / refused / timed out", f"{result['served']} / {result['refused']} / {result['timed_out']}"),
+        ("served QPS", result["served_qps"]),
+        ("served p50 / p95 / p99 ms", f"{served['p50_ms']} / {served['p95_ms']} / {served['p99_ms']}"),
+        ("one at a time p50 / p95 / p99 ms", f"{alone['p50_ms']} / {alone['p95_ms']} / {alone['p99_ms']}"),
+        ("slowest refusal ms", result["refused_max_ms"]),
+        ("longest call s (worst overrun ms)", f"{result['longest_call_s']} ({result['worst_overrun_ms']})"),
+        ("writes acknowledged / lost", f"{result['writes_acknowledged']} / "
+         f"{result['acknowledged_ingests_missing'] + result['acknowledged_deletes_present']}"),
+        ("peak RSS MB", result["rss_mb_peak"]),
+    ]  # fmt: skip
+    return "\n".join(["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = ["p50", "p95", "p99"]
+    for offset, (name, values) in enumerate(
+        (("one at a time", result["unloaded_ms"]), ("served", result["served_ms"]))
+    ):
+        left.bar([i + 0.4 * offset for i in range(3)], [values[f"{p}_ms"] for p in labels], 0.4, label=name)
+    left.set_xticks([i + 0.2 for i in range(3)], labels)
+    left.set_ylabel("ms")
+    left.axhline(1000 * result["timeout_s"], color="grey", linestyle="--", label="deadline")
+    left.legend()
+    outcomes = ["served", "refused", "timed_out"]
+    right.bar(outcomes, [result[o] for o in outcomes])
+    right.set_yscale("log")
+    setting = f"max_inflight {result['max_inflight']}, deadline {result['timeout_s']} s"
+    figure.suptitle(f"{result['concurrency']} calls in flight, {setting}")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60)
@@ -139,9 +185,11 @@ def main() -> None:
     args = parser.parse_args()
     with redis_server("--appendonly", "no") as server:
         result = asyncio.run(run(server.url, args.seconds, args.concurrency, args.timeout, args.max_inflight))
-    out = Path(__file__).parent / "results" / f"load-{args.concurrency}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    stem = Path(__file__).parent / "results" / f"load-{args.concurrency}-{args.max_inflight}x{args.timeout:g}s"
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
+    Path(f"{stem}.md").write_text(table(result) + "\n")
+    plot(result, Path(f"{stem}.png"))
+    print(table(result))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,16 @@ def test_cli_index_query_stats_drop(postgres_dsn: str, redis_proc: Any, tmp_path
     assert stats["probes"] == saved  # every later client uses what tune saved
     assert stats["vectors"] == N and stats["config"]["dim"] == DIM and stats["buckets"] > 0
     assert sum(stats["bucket_size_histogram"].values()) == stats["buckets"]
+    async def remove_row() -> None:
+        conn = await asyncpg.connect(postgres_dsn)
+        await conn.execute("DELETE FROM cli_docs WHERE id = 3")
+        await conn.close()
+
+    asyncio.run(remove_row())  # behind lshrs's back: reconcile finds it
+    result = runner.invoke(cli, ["reconcile", "--quiet"], env=env)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["removed"] == 1 and report["unchanged"] == N - 1 and report["added"] == 0
     np.save(tmp_path / "more.npy", BASE[:300])  # a learned index trains on a first write of 256 or more
     both = runner.invoke(cli, ["--prefix", "npy", "index", "--npy", str(tmp_path / "more.npy")], env=env)
     assert both.exit_code == 2 and "exactly one source" in both.output

@@ -9,7 +9,7 @@ from ._config import IndexConfig, collision_probability
 from ._errors import IndexMissing, Overloaded
 from ._lshrs import LSHRS
 from ._tuning import Tuning, TuningPoint
-from ._types import Hit, ProgressCallback, Rows, VectorStore, WritableStore
+from ._types import Hit, ProgressCallback, Reconciled, Rows, VectorStore, WritableStore
 
 __all__ = [
     "LSHRS",
@@ -18,6 +18,7 @@ __all__ = [
     "IndexMissing",
     "Overloaded",
     "ProgressCallback",
+    "Reconciled",
     "Rows",
     "Tuning",
     "TuningPoint",

@@ -13,10 +13,13 @@ import collections
 import contextlib
 import math
 from collections.abc import AsyncIterator, Iterator
+from types import TracebackType
 
 import anyio
 
 from ._errors import Overloaded
+
+Traceback = TracebackType | None
 
 
 def check_timeout(name: str, timeout: object, none: bool = True) -> None:
@@ -49,9 +52,10 @@ WAITING_PER_SLOT = 64
 
 class Admission:
     """At most ``limit`` calls run at once and ``WAITING_PER_SLOT * limit``
-    more wait, in arrival order. A call that would wait past its deadline, judged from how
-    long recent calls held their slot, is refused at once (``Overloaded``).
-    Memory stays bounded whatever arrives: refused calls hold nothing."""
+    more wait, in arrival order. A call that would wait past its deadline,
+    judged from how long recent calls held their slot, is refused at once
+    (``Overloaded``). Memory stays bounded whatever arrives: refused calls
+    hold nothing."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -60,42 +64,90 @@ class Admission:
         self._hold = 0.0  # seconds a call held its slot, smoothed
         self.refused = 0
 
-    def _expected_wait(self) -> float:
-        return self._hold * (len(self._waiting) + 1) / self.limit
-
-    @contextlib.asynccontextmanager
-    async def slot(self, remaining: float | None) -> AsyncIterator[None]:
-        if self._running >= self.limit or self._waiting:
-            if len(self._waiting) >= WAITING_PER_SLOT * self.limit:
-                self.refused += 1
-                raise Overloaded(f"{self._running} calls running and {len(self._waiting)} waiting (max_inflight)")
-            if remaining is not None and self._expected_wait() > remaining:
-                self.refused += 1
-                raise Overloaded(
-                    f"a slot would take about {self._expected_wait():.3g} s, past the {remaining:.3g} s left"
-                )
-            turn = anyio.Event()
-            self._waiting.append(turn)
-            try:
-                await turn.wait()
-            except BaseException:
-                if turn in self._waiting:
-                    self._waiting.remove(turn)
-                else:  # handed a slot while being cancelled: pass it on
-                    self._release()
-                raise
-        else:
+    def enter(self, remaining: float | None) -> anyio.Event | None:
+        """Take a slot (None), or a place in the queue (the event that hands
+        over a slot), or raise ``Overloaded``. Synchronous, so that refusing
+        costs a few microseconds under overload, when refusals are most calls."""
+        if self._running < self.limit and not self._waiting:
             self._running += 1
-        started = anyio.current_time()
+            return None
+        if len(self._waiting) >= WAITING_PER_SLOT * self.limit:
+            self.refused += 1
+            raise Overloaded(f"{self._running} calls running and {len(self._waiting)} waiting (max_inflight)")
+        # The wait for a slot, then the call's own work: admitting a call that
+        # gets its slot just before its deadline would only time it out later.
+        expected = self._hold * ((len(self._waiting) + 1) / self.limit + 1)
+        if remaining is not None and expected > remaining:
+            self.refused += 1
+            raise Overloaded(f"the call would take about {expected:.3g} s, past the {remaining:.3g} s left")
+        turn = anyio.Event()
+        self._waiting.append(turn)
+        return turn
+
+    async def wait(self, turn: anyio.Event) -> None:
+        """Wait for a queued call's slot; a call given up while waiting leaves the queue."""
         try:
-            yield
-        finally:
-            held = anyio.current_time() - started
-            self._hold = held if self._hold == 0.0 else 0.9 * self._hold + 0.1 * held
-            self._release()
+            await turn.wait()
+        except BaseException:
+            if turn in self._waiting:
+                self._waiting.remove(turn)
+            else:  # handed a slot while being cancelled: pass it on
+                self._release()
+            raise
+
+    def leave(self, held: float) -> None:
+        """Give the slot back, after holding it ``held`` seconds."""
+        self._hold = held if self._hold == 0.0 else 0.9 * self._hold + 0.1 * held
+        self._release()
 
     def _release(self) -> None:
         if self._waiting:
             self._waiting.popleft().set()  # the slot passes straight to the next caller
         else:
             self._running -= 1
+
+    @contextlib.asynccontextmanager
+    async def slot(self, remaining: float | None) -> AsyncIterator[None]:
+        turn = self.enter(remaining)
+        if turn is not None:
+            await self.wait(turn)
+        started = anyio.current_time()
+        try:
+            yield
+        finally:
+            self.leave(anyio.current_time() - started)
+
+
+class Call:
+    """One public call: its slot, then its deadline around all its work.
+    ``Call(...)`` is built before ``async with``, so a refused call raises
+    ``Overloaded`` from the constructor, without entering anything."""
+
+    def __init__(self, admission: Admission, seconds: float | None, what: str) -> None:
+        self._turn = admission.enter(seconds)
+        self._admission, self._seconds, self._what = admission, seconds, what
+        self._scope: anyio.CancelScope | None = None
+        self._started = 0.0
+
+    async def __aenter__(self) -> None:
+        self._started = anyio.current_time()
+        if self._seconds is not None:
+            self._scope = anyio.CancelScope(deadline=self._started + self._seconds)
+            self._scope.__enter__()
+        if self._turn is not None:
+            try:
+                await self._admission.wait(self._turn)
+            except BaseException as exc:
+                self._exit_scope(type(exc), exc, exc.__traceback__)
+                raise
+        self._started = anyio.current_time()
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Traceback) -> None:
+        self._admission.leave(anyio.current_time() - self._started)
+        self._exit_scope(kind, exc, tb)
+
+    def _exit_scope(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Traceback) -> None:
+        """Leave the deadline's scope; the scope swallows only its own
+        cancellation, which becomes the call's ``TimeoutError``."""
+        if self._scope is not None and self._scope.__exit__(kind, exc, tb):
+            raise TimeoutError(f"{self._what} did not finish within its {self._seconds:g} s timeout")

@@ -12,6 +12,7 @@ and each caller gets exactly the hits a lone call would.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -57,6 +58,8 @@ class Coalescer:
                     task = asyncio.ensure_future(self._answer(batch, top_k, top_p))
                     self._running.add(task)  # keep a reference until it ends
                     task.add_done_callback(self._running.discard)
+                    for _, future in batch:
+                        future.add_done_callback(functools.partial(_abandon, task, batch))
 
     async def _answer(
         self, batch: list[tuple[FloatArray, asyncio.Future[list[Hit]]]], top_k: int, top_p: float | None
@@ -75,3 +78,11 @@ class Coalescer:
         for (_, future), hits in zip(batch, results):
             if not future.done():
                 future.set_result(hits)
+
+
+def _abandon(task: asyncio.Task[Any], batch: list[tuple[FloatArray, asyncio.Future[list[Hit]]]], _: object) -> None:
+    """Stop a batch whose callers all gave up (their deadlines passed): under
+    overload, finishing work nobody waits for would starve the calls that
+    still can be served."""
+    if not task.done() and all(future.done() for _, future in batch):
+        task.cancel()

@@ -70,6 +70,8 @@ class ShardedIndex:
         self._query = client.register_script(_scripts.QUERY)
         self._lease = client.register_script(_scripts.LEASE)
         self._release = client.register_script(_scripts.RELEASE)
+        self._repair = client.register_script(_scripts.REPAIR)
+        self._strays = client.register_script(_scripts.STRAYS)
 
     def signature_key(self, shard: int) -> str:
         return f"{{{self._prefix}:{shard}}}:s"
@@ -152,6 +154,45 @@ class ShardedIndex:
             rows = shard_of == shard
             self._cache.add(shard, ids[rows], signatures[rows])
         return changed
+
+    async def repair(self, ids: IdArray, signatures: ByteArray) -> npt.NDArray[np.int64]:
+        """Reconcile ``ids`` with records computed afresh (``_scripts.REPAIR``):
+        counts of added, updated, unchanged and repaired ids."""
+        packed = [row.tobytes() for row in signatures]
+        calls = []
+        for shard, chunk in self._chunks(ids):
+            args = self._static_args(shard)
+            for row in chunk:
+                args += [packed_id(ids[row]), packed[row]]
+            calls.append(self._write(self._repair, self.script_keys(shard), args))
+        counts = np.zeros(4, dtype=np.int64)
+        for reply in await asyncio.gather(*calls):
+            counts += np.asarray(reply, dtype=np.int64)
+        shard_of = self.shard_of(ids)
+        for shard in range(self._shards):
+            rows = shard_of == shard
+            self._cache.add(shard, ids[rows], signatures[rows])
+        return counts
+
+    async def indexed_ids(self) -> IdArray:
+        """Every id with a record, read with HSCAN (no blocking HKEYS on a large shard)."""
+        found: list[bytes] = []
+        for shard in range(self._shards):
+            async for field, _ in self._client.hscan_iter(self.signature_key(shard), count=2000):
+                found.append(field)
+        return parse_ids(b"".join(found))
+
+    async def remove_strays(self) -> int:
+        """Remove bucket entries no record names (``_scripts.STRAYS``), shard by
+        shard, over the bucket keys a scan finds; returns how many."""
+        removed = 0
+        for shard in range(self._shards):
+            base = self.bucket_base(shard)
+            keys = [key async for key in self._client.scan_iter(match=base + b"*", count=1000)]
+            for start in range(0, len(keys), WRITE_CHUNK):
+                args = [base, self._layout.key_bytes, *keys[start : start + WRITE_CHUNK]]
+                removed += int(await self._write(self._strays, [self.signature_key(shard)], args))
+        return removed
 
     async def delete(self, ids: IdArray) -> int:
         """Remove every bucket membership and the signature; returns how many existed."""

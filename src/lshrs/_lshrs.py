@@ -12,7 +12,7 @@ import re
 import secrets
 import sys
 import warnings
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -23,7 +23,7 @@ import numpy.typing as npt
 from redis.exceptions import RedisError
 
 from . import _progress, _scripts
-from ._admission import Admission, check_timeout, deadline
+from ._admission import Admission, Call, check_timeout, deadline
 from ._coalesce import Coalescer
 from ._config import HASHINGS, SKETCH_BITS, IndexConfig, check_prefix, choose_bands, choose_rows
 from ._connect import check_client, connect
@@ -34,7 +34,7 @@ from ._index import Client, ShardedIndex, meta_keys
 from ._partition import Partition, choose_buckets, fit
 from ._sampling import sample_store
 from ._tuning import Tuning, TuningPoint, exact_neighbours, recall
-from ._types import Hit, ProgressCallback, Rows, VectorStore, WritableStore
+from ._types import Hit, ProgressCallback, Reconciled, Rows, VectorStore, WritableStore
 from ._validate import as_id, as_ids, as_vectors, check_batch, check_top
 
 if sys.version_info < (3, 11):
@@ -466,11 +466,25 @@ class LSHRS:
         return len(id_array)
 
     async def _index_store(self, report: ProgressCallback | None) -> int:
-        """A three-stage pipeline: batch i+2 is read from the store while batch
-        i+1 is hashed in a worker thread and batch i is written to Redis."""
         store = self._require_store("index() with no arguments")
         opened = await self._trained(None, report)
-        family, index, dim = opened.family, opened.sharded, opened.config.dim
+
+        async def write(rows: Rows, records: npt.NDArray[np.uint8]) -> None:
+            await self._write_read_rows(store, opened.sharded, rows, records)
+
+        return await self._stream(store, opened, write, report)
+
+    async def _stream(
+        self,
+        store: VectorStore,
+        opened: _Opened,
+        write: Callable[[Rows, npt.NDArray[np.uint8]], Awaitable[None]],
+        report: ProgressCallback | None,
+    ) -> int:
+        """A three-stage pipeline over every row of the store: batch i+2 is
+        read while batch i+1 is hashed in a worker thread and batch i is
+        written to Redis by ``write``."""
+        family, dim = opened.family, opened.config.dim
         assert family is not None
         total = await store.count()
         to_hash, hashing = anyio.create_memory_object_stream[Rows](1)
@@ -493,13 +507,65 @@ class LSHRS:
                 group.start_soon(hash_batches)
                 async with writing:
                     async for rows, records in writing:
-                        await self._write_read_rows(store, index, rows, records)
+                        await write(rows, records)
                         done += len(rows)
                         if report:
                             report(done, total)
         except BaseExceptionGroup as failed:
             raise _cause(failed) from None
         return done
+
+    async def reconcile(self, *, progress: bool | ProgressCallback | None = None) -> Reconciled:
+        """Make the index exactly what a clean build of the store would be,
+        writing only the difference: ids the store holds and the index lacks
+        are added, ids it no longer holds are removed, ids whose vector
+        changed are moved, and lost or stray bucket entries are mended.
+
+        A changed vector is found by hashing every row again and comparing the
+        record with the stored one (one pass over the store, like a build, but
+        writing only what differs): the store needs no version column, and a
+        record is a function of the vector. Run it after a Redis failover or a
+        restore from an older snapshot, or after writes made to the table
+        behind lshrs's back.
+        """
+        store = self._require_store("reconcile()")
+        if not callable(getattr(store, "batches", None)):
+            raise TypeError(f"{type(store).__name__} cannot list its rows (no batches()): it cannot be reconciled")
+        report = _progress.resolve(progress) if progress is not None else self._progress
+        opened = await self._refreshed(await self._trained(None, report))
+        index = opened.sharded
+        counts = np.zeros(4, dtype=np.int64)
+        listed: list[npt.NDArray[np.int64]] = []
+
+        async def write(rows: Rows, records: npt.NDArray[np.uint8]) -> None:
+            nonlocal counts
+            listed.append(rows.ids)
+            async with self._leased(index, rows.ids):
+                with _whole():
+                    keep = await self._still_stored(store, rows.ids)
+                    counts += await index.repair(rows.ids[keep], records[keep])
+
+        await self._stream(store, opened, write, report)
+        stored = np.concatenate(listed) if listed else np.empty(0, dtype=np.int64)
+        gone = np.setdiff1d(await index.indexed_ids(), stored)
+        removed = 0
+        if len(gone):
+            async with self._leased(index, gone):
+                with _whole():
+                    if isinstance(store, WritableStore):  # unless written since the pass
+                        gone = gone[~np.isin(gone, (await store.fetch(gone)).ids)]
+                    removed = await index.delete(gone)
+        strays = await index.remove_strays()
+        added, updated, unchanged, repaired = (int(c) for c in counts)
+        return Reconciled(added, removed, updated, unchanged, repaired, strays)
+
+    async def _still_stored(self, store: VectorStore, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Which ``ids`` an owned store holds now (a concurrent write may have
+        changed that since they were read); a read-only store is the truth as
+        read, so all of them."""
+        if isinstance(store, WritableStore):
+            return np.isin(ids, (await store.fetch(ids)).ids)
+        return np.ones(len(ids), dtype=bool)
 
     async def _write_read_rows(
         self, store: VectorStore, index: ShardedIndex, rows: Rows, records: npt.NDArray[np.uint8]
@@ -509,11 +575,8 @@ class LSHRS:
         still holds are written, or the index would name a vector it lacks."""
         async with self._leased(index, rows.ids):
             with _whole():
-                if isinstance(store, WritableStore):
-                    still = np.isin(rows.ids, (await store.fetch(rows.ids)).ids)
-                    await index.upsert(rows.ids[still], records[still])
-                else:
-                    await index.upsert(rows.ids, records)
+                still = await self._still_stored(store, rows.ids)
+                await index.upsert(rows.ids[still], records[still])
 
     async def ingest(self, id: int, vector: Any, *, text: str | None = None, timeout: float | None = None) -> None:
         """Insert one id, or replace it (it moves to its new buckets)."""
@@ -536,15 +599,11 @@ class LSHRS:
                         await self._store.remove(id_array)
         return removed
 
-    @contextlib.asynccontextmanager
-    async def _call(self, what: str, timeout: float | None) -> AsyncIterator[None]:
+    def _call(self, what: str, timeout: float | None) -> Call:
         """One public call: its deadline (``timeout=``, else the client's)
         around its wait for a slot and all its work."""
         check_timeout("timeout", timeout)
-        seconds = timeout if timeout is not None else self._timeout
-        with deadline(seconds, what):
-            async with self._admission.slot(seconds):
-                yield
+        return Call(self._admission, timeout if timeout is not None else self._timeout, what)
 
     # -- reading -------------------------------------------------------------------
 

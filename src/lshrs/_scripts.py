@@ -196,3 +196,94 @@ for i = 2, #ARGV do
 end
 return 1
 """
+
+# Whether a bucket string holds an 8-byte id: a plain find, kept only at an
+# id boundary (a match across two ids' bytes is not the id).
+_CONTAINS = """
+local function contains(ids, id)
+  local at = string.find(ids, id, 1, true)
+  while at do
+    if (at - 1) % 8 == 0 then return true end
+    at = string.find(ids, id, at + 1, true)
+  end
+  return false
+end
+"""
+
+# Reconcile, step one: KEYS and ARGV as UPSERT, the records computed afresh
+# from the store. Like UPSERT, but no bucket membership is taken on trust: an
+# id whose record is unchanged is still looked for in each of its buckets and
+# appended where missing (a bucket key lost or evicted), and a new or changed
+# id is never appended twice. Returns {added, updated, unchanged, repaired}.
+REPAIR = (
+    _REMOVE
+    + _CONTAINS
+    + """
+local sigs, base = KEYS[1], ARGV[1]
+local width, bands = tonumber(ARGV[2]), tonumber(ARGV[3])
+local added, updated, unchanged, repaired = 0, 0, 0, 0
+local logged = {}
+for i = 4, #ARGV, 2 do
+  local id, sig = ARGV[i], ARGV[i + 1]
+  local old = redis.call('HGET', sigs, id)
+  local fixed = false
+  for j = 0, bands - 1 do
+    local band = string.char(j)
+    local value = string.sub(sig, j * width + 1, (j + 1) * width)
+    if old and old ~= sig then
+      local was = string.sub(old, j * width + 1, (j + 1) * width)
+      if was ~= value then remove(base .. band .. was, id) end
+    end
+    local key = base .. band .. value
+    if not contains(redis.call('GET', key) or '', id) then
+      redis.call('APPEND', key, id)
+      fixed = true
+    end
+  end
+  if old == sig then
+    if fixed then repaired = repaired + 1 else unchanged = unchanged + 1 end
+  else
+    if old then updated = updated + 1 else added = added + 1 end
+    redis.call('HSET', sigs, id, sig)
+    logged[#logged + 1] = id
+  end
+end
+if #logged > 0 then
+  redis.call('RPUSH', KEYS[3], unpack(logged))
+  redis.call('LTRIM', KEYS[3], -CHANGE_LOG, -1)
+  redis.call('INCRBY', KEYS[2], #logged)
+end
+return {added, updated, unchanged, repaired}
+""".replace("CHANGE_LOG", str(CHANGE_LOG))
+)
+
+# Reconcile, step three: KEYS[1] the shard's signature hash. ARGV: bucket key
+# base, bytes per band, then bucket keys found by a scan. Removes every id a
+# bucket lists whose record does not name that bucket (no record at all: the
+# id was lost from the hash, or deleted from the store), and second copies of
+# an id. Returns how many.
+STRAYS = (
+    _REMOVE
+    + """
+local sigs, base = KEYS[1], ARGV[1]
+local width = tonumber(ARGV[2])
+local removed = 0
+for i = 3, #ARGV do
+  local key = ARGV[i]
+  local band = string.byte(key, #base + 1)
+  local value = string.sub(key, #base + 2)
+  local ids = redis.call('GET', key) or ''
+  local seen = {}
+  for at = 1, #ids, 8 do
+    local id = string.sub(ids, at, at + 7)
+    local sig = redis.call('HGET', sigs, id)
+    if seen[id] or not sig or string.sub(sig, band * width + 1, (band + 1) * width) ~= value then
+      remove(key, id)  -- the first copy; a listed id is removed once per copy too many
+      removed = removed + 1
+    end
+    seen[id] = true
+  end
+end
+return removed
+"""
+)

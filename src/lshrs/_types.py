@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -82,3 +82,17 @@ class WritableStore(VectorStore, Protocol):
     async def remove(self, ids: npt.NDArray[np.int64]) -> None:
         """Delete rows; called after the index has forgotten them."""
         ...
+
+
+class Reconciled(NamedTuple):
+    """What ``LSHRS.reconcile()`` changed: ids ``added`` (in the store, not
+    the index), ``removed`` (in the index, gone from the store), ``updated``
+    (their vector changed), ``unchanged``, ``repaired`` (record right, a
+    bucket entry missing) and ``strays`` (bucket entries no record names)."""
+
+    added: int
+    removed: int
+    updated: int
+    unchanged: int
+    repaired: int
+    strays: int

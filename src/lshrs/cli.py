@@ -200,6 +200,40 @@ def index(
 
 @main.command()
 @store_options
+@click.option("--npy", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A (n, dim) .npy file.")
+@click.option("--ids", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A .npy of ids for --npy.")
+@click.option("--batch-size", type=int, default=10_000, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_obj
+def reconcile(
+    obj: dict[str, str], store: VectorStore | None, npy: Path | None, ids: Path | None, batch_size: int, quiet: bool
+) -> None:
+    """Make the index match its table: add, remove, move and mend what differs.
+
+    Prints what changed as JSON. Run it after a Redis failover or a restore
+    from an older snapshot, or after writes made to the table around lshrs.
+    """
+    if (store is None) == (npy is None):
+        raise click.UsageError("give exactly one source: --postgres with --table, or --npy")
+
+    async def run() -> dict[str, int]:
+        source: VectorStore = store if store is not None else NpyStore(npy, ids) if npy else _never()
+        config = await _stored_config(obj["url"], obj["prefix"])
+        async with LSHRS(
+            dim=config.dim,
+            redis_url=obj["url"],
+            prefix=obj["prefix"],
+            store=source,
+            batch_size=batch_size,
+            progress=not quiet,
+        ) as lsh:
+            return (await lsh.reconcile())._asdict()
+
+    click.echo(json.dumps(_run(run)))
+
+
+@main.command()
+@store_options
 @click.option("--id", "by_id", type=int, help="Search with the vector of this row (needs --postgres).")
 @click.option("--vector-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help=".npy vector(s).")
 @click.option("--top-k", type=int, default=10, show_default=True)

@@ -1,0 +1,151 @@
+"""reconcile(): the index made whole from its table after damage on both
+sides, compared key by key with a clean build (issue 13)."""
+
+from __future__ import annotations
+
+import random
+import secrets
+from typing import Any
+
+import asyncpg
+import numpy as np
+import pytest
+
+from conftest import clustered, index_state
+from lshrs import LSHRS, Reconciled
+from lshrs.adapters import InMemoryStore, PostgresStore
+
+pytestmark = pytest.mark.anyio
+
+DIM = 32
+BASE = clustered(2600, DIM, seed=47)
+ROWS = 2000
+
+
+async def make_table(dsn: str) -> str:
+    table = f"rec_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, embedding bytea, body text)")
+    await conn.executemany(
+        f"INSERT INTO {table} VALUES ($1, $2, $3)", [(i, BASE[i].tobytes(), "") for i in range(ROWS)]
+    )
+    await conn.close()
+    return table
+
+
+async def clean_build(raw_redis: Any, url: str, store: Any, shards: int, damaged: LSHRS) -> dict[int, bytes]:
+    """A fresh build of the store under another prefix that shares the
+    damaged index's configuration, projection and partition (copied), so the
+    two must agree record for record."""
+    for suffix in ("cfg", "proj", "cent"):
+        value = await raw_redis.get(f"{{{damaged.prefix}}}:{suffix}")
+        if value is not None:
+            await raw_redis.set(f"{{clean}}:{suffix}", value)
+    async with LSHRS(dim=DIM, redis_url=url, prefix="clean", store=store, shards=shards) as clean:
+        await clean.index()
+        return await index_state(raw_redis, clean)
+
+
+async def bucket_keys(raw_redis: Any, prefix: str) -> list[bytes]:
+    return [key async for key in raw_redis.scan_iter(match=f"{{{prefix}:*}}:b*", count=1000)]
+
+
+async def test_reconcile_repairs_exactly_the_difference(
+    postgres_dsn: str, redis_url: str, raw_redis: Any, hashing: str, shards: int
+) -> None:
+    table = await make_table(postgres_dsn)
+    store = PostgresStore(postgres_dsn, table=table)
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="rec", store=store, hashing=hashing, shards=shards) as lsh:
+        assert await lsh.index() == ROWS
+        before = await index_state(raw_redis, lsh)
+        rng = random.Random(5)
+
+        # Redis loses data: records of 20 ids, and 6 whole bucket keys.
+        lost_records = set(range(100, 120))
+        for i in lost_records:
+            await raw_redis.hdel(f"{{rec:{i % shards}}}:s", i.to_bytes(8, "little", signed=True))
+        lost_buckets = rng.sample(await bucket_keys(raw_redis, "rec"), 6)
+        emptied: set[int] = set()
+        for key in lost_buckets:
+            emptied |= set(np.frombuffer(await raw_redis.get(key), "<i8").tolist())
+            await raw_redis.delete(key)
+        # ...and gains strays: an id in a bucket its record does not name, and an unknown id.
+        keys = await bucket_keys(raw_redis, "rec")
+        members = {key: np.frombuffer(await raw_redis.get(key), "<i8") for key in keys}
+        wrong = next(key for key in keys if 777 not in members[key])
+        await raw_redis.append(wrong, (777).to_bytes(8, "little", signed=True))
+        first_shard = next(key for key in keys if key.startswith(b"{rec:0}"))
+        await raw_redis.append(first_shard, (999_999 * shards).to_bytes(8, "little", signed=True))
+
+        # The table changes behind lshrs's back: 50 rows in, 40 out, 30 vectors changed.
+        conn = await asyncpg.connect(postgres_dsn)
+        inserted, deleted, changed = range(5000, 5050), range(300, 340), range(400, 430)
+        await conn.executemany(
+            f"INSERT INTO {table} VALUES ($1, $2, '')", [(i, BASE[i - 3000].tobytes()) for i in inserted]
+        )
+        await conn.execute(f"DELETE FROM {table} WHERE id = ANY($1::bigint[])", list(deleted))
+        await conn.executemany(
+            f"UPDATE {table} SET embedding = $2 WHERE id = $1", [(i, BASE[i + 2000].tobytes()) for i in changed]
+        )
+        await conn.close()
+
+        report = await lsh.reconcile()
+        touched = lost_records | set(deleted) | set(changed)
+        repaired = emptied - touched
+        assert report == Reconciled(
+            added=len(inserted) + len(lost_records),
+            removed=len(deleted),
+            updated=len(changed),
+            unchanged=ROWS - len(touched) - len(repaired),
+            repaired=len(repaired),
+            strays=2,
+        )
+        reconciled = await index_state(raw_redis, lsh)  # also checks every bucket against every record
+        assert reconciled == await clean_build(raw_redis, redis_url, store, shards, lsh)
+        assert {i: before[i] for i in range(ROWS) if i not in touched} == {
+            i: reconciled[i] for i in range(ROWS) if i not in touched
+        }
+        again = await lsh.reconcile()  # nothing left to do
+        assert again == Reconciled(0, 0, 0, ROWS + len(inserted) - len(deleted), 0, 0)
+        assert (await lsh.query(BASE[2400], top_k=1))[0].id == 400  # a moved id is found at its new place
+        await lsh.drop()
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute(f"DROP TABLE {table}")
+    await conn.close()
+
+
+async def test_reconcile_with_an_owned_store(redis_url: str, raw_redis: Any, hashing: str, shards: int) -> None:
+    """An owned store changed directly (not through lshrs) is the truth too."""
+    store = InMemoryStore()
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="own", store=store, hashing=hashing, shards=shards) as lsh:
+        await lsh.index(np.arange(ROWS), BASE[:ROWS])
+        await store.remove(np.arange(10))
+        await store.put(np.arange(3000, 3005), BASE[2000:2005], None)
+        report = await lsh.reconcile()
+        assert (report.added, report.removed, report.updated) == (5, 10, 0)
+        assert set(await index_state(raw_redis, lsh)) == set(range(10, ROWS)) | set(range(3000, 3005))
+        await lsh.drop()
+
+
+async def test_reconcile_needs_a_store_that_lists_its_rows(redis_url: str) -> None:
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="nostore") as lsh:
+        with pytest.raises(ValueError, match="reconcile"):
+            await lsh.reconcile()
+
+    class FetchOnly:
+        async def dimension(self) -> int:
+            return DIM
+
+        async def fetch(self, ids: np.ndarray) -> Any:
+            raise AssertionError("not reached")
+
+        async def count(self) -> int:
+            return 0
+
+        async def close(self) -> None:
+            pass
+
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="nostore", store=FetchOnly()) as lsh:  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="cannot list its rows"):
+            await lsh.reconcile()
+        await lsh.drop()
