@@ -1,34 +1,75 @@
 """The same search over a PostgreSQL table with aiohttp, in a few lines:
-``GET /search?id=42&top_k=5``. Run: ``python examples/aiohttp_app.py DSN TABLE``."""
+``GET /search?id=42&top_k=5``.
+
+    pip install 'lshrs[aiohttp]'
+    LSHRS_POSTGRES_DSN=postgresql://localhost/wiki LSHRS_TABLE=passages python examples/aiohttp_app.py
+
+Settings are the ``LSHRS_*`` variables the ``lshrs`` command reads
+(``examples/settings.py``).
+"""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
 
 import numpy as np
 from aiohttp import web
 
-from lshrs import LSHRS
+from lshrs import LSHRS, Overloaded
 from lshrs.adapters import PostgresStore
+
+try:
+    from .settings import Settings, from_environment
+except ImportError:  # run as a script, or imported with examples/ on the path
+    from settings import Settings, from_environment  # type: ignore[no-redef]
 
 LSH = web.AppKey("lsh", LSHRS)
 
 
-def create_app(*, redis_url: str, dsn: str, table: str, text_column: str | None = "body") -> web.Application:
+def _int(request: web.Request, name: str, default: int | None = None, least: int = 0) -> int:
+    """A query parameter as an integer, or a 400 that says what is wrong with it."""
+    raw = request.query.get(name)
+    if raw is None:
+        if default is None:
+            raise web.HTTPBadRequest(text=f"the query parameter {name!r} is required")
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{name} must be an integer, got {raw!r}") from None
+    if value < least:
+        raise web.HTTPBadRequest(text=f"{name} must be at least {least}, got {value}")
+    return value
+
+
+def create_app(settings: Settings | None = None) -> web.Application:
+    """The service; without ``settings``, they are read from the environment."""
+    config = settings or from_environment()
+
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
-        store = PostgresStore(dsn, table=table, text_column=text_column)
-        async with LSHRS(dim=await store.dimension() or 0, redis_url=redis_url, store=store) as lsh:
+        store = PostgresStore(
+            config.dsn, table=config.table, vector_column=config.vector_column, text_column=config.text_column
+        )
+        dim = await store.dimension()
+        if dim is None:
+            raise RuntimeError(f"table {config.table!r} holds no vectors yet")
+        async with LSHRS(dim=dim, redis_url=config.redis_url, prefix=config.prefix, store=store) as lsh:
             await lsh.warm()  # load the signatures once, so even the first queries read only ids
             app[LSH] = lsh
             yield
 
     async def search(request: web.Request) -> web.Response:
         lsh = request.app[LSH]
-        rows = await lsh.store.fetch(np.array([int(request.query["id"])], dtype=np.int64))  # type: ignore[union-attr]
+        id_, top_k = _int(request, "id"), _int(request, "top_k", 10, least=1)
+        assert lsh.store is not None
+        rows = await lsh.store.fetch(np.array([id_], dtype=np.int64))
         if not len(rows):
-            raise web.HTTPNotFound(text="no such row")
-        hits = await lsh.query(rows.vectors[0], top_k=int(request.query.get("top_k", 10)))
+            raise web.HTTPNotFound(text=f"row {id_} is not in the table (or its vector is NULL)")
+        try:
+            hits = await lsh.query(rows.vectors[0], top_k=top_k)
+        except TimeoutError as exc:  # late, or refused by an overloaded client: retry shortly
+            status = web.HTTPServiceUnavailable if isinstance(exc, Overloaded) else web.HTTPGatewayTimeout
+            raise status(text=str(exc), headers={"Retry-After": "1"}) from exc
         return web.json_response([{"id": h.id, "score": h.score, "text": h.text} for h in hits])
 
     app = web.Application()
@@ -38,4 +79,4 @@ def create_app(*, redis_url: str, dsn: str, table: str, text_column: str | None 
 
 
 if __name__ == "__main__":
-    web.run_app(create_app(redis_url="redis://localhost:6379/0", dsn=sys.argv[1], table=sys.argv[2]))
+    web.run_app(create_app())

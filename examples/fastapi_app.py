@@ -1,7 +1,12 @@
 """A search service over an existing PostgreSQL table, with FastAPI.
 
+    pip install 'lshrs[fastapi]'
     LSHRS_POSTGRES_DSN=postgresql://localhost/wiki LSHRS_TABLE=passages \\
         uvicorn examples.fastapi_app:app
+
+Settings are the ``LSHRS_*`` variables the ``lshrs`` command reads
+(``examples/settings.py``); a missing one stops the service at start-up
+with its name.
 
 It embeds nothing itself: search by the id of a row (``GET /search?id=42``)
 or by a vector (``POST /search``). ``POST /documents`` indexes a row the
@@ -10,7 +15,6 @@ caller has written to the table; ``DELETE /documents/{id}`` forgets one.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +26,11 @@ from pydantic import BaseModel
 
 from lshrs import LSHRS, Hit, Overloaded
 from lshrs.adapters import PostgresStore
+
+try:
+    from .settings import Settings, from_environment
+except ImportError:  # run as a script, or imported with examples/ on the path
+    from settings import Settings, from_environment  # type: ignore[no-redef]
 
 
 class VectorQuery(BaseModel):
@@ -38,16 +47,19 @@ def _hits(hits: list[Hit]) -> list[dict[str, Any]]:
     return [{"id": h.id, "score": h.score, "text": h.text} for h in hits]
 
 
-def create_app(
-    *, redis_url: str, dsn: str, table: str, text_column: str | None = "body", prefix: str = "lshrs"
-) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service; without ``settings``, they are read from the environment at start-up."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = PostgresStore(dsn, table=table, text_column=text_column)
+        config = settings or from_environment()
+        store = PostgresStore(
+            config.dsn, table=config.table, vector_column=config.vector_column, text_column=config.text_column
+        )
         dim = await store.dimension()
         if dim is None:
-            raise RuntimeError(f"table {table!r} holds no vectors yet")
-        async with LSHRS(dim=dim, redis_url=redis_url, prefix=prefix, store=store) as lsh:
+            raise RuntimeError(f"table {config.table!r} holds no vectors yet")
+        async with LSHRS(dim=dim, redis_url=config.redis_url, prefix=config.prefix, store=store) as lsh:
             await lsh.warm()  # load the signatures once, so even the first queries read only ids
             app.state.lsh, app.state.store = lsh, store
             yield
@@ -64,7 +76,7 @@ def create_app(
     async def row_vector(request: Request, id_: int) -> np.ndarray:
         rows = await request.app.state.store.fetch(np.array([id_], dtype=np.int64))
         if not len(rows):
-            raise HTTPException(404, f"row {id_} is not in {table} (or its vector is NULL)")
+            raise HTTPException(404, f"row {id_} is not in the table (or its vector is NULL)")
         return rows.vectors[0]  # type: ignore[no-any-return]
 
     @app.get("/search")
@@ -101,16 +113,4 @@ def create_app(
     return app
 
 
-def _from_environment() -> FastAPI | None:
-    dsn, table = os.environ.get("LSHRS_POSTGRES_DSN"), os.environ.get("LSHRS_TABLE")
-    if not (dsn and table):
-        return None
-    return create_app(
-        redis_url=os.environ.get("LSHRS_REDIS_URL", "redis://localhost:6379/0"),
-        dsn=dsn,
-        table=table,
-        text_column=os.environ.get("LSHRS_TEXT_COLUMN", "body"),
-    )
-
-
-app = _from_environment()
+app = create_app()

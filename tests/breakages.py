@@ -95,6 +95,8 @@ BREAKAGES = [
     ("reconcile keeps ids gone from the store", "src/lshrs/_lshrs.py",
      "gone = np.setdiff1d(await index.indexed_ids(), stored)", "gone = np.empty(0, dtype=np.int64)",
      "test_reconcile.py -k difference"),
+    ("no reconnect after a quiet restart", "src/lshrs/_connect.py",
+     "**{**reconnect, **options})", "**options)", "test_reliability.py -k quiet"),
 ]  # fmt: skip
 
 

@@ -66,14 +66,34 @@ def redis_server(*extra: str, port: int | None = None) -> Iterator[Server]:
 @contextmanager
 def redis_cluster(masters: int = 3) -> Iterator[list[int]]:
     """``masters`` redis-server nodes joined into one cluster; yields their ports."""
+    with redis_cluster_nodes(masters) as nodes:
+        yield [node.port for node in nodes]
+
+
+@dataclass
+class ClusterNode:
+    port: int
+    executor: TCPExecutor
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@contextmanager
+def redis_cluster_nodes(masters: int = 3, replicas: int = 0) -> Iterator[list[ClusterNode]]:
+    """A cluster of ``masters`` masters with ``replicas`` replicas each; yields
+    every node (masters first, as ``redis-cli --cluster create`` assigns them),
+    with the executor that a failover test kills."""
     redis_server = shutil.which("redis-server")
     if redis_server is None:
         raise RuntimeError("redis-server is not installed: run scripts/install-servers.sh")
     ports: list[int] = []
-    for _ in range(masters):
+    for _ in range(masters * (1 + replicas)):
         ports.append(_cluster_port(ports))
     with ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lshrs-cluster-")))
+        nodes = []
         for port in ports:
             node = root / str(port)
             node.mkdir()
@@ -98,10 +118,11 @@ def redis_cluster(masters: int = 3) -> Iterator[list[int]]:
             ]
             executor = TCPExecutor(command, host="127.0.0.1", port=port, timeout=30)
             executor.start()
-            stack.callback(executor.stop)
+            stack.callback(_stop, executor)
+            nodes.append(ClusterNode(port, executor))
         addresses = [f"127.0.0.1:{p}" for p in ports]
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=60,
@@ -111,7 +132,13 @@ def redis_cluster(masters: int = 3) -> Iterator[list[int]]:
             if time.monotonic() > deadline:
                 raise RuntimeError("the Redis Cluster did not reach cluster_state:ok in 30 s")
             time.sleep(0.1)
-        yield ports
+        yield nodes
+
+
+def _stop(executor: TCPExecutor) -> None:
+    """Stop a node unless a test already killed it."""
+    if executor.process is not None and executor.process.poll() is None:
+        executor.stop()
 
 
 def _cluster_ok(port: int) -> bool:

@@ -21,6 +21,7 @@ from lshrs.cli import main as cli
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import aiohttp_app
 import fastapi_app
+import settings
 
 pytestmark = pytest.mark.anyio
 
@@ -47,7 +48,7 @@ async def table(postgres_dsn: str, redis_proc: Any) -> AsyncIterator[tuple[str, 
 
 async def test_fastapi_service(table: tuple[str, str]) -> None:
     dsn, url = table
-    app = fastapi_app.create_app(redis_url=url, dsn=dsn, table="docs")
+    app = fastapi_app.create_app(settings.Settings(redis_url=url, prefix="lshrs", dsn=dsn, table="docs"))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
@@ -71,12 +72,53 @@ async def test_aiohttp_service(table: tuple[str, str]) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
     dsn, url = table
-    app = aiohttp_app.create_app(redis_url=url, dsn=dsn, table="docs")
+    app = aiohttp_app.create_app(settings.Settings(redis_url=url, prefix="lshrs", dsn=dsn, table="docs"))
     async with TestClient(TestServer(app)) as client:
         await app[aiohttp_app.LSH].index()
         response = await client.get("/search", params={"id": "11", "top_k": "2"})
         assert response.status == 200
         assert (await response.json())[0] == {"id": 11, "score": pytest.approx(1.0, abs=1e-5), "text": "doc 11"}
+        for params, reason in (
+            ({"id": "abc"}, "id must be an integer"),
+            ({}, "'id' is required"),
+            ({"id": "11", "top_k": "0"}, "top_k must be at least 1"),
+        ):
+            bad = await client.get("/search", params=params)
+            assert bad.status == 400 and reason in await bad.text(), (params, await bad.text())
+        assert (await client.get("/search", params={"id": "123456"})).status == 404
+
+
+def test_the_examples_name_missing_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started with no environment, both examples stop at start-up naming what is missing."""
+    import asyncio
+
+    for name in ("LSHRS_POSTGRES_DSN", "LSHRS_TABLE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="set LSHRS_POSTGRES_DSN and LSHRS_TABLE"):
+        aiohttp_app.create_app()
+
+    async def start_fastapi() -> None:
+        app = fastapi_app.create_app()
+        async with app.router.lifespan_context(app):
+            pass
+
+    with pytest.raises(RuntimeError, match="set LSHRS_POSTGRES_DSN and LSHRS_TABLE"):
+        asyncio.run(start_fastapi())
+
+
+async def test_the_fastapi_example_reads_the_prefix(table: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """LSHRS_PREFIX, as the CLI honours it: the service opens that index."""
+    dsn, url = table
+    for name, value in {
+        "LSHRS_POSTGRES_DSN": dsn,
+        "LSHRS_TABLE": "docs",
+        "LSHRS_REDIS_URL": url,
+        "LSHRS_PREFIX": "svc",
+    }.items():
+        monkeypatch.setenv(name, value)
+    app = fastapi_app.create_app()
+    async with app.router.lifespan_context(app):
+        assert app.state.lsh.prefix == "svc"
 
 
 def test_cli_index_query_stats_drop(postgres_dsn: str, redis_proc: Any, tmp_path: Path) -> None:
@@ -117,6 +159,7 @@ def test_cli_index_query_stats_drop(postgres_dsn: str, redis_proc: Any, tmp_path
     assert stats["probes"] == saved  # every later client uses what tune saved
     assert stats["vectors"] == N and stats["config"]["dim"] == DIM and stats["buckets"] > 0
     assert sum(stats["bucket_size_histogram"].values()) == stats["buckets"]
+
     async def remove_row() -> None:
         conn = await asyncpg.connect(postgres_dsn)
         await conn.execute("DELETE FROM cli_docs WHERE id = 3")

@@ -145,6 +145,21 @@ async def test_dropped_redis_fails_fast_and_recovers() -> None:
             assert (await lsh.query(BASE[4], top_k=1))[0].id == 4  # the same object recovers
 
 
+async def test_the_first_call_after_a_quiet_restart_succeeds() -> None:
+    """Redis restarts between two calls: the pooled connections are dead,
+    and the next call reconnects instead of failing with "Connection closed
+    by server"."""
+    with redis_server("--appendonly", "yes", "--appendfsync", "always") as server:
+        async with LSHRS(dim=DIM, redis_url=server.url, store=InMemoryStore(), timeout=1.0) as lsh:
+            await lsh.index(np.arange(500), BASE[:500])
+            assert (await lsh.query(BASE[3], top_k=1))[0].id == 3
+            server.executor.stop()
+            await restart(server)
+            assert (await lsh.query(BASE[4], top_k=1))[0].id == 4
+            await lsh.delete([4])
+            assert await lsh.count() == 499
+
+
 async def test_stopped_postgres_surfaces_the_store_error(redis_proc: Any) -> None:
     url = f"redis://{redis_proc.host}:{redis_proc.port}/4"
     with postgres() as server:

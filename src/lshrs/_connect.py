@@ -7,6 +7,9 @@ from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ._index import Client
 
@@ -16,7 +19,12 @@ async def connect(url: str, timeout: float | None, extra: Mapping[str, Any] | No
     so the same URL form works for both. ``extra`` goes to redis-py as it is
     (TLS certificates, retries, client names)."""
     options = {"socket_timeout": timeout, "socket_connect_timeout": timeout, **(extra or {})}
-    pool = BlockingConnectionPool.from_url(url, max_connections=64, **options)
+    # A connection the server closed (a restart, an idle timeout) is retried
+    # on a new one, so the first call after a Redis restart does not fail;
+    # every lshrs command is idempotent, and a timeout is not retried (a
+    # frozen server would cost the caller three socket timeouts).
+    reconnect = {"retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2, (RedisConnectionError,))}
+    pool = BlockingConnectionPool.from_url(url, max_connections=64, **{**reconnect, **options})
     single = Redis.from_pool(pool)
     try:
         info = await single.info("cluster")

@@ -1,0 +1,35 @@
+"""The ``LSHRS_*`` environment settings the examples share with the ``lshrs`` command."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str
+    prefix: str
+    dsn: str
+    table: str
+    vector_column: str = "embedding"
+    text_column: str | None = "body"
+
+
+def from_environment() -> Settings:
+    """The settings, or a ``RuntimeError`` that names every missing variable,
+    so a service fails at start-up rather than on its first request."""
+    missing = [name for name in ("LSHRS_POSTGRES_DSN", "LSHRS_TABLE") if not os.environ.get(name)]
+    if missing:
+        raise RuntimeError(
+            f"set {' and '.join(missing)} (the PostgreSQL DSN and the table with the vectors); "
+            "LSHRS_REDIS_URL, LSHRS_PREFIX, LSHRS_VECTOR_COLUMN and LSHRS_TEXT_COLUMN are optional"
+        )
+    return Settings(
+        redis_url=os.environ.get("LSHRS_REDIS_URL", "redis://localhost:6379/0"),
+        prefix=os.environ.get("LSHRS_PREFIX", "lshrs"),
+        dsn=os.environ["LSHRS_POSTGRES_DSN"],
+        table=os.environ["LSHRS_TABLE"],
+        vector_column=os.environ.get("LSHRS_VECTOR_COLUMN", "embedding"),
+        text_column=os.environ.get("LSHRS_TEXT_COLUMN", "body") or None,
+    )
