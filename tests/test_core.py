@@ -417,6 +417,32 @@ async def test_stats_says_when_a_learned_index_outgrew_its_buckets(make_lsh: Any
     assert 0 < stats["largest_bucket"] < 1201
 
 
+async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stats() reads a sample of bucket keys unless exact=True; a sample that
+    covers every bucket is exact, a smaller one extrapolates the bucket count
+    and the memory near the exact values; the memory is the index's own."""
+    import lshrs._lshrs as lshrs_module
+
+    base = clustered(3000, 32)
+    lsh = await make_lsh()
+    await lsh.index(np.arange(3000), base)
+    exact = await lsh.stats(exact=True)
+    assert exact["bucket_statistics"] == "exact"
+    assert sum(exact["bucket_size_histogram"].values()) == exact["buckets"]
+    tables = lsh.config.num_bands if lsh.config.hashing == "hyperplane" else 1
+    assert exact["mean_bucket_size"] * exact["buckets"] == pytest.approx(3000 * tables)
+    keys = [key async for key in raw_redis.scan_iter(match=f"{{{lsh.prefix}*", count=1000)]
+    used = sum([await raw_redis.memory_usage(key) for key in keys])
+    assert exact["index_memory_bytes"] == used  # every key of the prefix, nothing else on the server
+    if exact["buckets"] <= lshrs_module.STATS_SAMPLE:
+        assert await lsh.stats() == exact  # fewer buckets than the sample: the sample is all of them
+    monkeypatch.setattr(lshrs_module, "STATS_SAMPLE", max(8, exact["buckets"] // 4))
+    sampled = await lsh.stats()
+    assert sampled["bucket_statistics"].startswith("sampled from")
+    assert sampled["buckets"] == pytest.approx(exact["buckets"], rel=0.35)
+    assert sampled["index_memory_bytes"] == pytest.approx(exact["index_memory_bytes"], rel=0.35)
+
+
 def test_a_capped_learned_query_cuts_its_boundary_bucket_by_id() -> None:
     """Whole buckets in probe order, then the smallest ids of the bucket that
     crosses the cap, whatever order the writes left inside it."""

@@ -151,6 +151,13 @@ def test_cli_index_query_stats_drop(postgres_dsn: str, redis_proc: Any, tmp_path
     np.save(tmp_path / "q.npy", BASE[8])
     result = runner.invoke(cli, ["query", "--vector-file", str(tmp_path / "q.npy"), "--top-k", "1"], env=env)
     assert result.exit_code == 0 and result.output.split()[1] == "8"
+    np.save(tmp_path / "two.npy", BASE[[8, 9]])
+    two = ["query", "--vector-file", str(tmp_path / "two.npy"), "--top-k", "1", "--probes", "4"]
+    result = runner.invoke(cli, two, env={**env, "LSHRS_TEXT_COLUMN": "body"})
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "query 0:" and "\nquery 1:" in result.output  # each query labelled
+    assert "text 8" in result.output and "text 9" in result.output  # the text column from the environment
+    assert "LSHRS_POSTGRES_DSN" in runner.invoke(cli, ["--help"]).output
     result = runner.invoke(cli, ["tune", "--target", "0.9", "--sample", "20"], env=env)
     assert result.exit_code == 0, result.output
     assert "saved probes=" in result.output and "recall@10" in result.output

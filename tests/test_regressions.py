@@ -224,6 +224,8 @@ def test_the_cli_exits_non_zero_when_a_server_is_down(tmp_path: Path) -> None:
     assert result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1, result.stderr[-500:]
     env["LSHRS_POSTGRES_DSN"] = f"postgresql://postgres@127.0.0.1:{dead}/postgres"
     env["LSHRS_TABLE"] = "passages"
+    result = subprocess.run([lshrs_command, "--debug", "stats"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" in result.stderr  # --debug: the whole story
     result = subprocess.run([lshrs_command, "index"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stdout
     assert result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1, result.stderr[-500:]

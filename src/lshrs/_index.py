@@ -285,17 +285,41 @@ class ShardedIndex:
         before = await self._client.set(centroids_key(self._prefix), blob, nx=True, get=True)
         return before if isinstance(before, bytes) else blob
 
-    async def bucket_sizes(self) -> list[int]:
-        """Ids in every bucket (a keyspace scan: for statistics only)."""
+    async def bucket_sample(self, most: int | None) -> tuple[list[int], list[int], bool]:
+        """Sizes (ids) and memory (bytes, ``MEMORY USAGE``) of bucket keys
+        found by scanning, at most ``most`` of them (None: all), and whether
+        the scan saw every bucket. Scan order follows the key hashes, so a
+        partial scan is a fair sample. One pipeline per 1,000 keys."""
         sizes: list[int] = []
+        memory: list[int] = []
+        complete = True
+        per_shard = None if most is None else -(-most // self._shards)
         for shard in range(self._shards):
-            pattern = self.bucket_base(shard) + b"*"
-            keys = [key async for key in self._client.scan_iter(match=pattern, count=1000)]
+            keys: list[bytes] = []
+            async for key in self._client.scan_iter(match=self.bucket_base(shard) + b"*", count=1000):
+                keys.append(key)
+                if per_shard is not None and len(keys) >= per_shard:
+                    complete = False
+                    break
             for start in range(0, len(keys), 1000):
-                async with self._in_flight:
-                    lengths = await asyncio.gather(*(self._client.strlen(k) for k in keys[start : start + 1000]))
-                sizes += [length // 8 for length in lengths]
-        return sizes
+                pipe = self._client.pipeline(transaction=False)
+                for key in keys[start : start + 1000]:
+                    pipe.strlen(key)
+                    pipe.memory_usage(key)
+                replies = await pipe.execute()
+                sizes += [int(length) // 8 for length in replies[0::2]]
+                memory += [int(used or 0) for used in replies[1::2]]
+        return sizes, memory, complete
+
+    async def meta_memory(self) -> int:
+        """Bytes of every key but the buckets: records, change logs, counters,
+        configuration, projection, partition, tuning (``MEMORY USAGE``)."""
+        tag = f"{{{self._prefix}}}"
+        keys: list[str | bytes] = [f"{tag}:{suffix}" for suffix in ("cfg", "proj", "cent", "tune")]
+        for shard in range(self._shards):
+            keys += [*self.script_keys(shard), self.lease_key(shard)]
+        used = await asyncio.gather(*(self._client.memory_usage(key) for key in keys))
+        return sum(int(u or 0) for u in used)
 
     async def sample_ids(self, count: int) -> IdArray:
         """About ``count`` distinct random ids, from each shard in proportion to its size."""

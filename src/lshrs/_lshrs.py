@@ -63,6 +63,8 @@ _TRAIN_PER_BUCKET = 8
 #: A learned index holding this many times the vectors its buckets were
 #: sized for has outgrown them (``stats()`` says so).
 OUTGROWN = 4
+#: Bucket keys ``stats()`` reads, at most, unless asked to be exact.
+STATS_SAMPLE = 5_000
 #: Queries tune() sends at once.
 _TUNE_BATCH = 16
 #: Seconds between an open client's checks of the stored configuration and
@@ -198,7 +200,7 @@ class LSHRS:
         self._timeout = timeout
         self._admission = Admission(max_inflight)
         self._redis_options = dict(redis_options or {})
-        self._progress = _progress.resolve(progress)
+        self._progress = _progress.check(progress)
         self._open_lock = asyncio.Lock()
         self._train_lock = asyncio.Lock()
         self._opened: _Opened | None = None
@@ -430,18 +432,21 @@ class LSHRS:
         ``batch_size`` is written whole or not at all.
         """
         check_timeout("timeout", timeout)
-        with deadline(timeout, "index()"):
-            return await self._index(ids, vectors, texts, progress)
+        with deadline(timeout, "index()"), _progress.reporting(self._progress_of(progress), "index") as report:
+            return await self._index(ids, vectors, texts, report)
+
+    def _progress_of(self, progress: object) -> _progress.Setting:
+        """A call's progress setting: its own ``progress=``, else the client's."""
+        return _progress.check(progress) if progress is not None else self._progress
 
     async def _index(
         self,
         ids: Iterable[int] | npt.NDArray[np.integer[Any]] | None,
         vectors: Any,
         texts: Sequence[str | None] | None,
-        progress: bool | ProgressCallback | None,
+        report: ProgressCallback | None,
     ) -> int:
         config = (await self._ready()).config
-        report = _progress.resolve(progress) if progress is not None else self._progress
         if ids is None and vectors is None:
             return await self._index_store(report)
         if ids is None or vectors is None:
@@ -531,7 +536,10 @@ class LSHRS:
         store = self._require_store("reconcile()")
         if not callable(getattr(store, "batches", None)):
             raise TypeError(f"{type(store).__name__} cannot list its rows (no batches()): it cannot be reconciled")
-        report = _progress.resolve(progress) if progress is not None else self._progress
+        with _progress.reporting(self._progress_of(progress), "reconcile") as report:
+            return await self._reconcile(store, report)
+
+    async def _reconcile(self, store: VectorStore, report: ProgressCallback | None) -> Reconciled:
         opened = await self._refreshed(await self._trained(None, report))
         index = opened.sharded
         counts = np.zeros(4, dtype=np.int64)
@@ -734,7 +742,13 @@ class LSHRS:
         return await self._rerank_exact(matrix, [ids for ids, _ in shortlists], top_k, top_p), read
 
     async def tune(
-        self, target_recall: float = 0.95, *, queries: Any = None, sample: int = 200, top_k: int = 10
+        self,
+        target_recall: float = 0.95,
+        *,
+        queries: Any = None,
+        sample: int = 200,
+        top_k: int = 10,
+        progress: bool | ProgressCallback | None = None,
     ) -> Tuning:
         """Measure this index against exact search and keep the fewest probes
         that reach ``target_recall`` (mean recall@``top_k``).
@@ -748,8 +762,9 @@ class LSHRS:
         once (so this reads the whole store: run it after a build, not per
         request). The chosen ``probes`` is saved beside the index
         configuration and used by every client that opens the prefix without
-        ``probes=``.
+        ``probes=``. Progress counts the probe settings tried.
         """
+        setting = self._progress_of(progress)
         if not 0.0 < target_recall <= 1.0:
             raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
         _positive_int("sample", sample)
@@ -773,18 +788,22 @@ class LSHRS:
         # A stored vector finds itself first: ask for one more and drop it.
         owns: list[int | None] = [None] * len(vectors) if own_ids is None else own_ids.tolist()
         extra = 0 if own_ids is None else 1
-        for probes in family.ladder():
-            hits, read = [], []
-            for start in range(0, len(vectors), _TUNE_BATCH):  # bounded, so no query waits behind hundreds
-                batch_hits, batch_read = await self._search(
-                    opened, vectors[start : start + _TUNE_BATCH], top_k + extra, None, probes
-                )
-                hits += batch_hits
-                read += batch_read
-            found = [[h.id for h in query_hits if h.id != own][:top_k] for query_hits, own in zip(hits, owns)]
-            curve.append(TuningPoint(probes, recall(found, truth), float(np.mean(read))))
-            if curve[-1].recall >= target_recall or curve[-1].candidates >= total:
-                break  # reached, or every query already reads the whole index
+        ladder = family.ladder()
+        with _progress.reporting(setting, "tune", unit="probe settings") as report:
+            for step, probes in enumerate(ladder, 1):
+                hits, read = [], []
+                for start in range(0, len(vectors), _TUNE_BATCH):  # bounded, so no query waits behind hundreds
+                    batch_hits, batch_read = await self._search(
+                        opened, vectors[start : start + _TUNE_BATCH], top_k + extra, None, probes
+                    )
+                    hits += batch_hits
+                    read += batch_read
+                found = [[h.id for h in query_hits if h.id != own][:top_k] for query_hits, own in zip(hits, owns)]
+                curve.append(TuningPoint(probes, recall(found, truth), float(np.mean(read))))
+                if report:
+                    report(step, len(ladder))
+                if curve[-1].recall >= target_recall or curve[-1].candidates >= total:
+                    break  # reached, or every query already reads the whole index
         best = curve[-1]  # the ladder stops at the first point that reaches the target, or at the end
         rows_for_size = choose_rows(total) if opened.config.hashing == "hyperplane" else 0
         tuning = Tuning(
@@ -831,32 +850,41 @@ class LSHRS:
             )
         return results
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, *, exact: bool = False) -> dict[str, Any]:
         """Configuration, probes in force, vector and bucket counts, bucket size
-        histogram (powers of two) and Redis memory. Scans the prefix's buckets:
-        not for hot paths."""
+        histogram (powers of two) and the index's own Redis memory.
+
+        The buckets are sampled (at most ``STATS_SAMPLE`` bucket keys, found
+        by a scan; the counts and the memory of the rest are extrapolated
+        from the ids each table holds) unless ``exact=True``, which reads
+        every bucket key. ``bucket_statistics`` says which it was.
+        """
         opened = await self._ready()
         config, index = opened.config, opened.sharded
-        sizes = np.asarray(await index.bucket_sizes(), dtype=np.int64)
+        sample, used, complete = await index.bucket_sample(None if exact else STATS_SAMPLE)
+        sizes = np.asarray(sample, dtype=np.int64)
         histogram: dict[str, int] = {}
         if len(sizes):
             edges = 2 ** np.arange(int(np.log2(sizes.max())) + 2)
             counts, _ = np.histogram(sizes, bins=edges)
             histogram = {f"{lo}-{hi - 1}": int(c) for lo, hi, c in zip(edges[:-1], edges[1:], counts) if c}
-        assert self._client is not None
-        memory = await self._client.info("memory")
-        nodes = memory.values() if all(isinstance(v, dict) for v in memory.values()) else [memory]
         vectors = await index.count()
+        tables = config.num_bands if config.hashing == "hyperplane" else 1
+        buckets = len(sizes) if complete else round(vectors * tables / max(float(sizes.mean()), 1.0))
+        bucket_memory = sum(used) if complete else round(buckets * float(np.mean(used)))
+        memory = bucket_memory + await index.meta_memory()
         report: dict[str, Any] = {
             "prefix": self._prefix,
             "config": dataclasses.asdict(config),
             "probes": opened.probes,
             "vectors": vectors,
-            "buckets": len(sizes),
+            "buckets": buckets,
+            "bucket_statistics": "exact" if complete else f"sampled from {len(sizes):,} buckets",
             "mean_bucket_size": float(sizes.mean()) if len(sizes) else 0.0,
             "largest_bucket": int(sizes.max()) if len(sizes) else 0,
             "bucket_size_histogram": histogram,
-            "redis_used_memory": sum(int(node["used_memory"]) for node in nodes),
+            "index_memory_bytes": memory,
+            "index_bytes_per_vector": round(memory / vectors, 1) if vectors else 0.0,
         }
         if isinstance(opened.family, LearnedFamily):
             partition = opened.family.partition

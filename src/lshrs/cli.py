@@ -33,7 +33,11 @@ T = TypeVar("T")
 
 
 def _run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run one coroutine; bad input and missing indexes become clean CLI errors."""
+    """Run one coroutine; bad input, missing indexes and servers that are down
+    become one ``Error:`` line (the traceback with ``--debug``)."""
+    context = click.get_current_context(silent=True)
+    if context is not None and context.find_root().params.get("debug"):
+        return asyncio.run(make())
     try:
         return asyncio.run(make())
     except (ValueError, TypeError) as exc:
@@ -108,12 +112,22 @@ def _postgres(dsn: str | None, table: str | None, options: dict[str, Any]) -> Ve
 
 _store_options = [
     click.option(
-        "--postgres", "dsn", envvar="LSHRS_POSTGRES_DSN", help="PostgreSQL DSN of the table with the vectors."
+        "--postgres",
+        "dsn",
+        envvar="LSHRS_POSTGRES_DSN",
+        show_envvar=True,
+        help="PostgreSQL DSN of the table with the vectors.",
     ),
-    click.option("--table", envvar="LSHRS_TABLE", help="Table name, schema-qualified if needed."),
+    click.option("--table", envvar="LSHRS_TABLE", show_envvar=True, help="Table name, schema-qualified if needed."),
     click.option("--id-column", default="id", show_default=True),
-    click.option("--vector-column", default="embedding", show_default=True),
-    click.option("--text-column", default=None, help="Column returned with each hit."),
+    click.option("--vector-column", envvar="LSHRS_VECTOR_COLUMN", show_envvar=True, default="embedding"),
+    click.option(
+        "--text-column",
+        envvar="LSHRS_TEXT_COLUMN",
+        show_envvar=True,
+        default=None,
+        help="Column returned with each hit.",
+    ),
 ]
 
 
@@ -139,13 +153,23 @@ def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return with_store
 
 
-@click.group()
-@click.option("--redis-url", envvar="LSHRS_REDIS_URL", default="redis://localhost:6379/0", show_default=True)
-@click.option("--prefix", envvar="LSHRS_PREFIX", default="lshrs", show_default=True)
+@click.group(context_settings={"show_default": True})
+@click.option("--redis-url", envvar="LSHRS_REDIS_URL", default="redis://localhost:6379/0", show_envvar=True)
+@click.option("--prefix", envvar="LSHRS_PREFIX", default="lshrs", show_envvar=True)
+@click.option("--debug", is_flag=True, help="Show the traceback of an error, not one line.")
 @click.pass_context
-def main(context: click.Context, redis_url: str, prefix: str) -> None:
-    """Vector similarity search with an LSH index in Redis over your own table."""
-    context.obj = {"url": redis_url, "prefix": prefix}
+def main(context: click.Context, redis_url: str, prefix: str, debug: bool) -> None:
+    """Vector similarity search with an LSH index in Redis over your own table.
+
+    \b
+    Settings come from flags or the environment:
+      LSHRS_REDIS_URL     the Redis (or Redis Cluster node) of the index
+      LSHRS_PREFIX        the key prefix of the index
+      LSHRS_POSTGRES_DSN  the PostgreSQL DSN of the table (--postgres)
+      LSHRS_TABLE         the table with the vectors (--table)
+      LSHRS_VECTOR_COLUMN, LSHRS_TEXT_COLUMN  its columns, for every command
+    """
+    context.obj = {"url": redis_url, "prefix": prefix}  # --debug is read by _run from the root context
 
 
 @main.command()
@@ -237,6 +261,9 @@ def reconcile(
 @click.option("--id", "by_id", type=int, help="Search with the vector of this row (needs --postgres).")
 @click.option("--vector-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help=".npy vector(s).")
 @click.option("--top-k", type=int, default=10, show_default=True)
+@click.option(
+    "--probes", type=int, default=None, help="Buckets to read (default: the saved tuning, else the family's)."
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per hit.")
 @click.pass_obj
 def query(
@@ -245,6 +272,7 @@ def query(
     by_id: int | None,
     vector_file: Path | None,
     top_k: int,
+    probes: int | None,
     as_json: bool,
 ) -> None:
     """Print the nearest rows to a stored row or to a vector file."""
@@ -255,7 +283,7 @@ def query(
 
     async def search() -> list[list[Hit]]:
         config = await _stored_config(obj["url"], obj["prefix"])
-        async with LSHRS(dim=config.dim, redis_url=obj["url"], prefix=obj["prefix"], store=store) as lsh:
+        async with LSHRS(dim=config.dim, redis_url=obj["url"], prefix=obj["prefix"], store=store, probes=probes) as lsh:
             if by_id is not None:
                 assert store is not None
                 rows = await store.fetch(np.array([by_id], dtype=np.int64))
@@ -267,7 +295,10 @@ def query(
                 vectors = np.atleast_2d(np.load(vector_file))
             return await lsh.query_many(vectors, top_k=top_k)
 
-    for number, hits in enumerate(_run(search)):
+    results = _run(search)
+    for number, hits in enumerate(results):
+        if not as_json and len(results) > 1:
+            click.echo(f"{'' if number == 0 else chr(10)}query {number}:")  # a blank line between queries
         for rank, hit in enumerate(hits, 1):
             if as_json:
                 click.echo(
@@ -300,7 +331,7 @@ def tune(obj: dict[str, str], store: VectorStore | None, target: float, sample: 
     async def measure() -> Tuning:
         config = await _stored_config(obj["url"], obj["prefix"])
         async with LSHRS(dim=config.dim, redis_url=obj["url"], prefix=obj["prefix"], store=store) as lsh:
-            return await lsh.tune(target, sample=sample)
+            return await lsh.tune(target, sample=sample, progress=True)
 
     tuning = _run(measure)
     for point in tuning.curve:
@@ -313,13 +344,14 @@ def tune(obj: dict[str, str], store: VectorStore | None, target: float, sample: 
 
 @main.command()
 @click.pass_obj
-def stats(obj: dict[str, str]) -> None:
-    """Configuration, vector count, buckets, Redis memory, bucket size histogram."""
+@click.option("--exact", is_flag=True, help="Read every bucket key instead of a sample of 5,000.")
+def stats(obj: dict[str, str], exact: bool) -> None:
+    """Configuration, vector count, buckets, the index's Redis memory, bucket size histogram."""
 
     async def gather() -> dict[str, Any]:
         config = await _stored_config(obj["url"], obj["prefix"])
         async with LSHRS(dim=config.dim, redis_url=obj["url"], prefix=obj["prefix"]) as lsh:
-            return await lsh.stats()
+            return await lsh.stats(exact=exact)
 
     click.echo(json.dumps(_run(gather), indent=2))
 

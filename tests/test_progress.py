@@ -1,0 +1,69 @@
+"""Progress: one bar per call, closed when the call ends; plain lines on
+stderr without tqdm; the caller's callback as given (issue 14)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import clustered
+from lshrs import LSHRS
+from lshrs.adapters import InMemoryStore
+
+pytestmark = pytest.mark.anyio
+
+DIM = 16
+BASE = clustered(1200, DIM, seed=61)
+
+
+def url_of(redis_proc: Any) -> str:
+    return f"redis://{redis_proc.host}:{redis_proc.port}/3"
+
+
+async def test_each_call_gets_its_own_bar(redis_proc: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    async with LSHRS(dim=DIM, redis_url=url_of(redis_proc), prefix="bars", progress=True, batch_size=200) as lsh:
+        await lsh.drop()
+        await lsh.index(np.arange(600), BASE[:600])
+        first = capsys.readouterr().err
+        await lsh.index(np.arange(600, 1000), BASE[600:1000])
+        second = capsys.readouterr().err
+        await lsh.ingest(5000, BASE[1100])  # one id: no bar
+        third = capsys.readouterr().err
+        await lsh.drop()
+    assert "600/600" in first and first.endswith("\n")  # closed: the bar ends its line
+    assert "400/400" in second and "1000" not in second  # a new bar, not the first one continued
+    assert "lshrs index" not in third
+
+
+async def test_without_tqdm_plain_lines(
+    redis_proc: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    store = InMemoryStore()
+    await store.put(np.arange(1200), BASE, None)
+    async with LSHRS(dim=DIM, redis_url=url_of(redis_proc), prefix="plain", store=store, batch_size=300) as lsh:
+        await lsh.drop()
+        await lsh.index(progress=True)
+        err = capsys.readouterr().err
+        report = await lsh.reconcile(progress=True)
+        again = capsys.readouterr().err
+        await lsh.drop()
+    lines = [line for line in err.splitlines() if line.startswith("lshrs index:")]
+    assert lines[-1] == "lshrs index: 1,200 of 1,200 vectors (100%)"
+    assert len(lines) == len(set(lines))  # the last count is not printed twice
+    assert "lshrs: fitting" in err  # the training step is announced
+    assert report.unchanged == 1200 and "lshrs reconcile: 1,200 of 1,200 vectors (100%)" in again
+
+
+async def test_a_callback_sees_every_batch(redis_proc: Any) -> None:
+    seen: list[tuple[int, int | None]] = []
+    async with LSHRS(dim=DIM, redis_url=url_of(redis_proc), prefix="calls", batch_size=250) as lsh:
+        await lsh.drop()
+        await lsh.index(np.arange(1000), BASE[:1000], progress=lambda done, total: seen.append((done, total)))
+        await lsh.drop()
+    assert seen == [(250, 1000), (500, 1000), (750, 1000), (1000, 1000)]
