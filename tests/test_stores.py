@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from redis.asyncio import Redis
 
-from conftest import brute_force, clustered
+from conftest import brute_force, clustered, keyspace
 from lshrs import LSHRS, VectorStore, WritableStore
 from lshrs.adapters import InMemoryStore, PostgresStore, RedisStore, SQLAlchemyStore
 
@@ -241,3 +241,38 @@ async def test_streaming_build_of_a_50k_row_table(pg_tables: str, single_redis_u
         assert await lsh.index() == 50_000  # a re-run changes nothing
         assert await lsh.count() == 50_000
         await lsh.drop()
+
+
+async def test_ingest_with_a_read_only_store_reads_the_row(table_store: VectorStore, single_redis_url: str) -> None:
+    """The table is the truth: ingest(id) indexes the stored row; an id the
+    table lacks, or a vector that differs from its row, is refused and
+    nothing is written; a query finds what ingest(id) indexed."""
+    lsh = await build(table_store, single_redis_url)
+    client = Redis.from_url(single_redis_url)
+    try:
+        await lsh.delete([42])
+        assert (await lsh.query(BASE[42], top_k=1))[0].id != 42
+        await lsh.ingest(42)  # no vector: read from the table
+        assert (await lsh.query(BASE[42], top_k=1))[0].id == 42
+        await lsh.ingest(43, BASE[43])  # the row's own vector: accepted
+        before = await keyspace(client)
+        with pytest.raises(ValueError, match="not in the store"):
+            await lsh.ingest(10**9)
+        with pytest.raises(ValueError, match="not in the store"):
+            await lsh.ingest(10**9, BASE[1])
+        with pytest.raises(ValueError, match="differs from the store's row"):
+            await lsh.ingest(44, BASE[45])
+        assert await keyspace(client) == before
+        assert await lsh.count() == N
+    finally:
+        await client.aclose()
+        await lsh.close()
+
+
+async def test_ingest_into_an_owned_store_needs_the_vector(owned_store: VectorStore, single_redis_url: str) -> None:
+    lsh = await build(owned_store, single_redis_url)
+    try:
+        with pytest.raises(TypeError, match="needs the vector"):
+            await lsh.ingest(5)
+    finally:
+        await lsh.close()

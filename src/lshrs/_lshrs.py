@@ -586,11 +586,40 @@ class LSHRS:
                 still = await self._still_stored(store, rows.ids)
                 await index.upsert(rows.ids[still], records[still])
 
-    async def ingest(self, id: int, vector: Any, *, text: str | None = None, timeout: float | None = None) -> None:
-        """Insert one id, or replace it (it moves to its new buckets)."""
+    async def ingest(
+        self, id: int, vector: Any = None, *, text: str | None = None, timeout: float | None = None
+    ) -> None:
+        """Insert one id, or replace it (it moves to its new buckets).
+
+        With a store lshrs only reads (a table you write), the row is the
+        truth: ``ingest(id)`` reads its vector, and an id the store lacks, or
+        a ``vector`` that differs from the row, is a ``ValueError`` (the index
+        would name a vector the store does not hold). With a store lshrs
+        writes, or none, ``vector`` is required.
+        """
         ids = [as_id(id)]
         async with self._call("ingest()", timeout):
+            if self._store is not None and not isinstance(self._store, WritableStore):
+                vector = await self._stored_vector(self._store, ids[0], vector)
+            elif vector is None:
+                raise TypeError("ingest() needs the vector: lshrs writes this store (or there is none)")
             await self._index(ids, vector, None if text is None else [text], None)
+
+    async def _stored_vector(self, store: VectorStore, id_: int, given: Any) -> FloatArray:
+        rows = await store.fetch(np.array([id_], dtype=np.int64))
+        if not len(rows):
+            raise ValueError(
+                f"id {id_} is not in the store (or its vector is NULL): write the row first, then ingest it"
+            )
+        stored = rows.vectors[:1]
+        if given is not None:
+            vector = as_vectors(given, self.config.dim, what="vector")
+            if vector.shape != stored.shape or not np.allclose(vector, stored, rtol=1e-3, atol=1e-5):
+                raise ValueError(
+                    f"the vector given for id {id_} differs from the store's row; "
+                    "ingest(id) with no vector indexes the row as stored"
+                )
+        return np.asarray(stored, dtype=np.float32)
 
     async def delete(self, ids: Iterable[int] | npt.NDArray[np.integer[Any]], *, timeout: float | None = None) -> int:
         """Remove every trace of ``ids``; returns how many were indexed (unknown
