@@ -31,6 +31,9 @@ class Candidates:
     ids: IdArray
     signatures: ByteArray  # (n, signature_bytes)
 
+    def only(self, keep: npt.NDArray[np.bool_]) -> Candidates:
+        return Candidates(self.ids[keep], self.signatures[keep])
+
 
 def meta_keys(prefix: str) -> tuple[str, str]:
     """Configuration and projection keys; one hash tag, so one script sees both."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -96,3 +96,14 @@ class Reconciled(NamedTuple):
     unchanged: int
     repaired: int
     strays: int
+
+
+@runtime_checkable
+class FilteringStore(Protocol):
+    """A store that evaluates ``where=`` conditions itself (``PostgresStore``,
+    ``SQLAlchemyStore``): ``check_where`` refuses a bad condition before any
+    Redis work, ``fetch`` returns only the rows that pass."""
+
+    async def check_where(self, where: Any) -> None: ...
+
+    async def fetch(self, ids: npt.NDArray[np.int64], where: Any = None) -> Rows: ...

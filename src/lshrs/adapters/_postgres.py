@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -56,6 +57,7 @@ class PostgresStore:
         self._select = f"SELECT {id_sql}, {{vec}}{text_sql} FROM {table_sql}"
         self._where_ids = f" WHERE {id_sql} = ANY($1::bigint[]) AND {vec_sql} IS NOT NULL"
         self._vec_sql, self._table_sql, self._id_sql = vec_sql, table_sql, id_sql
+        self._checked: set[tuple[str, int]] = set()  # conditions check_where has accepted
 
     async def _ready(self) -> asyncpg.Pool:
         """Open the pool and check the table on first use, so errors name the column."""
@@ -111,14 +113,43 @@ class PostgresStore:
         pool = await self._ready()
         return int(await pool.fetchval(f"SELECT count(*) FROM {self._table_sql} WHERE {self._vec_sql} IS NOT NULL"))
 
-    async def fetch(self, ids: npt.NDArray[np.int64]) -> Rows:
-        """One ``id = ANY($1)`` round trip; ids the table lacks are absent from the result."""
+    async def fetch(self, ids: npt.NDArray[np.int64], where: Any = None) -> Rows:
+        """One ``id = ANY($1)`` round trip; ids the table lacks, and rows that
+        fail ``where`` (see :meth:`check_where`), are absent from the result."""
         pool = await self._ready()
         query = self._select.format(vec=self._send()) + self._where_ids
-        records = await pool.fetch(query, ids.tolist())
+        if where is None:
+            records = await pool.fetch(query, ids.tolist())
+        else:
+            condition, params = _condition(where)
+            records = await pool.fetch(f"{query} AND ({condition})", ids.tolist(), *params)
         if len(records) < len(ids):
             logger.debug("%d of %d candidate ids are not in %s", len(ids) - len(records), len(ids), self._table)
         return self._rows(records)
+
+    async def check_where(self, where: Any) -> None:
+        """A filter is a SQL condition on the table's columns, with its values
+        bound as ``$1``, ``$2``...: ``("lang = $1 AND year >= $2", "en", 2020)``,
+        or a condition alone. The condition is your code, never a user's
+        input; values always go as parameters. It is tried once on the table
+        (``LIMIT 0``), so an unknown column or a syntax error is a
+        ``ValueError`` before any Redis work."""
+        condition, params = _condition(where)
+        if (condition, len(params)) in self._checked:
+            return
+        pool = await self._ready()
+        try:
+            # The same numbering as a fetch: $1 is the id array, the condition's own start at $2.
+            await pool.fetch(
+                f"SELECT 1 FROM {self._table_sql} WHERE $1::bigint[] IS NULL AND ({condition}) LIMIT 0", [], *params
+            )
+        except asyncpg.PostgresError as exc:  # the server refused the condition: unknown column, syntax, types
+            raise ValueError(f"where={where!r} does not apply to table {self._table!r}: {exc}") from None
+        except asyncpg.InterfaceError as exc:
+            if "argument" not in str(exc):  # not a parameter count: the connection's own trouble
+                raise
+            raise ValueError(f"where={where!r}: {exc}") from None
+        self._checked.add((condition, len(params)))
 
     async def sample(self, count: int) -> Rows:
         """``count`` random rows with a vector, to fit a learned partition on."""
@@ -146,3 +177,19 @@ class PostgresStore:
         if self._dsn is not None and self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+
+def _condition(where: Any) -> tuple[str, tuple[Any, ...]]:
+    """A filter's SQL, its placeholders moved up by one (``$1`` is the id
+    array of a fetch), and its parameters."""
+    if isinstance(where, str):
+        condition, params = where, ()
+    elif isinstance(where, tuple) and where and isinstance(where[0], str):
+        condition, params = where[0], tuple(where[1:])
+    else:
+        raise TypeError(
+            "PostgresStore takes where= as a SQL condition, alone or in a tuple with its parameters: "
+            f"('lang = $1', 'en'); got {type(where).__name__}"
+        )
+    shifted = re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + 1}", condition)
+    return shifted, params

@@ -93,12 +93,30 @@ class SQLAlchemyStore:
         async with self._engine.connect() as conn:
             return int((await conn.execute(sa.select(sa.func.count()).where(vector.is_not(None)))).scalar_one())
 
-    async def fetch(self, ids: npt.NDArray[np.int64]) -> Rows:
-        """One ``WHERE id IN (...)`` query; ids the table lacks are absent."""
+    async def fetch(self, ids: npt.NDArray[np.int64], where: Any = None) -> Rows:
+        """One ``WHERE id IN (...)`` query; ids the table lacks, and rows that
+        fail ``where`` (see :meth:`check_where`), are absent."""
         table = await self._ready()
         query = self._select(table).where(table.c[self._names[1]].in_(ids.tolist()))
+        if where is not None:
+            query = query.where(where)
         async with self._engine.connect() as conn:
             return self._rows((await conn.execute(query)).all())
+
+    async def check_where(self, where: Any) -> None:
+        """A filter is a SQLAlchemy boolean expression over the table's
+        columns, by name (``sa.column("lang") == "en"``) or from a table
+        object; SQLAlchemy binds its values. A column the table lacks, or
+        anything that is not an expression, is refused before any Redis work."""
+        if not isinstance(where, sa.ColumnElement):
+            raise TypeError(
+                "SQLAlchemyStore takes where= as a SQLAlchemy expression such as sa.column('lang') == 'en', "
+                f"got {type(where).__name__}"
+            )
+        table = await self._ready()
+        for element in sa.sql.visitors.iterate(where):
+            if isinstance(element, sa.ColumnClause) and element.name not in table.c:
+                raise ValueError(f"where= names column {element.name!r}, which table {self._names[0]!r} lacks")
 
     async def sample(self, count: int) -> Rows:
         """``count`` random rows with a vector, to fit a learned partition on."""
