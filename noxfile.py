@@ -68,6 +68,14 @@ def load(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def filters(session: nox.Session) -> None:
+    """Filtered search against pgvector HNSW with and without iterative scans: ``nox -s filters -- --size 100k``."""
+    session.run("bash", "scripts/install-servers.sh", external=True)
+    session.install("-e", ".[test,postgres]", "matplotlib")
+    session.run("python", "-m", "benchmarks.filters", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def breakages(session: nox.Session) -> None:
     """Break the code in each way tests/breakages.py lists and check that its test fails."""
     session.run("bash", "scripts/install-servers.sh", external=True)
