@@ -144,3 +144,18 @@ async def test_id_filters_work_with_any_store(redis_proc: Any) -> None:
         hits = await estimates.query(QUERIES[2], top_k=5, where=allowed)
         assert len(hits) == 5 and {h.id for h in hits} <= allowed
         await estimates.drop()
+
+
+async def test_postgres_passing_answers_the_same_by_either_path(table: tuple[str, str, str]) -> None:
+    """Few candidates are looked up by id; many, against a condition few rows
+    pass, are met by reading the passing ids: the answer is the same."""
+    dsn, name, _ = table
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(f"ANALYZE {name}")  # the planner's estimate picks the path
+    await conn.close()
+    store = PostgresStore(dsn, table=name)
+    for ids in (np.array([0, 1, 2, 100, 101, 5000]), np.arange(N + 100)):
+        for lang in ("en", "fr"):
+            expected = [i for i in ids.tolist() if i < N and language(i) == lang]
+            assert sorted((await store.passing(ids, ("lang = $1", lang))).tolist()) == expected
+    await store.close()

@@ -84,7 +84,7 @@ class HyperplaneFamily:
         self.sketch_bits = bands.num_bits
 
     def records(self, vectors: FloatArray, *, buckets: bool = True) -> ByteArray:
-        return self.bands.pack(vectors[:, :8] @ self._projection[:8] > 0)
+        return self.bands.pack(vectors @ self._projection > 0)
 
     def plan(self, unit_queries: FloatArray, probes: int) -> list[bytes]:
         margins = unit_queries @ self._projection

@@ -7,11 +7,14 @@ store or none. A store filter (a SQL condition for ``PostgresStore``, a
 SQLAlchemy expression for ``SQLAlchemyStore``) is evaluated by the store on
 the rows it fetches for the rerank, with bound parameters.
 
-Post-filtering an approximate index loses results when few candidates pass,
-so a filtered query that finds fewer than ``top_k`` hits reads more buckets
-and reranks deeper, four times more each round (``WIDEN``), until it has
-them, reads no new candidates, or reaches ``MAX_WIDEN`` (pgvector 0.8 added
-iterative index scans for the same reason).
+Candidates that fail the filter are dropped before the sketch ranking (a
+store's condition is evaluated in one id-only round trip), so the rerank
+depth goes to rows that pass. Post-filtering an approximate index still
+loses results when few rows pass, because a query's nearest passing rows lie
+farther out; so a filtered query reads more buckets, at most ``WIDEN`` times
+more a round, until as many of its candidates pass as an unfiltered query
+reads, no new candidates come in, or it reaches ``MAX_WIDEN`` (pgvector 0.8
+added iterative index scans for the same reason).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from ._connect import check_client, connect
 from ._errors import IndexMissing
 from ._family import Family, HyperplaneFamily, Layout, LearnedFamily, banded_layout, learned_layout
 from ._hashing import Bands, make_projection
-from ._index import Client, ShardedIndex, meta_keys
+from ._index import Candidates, Client, ShardedIndex, meta_keys
 from ._partition import Partition, choose_buckets, fit
 from ._sampling import sample_store
 from ._tuning import Tuning, TuningPoint, exact_neighbours, recall
@@ -720,26 +720,30 @@ class LSHRS:
         # A query that asks for more neighbours reads more buckets: recall@100
         # trailed recall@10 by 0.07 at equal probes (measured on minilm-100k).
         probes = math.ceil(opened.probes * math.sqrt(max(1.0, top_k / 10)))
-        hits, read, passed = await self._search(opened, matrix, top_k, top_p, probes, where)
         if where is None:
+            hits, _, _ = await self._search(opened, matrix, top_k, top_p, probes)
             return hits
-        # A filtered query widens until it reranks as many passing candidates
-        # as an unfiltered one reranks candidates: stopping at the first top_k
-        # that pass kept recall@10 at 0.81 where 1% of the rows pass.
-        enough = self._depth(opened.sharded, top_k) if self._store is not None else _filters.WIDEN * top_k
-        short = [i for i in range(len(matrix)) if passed[i] < enough]
+        # A filtered query reads more buckets until as many of its candidates
+        # pass as an unfiltered query reads: its nearest passing rows lie
+        # farther out, 1/share as far in candidates. Stopping at the first
+        # top_k that passed kept recall@10 at 0.81 where 1% of the rows pass.
+        # Only the final candidates of each query are ranked and reranked.
+        records, found, read = await self._candidates(opened, matrix, probes, where)
+        enough = [max(count, top_k) for count in read]
+        short = [i for i in range(len(matrix)) if len(found[i].ids) < enough[i]]
         scale = 1
         while short and scale < _filters.MAX_WIDEN:
-            scale *= _filters.WIDEN
-            wider = await self._search(opened, matrix[short], top_k, top_p, probes * scale, where, scale)
+            needed = max(enough[i] / max(len(found[i].ids), 1) for i in short)
+            scale = min(_filters.MAX_WIDEN, scale * min(_filters.WIDEN, max(2, math.ceil(needed))))
+            _, wider, counts = await self._candidates(opened, matrix[short], probes * scale, where)
             still = []
-            for i, found, count, passing in zip(short, *wider):
-                hits[i] = found
-                if passing < enough and read[i] < count < self._max_candidates:
+            for i, candidates, count in zip(short, wider, counts):
+                found[i] = candidates
+                if len(candidates.ids) < enough[i] and read[i] < count < self._max_candidates:
                     still.append(i)  # new candidates came in, and more may pass
                 read[i] = count
             short = still
-        return hits
+        return await self._ranked(opened, matrix, records, found, top_k, top_p)
 
     def _check_options(self, top_k: int, top_p: float | None) -> None:
         check_top(top_k, top_p)
@@ -787,11 +791,19 @@ class LSHRS:
         top_p: float | None,
         probes: int,
         where: Any = None,
-        scale: int = 1,
     ) -> tuple[list[list[Hit]], list[int], list[int]]:
         """Hits of checked queries, how many candidates each query read, and
-        how many of them passed ``where`` into the rerank (all, without one);
-        ``scale`` widens the rerank depth of a filtered query."""
+        how many of them pass ``where`` (all, without one)."""
+        records, found, read = await self._candidates(opened, matrix, probes, where)
+        hits = await self._ranked(opened, matrix, records, found, top_k, top_p)
+        return hits, read, [len(candidates.ids) for candidates in found]
+
+    async def _candidates(
+        self, opened: _Opened, matrix: FloatArray, probes: int, where: Any
+    ) -> tuple[npt.NDArray[np.uint8], list[Candidates], list[int]]:
+        """The queries' sketch records, their candidates from ``probes``
+        buckets (only those that pass ``where``, so the rerank depth goes to
+        rows that pass), and how many candidates each read before filtering."""
         family, index = opened.family, opened.sharded
         assert family is not None
         records = await self._records(family, matrix, buckets=False)
@@ -801,11 +813,25 @@ class LSHRS:
         else:
             keys = family.plan(unit, probes)
         found = await asyncio.gather(*(index.candidates(k, self._max_candidates) for k in keys))
-        depth = scale * (self._depth(index, top_k) if self._store is not None else top_k)
         read = [len(candidates.ids) for candidates in found]
-        if where is not None and _filters.is_id_filter(where):
-            found = [candidates.only(_filters.id_mask(where, candidates.ids)) for candidates in found]
-        passed = [len(candidates.ids) for candidates in found]
+        if where is not None:
+            found = await self._passing(found, where)
+        return records, found, read
+
+    async def _ranked(
+        self,
+        opened: _Opened,
+        matrix: FloatArray,
+        records: npt.NDArray[np.uint8],
+        found: Sequence[Candidates],
+        top_k: int,
+        top_p: float | None,
+    ) -> list[list[Hit]]:
+        """Candidates ranked by sketch distance, the best reranked by exact
+        cosine through the store (without one, the sketch's estimate)."""
+        family = opened.family
+        assert family is not None
+        depth = self._depth(opened.sharded, top_k) if self._store is not None else top_k
         shortlists = []
         for candidates, record in zip(found, records):
             distance = family.distances(candidates.signatures, record)
@@ -815,14 +841,20 @@ class LSHRS:
             shortlists.append((candidates.ids[best], distance[best]))
         if self._store is None:
             bits = family.sketch_bits
-            estimates = [
+            return [
                 [Hit(int(i), float(np.cos(np.pi * d / bits)), None, False) for i, d in zip(ids, dist)]
                 for ids, dist in shortlists
             ]
-            return estimates, read, passed
-        store_filter = None if where is None or _filters.is_id_filter(where) else where
-        hits, fetched = await self._rerank_exact(matrix, [ids for ids, _ in shortlists], top_k, top_p, store_filter)
-        return hits, read, fetched if store_filter is not None else passed
+        return await self._rerank_exact(matrix, [ids for ids, _ in shortlists], top_k, top_p)
+
+    async def _passing(self, found: list[Candidates], where: Any) -> list[Candidates]:
+        """The candidates that pass ``where``: an id filter here, a store's
+        condition in one id-only round trip for all the queries' candidates."""
+        if _filters.is_id_filter(where):
+            return [candidates.only(_filters.id_mask(where, candidates.ids)) for candidates in found]
+        everyone = np.unique(np.concatenate([candidates.ids for candidates in found]))
+        passing = await cast(FilteringStore, self._store).passing(everyone, where) if len(everyone) else everyone
+        return [candidates.only(np.isin(candidates.ids, passing)) for candidates in found]
 
     async def tune(
         self,
@@ -910,31 +942,21 @@ class LSHRS:
         shortlists: list[npt.NDArray[np.int64]],
         top_k: int,
         top_p: float | None,
-        where: Any = None,
-    ) -> tuple[list[list[Hit]], list[int]]:
-        """Exact cosine on the shortlisted vectors, fetched for all queries at
-        once, and how many of each query's came back from the store (a store
-        filter leaves out the rows that do not pass it)."""
+    ) -> list[list[Hit]]:
+        """Exact cosine on the shortlisted vectors, fetched for all queries at once."""
         assert self._store is not None
         wanted = np.unique(np.concatenate(shortlists))
-        if not len(wanted):
-            rows = None
-        elif where is None:
-            rows = await self._store.fetch(wanted)
-        else:  # _filters.check made sure the store evaluates conditions
-            rows = await cast(FilteringStore, self._store).fetch(wanted, where=where)
+        rows = await self._store.fetch(wanted) if len(wanted) else None
         if rows is None or not len(rows):  # the store has none of the candidates
-            return [[] for _ in shortlists], [0] * len(shortlists)
+            return [[] for _ in shortlists]
         order = np.argsort(rows.ids, kind="stable")
         sorted_ids = rows.ids[order]
         norms = np.linalg.norm(rows.vectors, axis=1, keepdims=True)
         unit = rows.vectors / np.where(norms == 0, 1.0, norms)  # a user's table may hold zero rows
         results = []
-        fetched = []
         for query, ids in zip(queries, shortlists):
             at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
             rows_of = order[at[sorted_ids[at] == ids]]  # ids the store lacks are skipped
-            fetched.append(len(rows_of))
             scores = unit[rows_of] @ (query / np.linalg.norm(query))
             keep = len(scores) if top_p is None else math.ceil(top_p * len(scores))
             best = np.lexsort((rows.ids[rows_of], -scores))[: min(top_k, keep)]
@@ -945,7 +967,7 @@ class LSHRS:
                     for i in best
                 ]
             )
-        return results, fetched
+        return results
 
     async def stats(self, *, exact: bool = False) -> dict[str, Any]:
         """Configuration, probes in force, vector and bucket counts, bucket size

@@ -102,8 +102,9 @@ class Reconciled(NamedTuple):
 class FilteringStore(Protocol):
     """A store that evaluates ``where=`` conditions itself (``PostgresStore``,
     ``SQLAlchemyStore``): ``check_where`` refuses a bad condition before any
-    Redis work, ``fetch`` returns only the rows that pass."""
+    Redis work, ``passing`` returns which of the ``ids`` it holds pass one
+    (ids only: the vectors are fetched for the few best that pass)."""
 
     async def check_where(self, where: Any) -> None: ...
 
-    async def fetch(self, ids: npt.NDArray[np.int64], where: Any = None) -> Rows: ...
+    async def passing(self, ids: npt.NDArray[np.int64], where: Any) -> npt.NDArray[np.int64]: ...

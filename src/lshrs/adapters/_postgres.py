@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -58,6 +60,7 @@ class PostgresStore:
         self._where_ids = f" WHERE {id_sql} = ANY($1::bigint[]) AND {vec_sql} IS NOT NULL"
         self._vec_sql, self._table_sql, self._id_sql = vec_sql, table_sql, id_sql
         self._checked: set[tuple[str, int]] = set()  # conditions check_where has accepted
+        self._estimates: dict[tuple[str, tuple[Any, ...]], float] = {}  # planner rows by condition and values
 
     async def _ready(self) -> asyncpg.Pool:
         """Open the pool and check the table on first use, so errors name the column."""
@@ -113,19 +116,47 @@ class PostgresStore:
         pool = await self._ready()
         return int(await pool.fetchval(f"SELECT count(*) FROM {self._table_sql} WHERE {self._vec_sql} IS NOT NULL"))
 
-    async def fetch(self, ids: npt.NDArray[np.int64], where: Any = None) -> Rows:
-        """One ``id = ANY($1)`` round trip; ids the table lacks, and rows that
-        fail ``where`` (see :meth:`check_where`), are absent from the result."""
+    async def fetch(self, ids: npt.NDArray[np.int64]) -> Rows:
+        """One ``id = ANY($1)`` round trip; ids the table lacks are absent from the result."""
         pool = await self._ready()
         query = self._select.format(vec=self._send()) + self._where_ids
-        if where is None:
-            records = await pool.fetch(query, ids.tolist())
-        else:
-            condition, params = _condition(where)
-            records = await pool.fetch(f"{query} AND ({condition})", ids.tolist(), *params)
+        records = await pool.fetch(query, ids.tolist())
         if len(records) < len(ids):
             logger.debug("%d of %d candidate ids are not in %s", len(ids) - len(records), len(ids), self._table)
         return self._rows(records)
+
+    async def passing(self, ids: npt.NDArray[np.int64], where: Any) -> npt.NDArray[np.int64]:
+        """Which of ``ids`` the table holds with a vector and ``where`` keeps,
+        in one round trip of ids only. Where the planner expects fewer rows to
+        pass than there are ``ids``, every passing id is read instead (an
+        index on the filtered column serves it): looking up 50,000 candidate
+        ids one by one took 110-130 ms at 100k rows."""
+        pool = await self._ready()
+        condition, params = _condition(where)
+        everything = f"SELECT {self._id_sql} FROM {self._table_sql} WHERE cardinality($1::bigint[]) >= 0"
+        everything += f" AND {self._vec_sql} IS NOT NULL AND ({condition})"
+        if await self._expected_rows(pool, everything, params) < len(ids):
+            records = await pool.fetch(everything, [], *params)
+            found = np.fromiter((r[0] for r in records), dtype=np.int64, count=len(records))
+            return np.intersect1d(ids, found)
+        query = f"SELECT {self._id_sql} FROM {self._table_sql}{self._where_ids} AND ({condition})"
+        records = await pool.fetch(query, ids.tolist(), *params)
+        return np.fromiter((r[0] for r in records), dtype=np.int64, count=len(records))
+
+    async def _expected_rows(self, pool: asyncpg.Pool, query: str, params: tuple[Any, ...]) -> float:
+        """The planner's row estimate for ``query``, kept per condition and values."""
+        key = (query, params)
+        try:
+            return self._estimates[key]
+        except (KeyError, TypeError):  # not seen, or unhashable values: ask
+            pass
+        plan = await pool.fetchval(f"EXPLAIN (FORMAT JSON) {query}", [], *params)
+        rows = float(json.loads(plan)[0]["Plan"]["Plan Rows"])
+        with contextlib.suppress(TypeError):
+            if len(self._estimates) >= 1024:
+                self._estimates.clear()
+            self._estimates[key] = rows
+        return rows
 
     async def check_where(self, where: Any) -> None:
         """A filter is a SQL condition on the table's columns, with its values

@@ -93,15 +93,21 @@ class SQLAlchemyStore:
         async with self._engine.connect() as conn:
             return int((await conn.execute(sa.select(sa.func.count()).where(vector.is_not(None)))).scalar_one())
 
-    async def fetch(self, ids: npt.NDArray[np.int64], where: Any = None) -> Rows:
-        """One ``WHERE id IN (...)`` query; ids the table lacks, and rows that
-        fail ``where`` (see :meth:`check_where`), are absent."""
+    async def fetch(self, ids: npt.NDArray[np.int64]) -> Rows:
+        """One ``WHERE id IN (...)`` query; ids the table lacks are absent."""
         table = await self._ready()
         query = self._select(table).where(table.c[self._names[1]].in_(ids.tolist()))
-        if where is not None:
-            query = query.where(where)
         async with self._engine.connect() as conn:
             return self._rows((await conn.execute(query)).all())
+
+    async def passing(self, ids: npt.NDArray[np.int64], where: Any) -> npt.NDArray[np.int64]:
+        """Which of ``ids`` the table holds with a vector and ``where`` keeps: ids only."""
+        table = await self._ready()
+        id_column, vector_column = table.c[self._names[1]], table.c[self._names[2]]
+        query = sa.select(id_column).where(id_column.in_(ids.tolist()), vector_column.is_not(None), where)
+        async with self._engine.connect() as conn:
+            found = (await conn.execute(query)).scalars().all()
+        return np.fromiter(found, dtype=np.int64, count=len(found))
 
     async def check_where(self, where: Any) -> None:
         """A filter is a SQLAlchemy boolean expression over the table's
