@@ -436,9 +436,11 @@ async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatc
     assert exact["index_memory_bytes"] == used  # every key of the prefix, nothing else on the server
     if exact["buckets"] <= lshrs_module.STATS_SAMPLE:
         assert await lsh.stats() == exact  # fewer buckets than the sample: the sample is all of them
-    monkeypatch.setattr(lshrs_module, "STATS_SAMPLE", max(8, exact["buckets"] // 4))
+    sample = max(8, exact["buckets"] // 4)
+    monkeypatch.setattr(lshrs_module, "STATS_SAMPLE", sample)
     sampled = await lsh.stats()
-    assert sampled["bucket_statistics"].startswith("sampled from")
+    shards = lsh.config.shards
+    assert sampled["bucket_statistics"] == f"sampled from {shards * -(-sample // shards):,} buckets"
     assert sampled["buckets"] == pytest.approx(exact["buckets"], rel=0.35)
     assert sampled["index_memory_bytes"] == pytest.approx(exact["index_memory_bytes"], rel=0.35)
 
@@ -457,3 +459,34 @@ def test_a_capped_learned_query_cuts_its_boundary_bucket_by_id() -> None:
     assert nearest_buckets(list(reversed(buckets[:2])), 4).tolist() == [30, 7, 12, 4]
     assert nearest_buckets(buckets, 2).tolist() == [9, 4]
     assert nearest_buckets(buckets, 1).tolist() == [4]
+
+
+async def test_sampled_ids_are_distinct_indexed_ids(make_lsh: Any) -> None:
+    """tune() draws its query rows with sample_ids: as many as asked, each
+    indexed, none twice, from every shard."""
+    lsh = await make_lsh()
+    await lsh.index(np.arange(1000), clustered(1000, 32))
+    index = (await lsh._ready()).sharded
+    for count in (1, 37, 400):
+        picked = await index.sample_ids(count)
+        assert len(picked) == count and len(set(picked.tolist())) == count
+        assert set(picked.tolist()) <= set(range(1000))
+    every = await index.sample_ids(5000)
+    assert sorted(every.tolist()) == list(range(1000))  # asking for more than exist: each id once
+
+
+def test_the_learned_tuning_ladder() -> None:
+    """tune() tries probes from 8 buckets up in steps of about 1.4 (so the
+    probes it saves are within 1.4x of the fewest that reach the target), up
+    to 16 times the default or every bucket."""
+    from types import SimpleNamespace
+
+    from lshrs._family import LearnedFamily
+
+    for buckets in (300, 4096, 65536):
+        family = LearnedFamily(SimpleNamespace(buckets=buckets), np.zeros((4, 8), np.float32))  # type: ignore[arg-type]
+        ladder = family.ladder()
+        assert ladder[0] == 8
+        assert ladder[-1] == min(buckets, 16 * family.default_probes())
+        ratios = np.array(ladder[1:]) / np.array(ladder[:-1])
+        assert all(1.3 < r < 1.5 for r in ratios[3:-1]), ratios  # past the rounding of the first small steps

@@ -93,7 +93,7 @@ def hamming(signatures: ByteArray, query: ByteArray) -> npt.NDArray[np.int64]:
     return distance
 
 
-def _log_cdf_table() -> tuple[FloatArray, FloatArray]:
+def _log_cdf_table() -> tuple[FloatArray, FloatArray]:  # pragma: no mutate block (runs at import)
     """On a grid of z: the log-odds against a bit flipping, log Phi(z) - log
     Phi(-z), and the cost of it not flipping, -log Phi(z). Numpy has no erfc,
     and a table is exact enough."""
@@ -106,7 +106,7 @@ def _log_cdf_table() -> tuple[FloatArray, FloatArray]:
 _GRID, _COSTS = _log_cdf_table()
 
 
-def _subset_masks(width: int) -> npt.NDArray[np.float32]:
+def _subset_masks(width: int) -> npt.NDArray[np.float32]:  # pragma: no mutate block (runs at import)
     """Row s flips the bits named by the binary digits of s: every subset once."""
     return ((np.arange(1 << width)[:, None] >> np.arange(width)) & 1).astype(np.float32)
 
