@@ -490,3 +490,20 @@ def test_the_learned_tuning_ladder() -> None:
         assert ladder[-1] == min(buckets, 16 * family.default_probes())
         ratios = np.array(ladder[1:]) / np.array(ladder[:-1])
         assert all(1.3 < r < 1.5 for r in ratios[3:-1]), ratios  # past the rounding of the first small steps
+
+
+async def test_warm_in_batches_loads_every_signature(make_lsh: Any, raw_redis: Any, backend: str) -> None:
+    """warm() reads each shard's records in HSCAN batches: every batch lands in
+    the cache, so a warm reader's queries read no signatures from Redis."""
+    base = clustered(800, 32)
+    writer = await make_lsh()
+    await writer.index(np.arange(800), base)
+    reader = await make_lsh(probes=8)  # no store: the sketch's estimates, from cached signatures
+    index = (await reader._ready()).sharded
+    assert await index.warm(batch=64) == 800
+    if backend == "redis":
+        await raw_redis.config_resetstat()
+    for i, vector in enumerate(base[:5]):
+        assert (await reader.query(vector, top_k=1))[0].id == i
+    if backend == "redis":
+        assert "cmdstat_hmget" not in await raw_redis.info("commandstats")
