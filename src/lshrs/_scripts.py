@@ -39,12 +39,26 @@ end
 CHANGE_LOG = 4096
 TOMBSTONE = "\\0\\0\\0\\0\\0\\0\\0\\128"  # id -2**63, evicted harmlessly
 
+# Appends the ids a script (re)wrote to the shard's change log (KEYS[3]),
+# keeps its last CHANGE_LOG entries, and advances the generation (KEYS[2]):
+# every writer of signatures logs the same way, or readers' caches go stale.
+_LOG_CHANGES = """
+local function log_changes(logged)
+  if #logged > 0 then
+    redis.call('RPUSH', KEYS[3], unpack(logged))
+    redis.call('LTRIM', KEYS[3], -CHANGE_LOG, -1)
+    redis.call('INCRBY', KEYS[2], #logged)
+  end
+end
+""".replace("CHANGE_LOG", str(CHANGE_LOG))
+
 # KEYS: the shard's signature hash, its generation counter, its change log.
 # ARGV: bucket key base, bytes per band, bands, then (id, signature) pairs.
 # An id's signature is written last: it is the mark that the id is fully in.
 # A replaced id leaves only the buckets of bands whose value changed.
 UPSERT = (
     _REMOVE
+    + _LOG_CHANGES
     + """
 local sigs, base = KEYS[1], ARGV[1]
 local width, bands = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -70,13 +84,9 @@ for i = 4, #ARGV, 2 do
     logged[#logged + 1] = id
   end
 end
-if #logged > 0 then
-  redis.call('RPUSH', KEYS[3], unpack(logged))
-  redis.call('LTRIM', KEYS[3], -CHANGE_LOG, -1)
-  redis.call('INCRBY', KEYS[2], #logged)
-end
+log_changes(logged)
 return #logged
-""".replace("CHANGE_LOG", str(CHANGE_LOG))
+"""
 )
 
 # KEYS and ARGV as UPSERT, with ids only. Returns how many existed.
@@ -218,6 +228,7 @@ end
 REPAIR = (
     _REMOVE
     + _CONTAINS
+    + _LOG_CHANGES
     + """
 local sigs, base = KEYS[1], ARGV[1]
 local width, bands = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -248,13 +259,9 @@ for i = 4, #ARGV, 2 do
     logged[#logged + 1] = id
   end
 end
-if #logged > 0 then
-  redis.call('RPUSH', KEYS[3], unpack(logged))
-  redis.call('LTRIM', KEYS[3], -CHANGE_LOG, -1)
-  redis.call('INCRBY', KEYS[2], #logged)
-end
+log_changes(logged)
 return {added, updated, unchanged, repaired}
-""".replace("CHANGE_LOG", str(CHANGE_LOG))
+"""
 )
 
 # Reconcile, step three: KEYS[1] the shard's signature hash. ARGV: bucket key
