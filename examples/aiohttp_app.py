@@ -16,12 +16,11 @@ import numpy as np
 from aiohttp import web
 
 from lshrs import LSHRS, Overloaded
-from lshrs.adapters import PostgresStore
 
 try:
-    from .settings import Settings, from_environment
+    from .settings import Settings, from_environment, open_index
 except ImportError:  # run as a script, or imported with examples/ on the path
-    from settings import Settings, from_environment  # type: ignore[no-redef]
+    from settings import Settings, from_environment, open_index  # type: ignore[no-redef]
 
 LSH = web.AppKey("lsh", LSHRS)
 
@@ -47,14 +46,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     config = settings or from_environment()
 
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
-        store = PostgresStore(
-            config.dsn, table=config.table, vector_column=config.vector_column, text_column=config.text_column
-        )
-        dim = await store.dimension()
-        if dim is None:
-            raise RuntimeError(f"table {config.table!r} holds no vectors yet")
-        async with LSHRS(dim=dim, redis_url=config.redis_url, prefix=config.prefix, store=store) as lsh:
-            await lsh.warm()  # load the signatures once, so even the first queries read only ids
+        async with open_index(config) as lsh:
             app[LSH] = lsh
             yield
 

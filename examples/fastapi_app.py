@@ -24,13 +24,12 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from lshrs import LSHRS, Hit, Overloaded
-from lshrs.adapters import PostgresStore
+from lshrs import Hit, Overloaded
 
 try:
-    from .settings import Settings, from_environment
+    from .settings import Settings, from_environment, open_index
 except ImportError:  # run as a script, or imported with examples/ on the path
-    from settings import Settings, from_environment  # type: ignore[no-redef]
+    from settings import Settings, from_environment, open_index  # type: ignore[no-redef]
 
 
 class VectorQuery(BaseModel):
@@ -52,16 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        config = settings or from_environment()
-        store = PostgresStore(
-            config.dsn, table=config.table, vector_column=config.vector_column, text_column=config.text_column
-        )
-        dim = await store.dimension()
-        if dim is None:
-            raise RuntimeError(f"table {config.table!r} holds no vectors yet")
-        async with LSHRS(dim=dim, redis_url=config.redis_url, prefix=config.prefix, store=store) as lsh:
-            await lsh.warm()  # load the signatures once, so even the first queries read only ids
-            app.state.lsh, app.state.store = lsh, store
+        async with open_index(settings or from_environment()) as lsh:
+            app.state.lsh, app.state.store = lsh, lsh.store
             yield
 
     app = FastAPI(title="lshrs search", lifespan=lifespan)

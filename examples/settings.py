@@ -1,9 +1,15 @@
-"""The ``LSHRS_*`` environment settings the examples share with the ``lshrs`` command."""
+"""The ``LSHRS_*`` environment settings the examples share with the ``lshrs``
+command, and the warm index both services open from them."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+
+from lshrs import LSHRS
+from lshrs.adapters import PostgresStore
 
 
 @dataclass(frozen=True)
@@ -33,3 +39,18 @@ def from_environment() -> Settings:
         vector_column=os.environ.get("LSHRS_VECTOR_COLUMN", "embedding"),
         text_column=os.environ.get("LSHRS_TEXT_COLUMN", "body") or None,
     )
+
+
+@asynccontextmanager
+async def open_index(settings: Settings) -> AsyncIterator[LSHRS]:
+    """The index over the settings' table, its signatures loaded once so
+    that even the first queries read only bucket ids; closed on exit."""
+    store = PostgresStore(
+        settings.dsn, table=settings.table, vector_column=settings.vector_column, text_column=settings.text_column
+    )
+    dim = await store.dimension()
+    if dim is None:
+        raise RuntimeError(f"table {settings.table!r} holds no vectors yet")
+    async with LSHRS(dim=dim, redis_url=settings.redis_url, prefix=settings.prefix, store=store) as lsh:
+        await lsh.warm()
+        yield lsh
