@@ -100,6 +100,8 @@ BREAKAGES = [
     ("a filtered query never widens", "src/lshrs/_lshrs.py",
      "short = [i for i in range(len(matrix)) if len(found[i].ids) < enough[i]]", "short = []",
      "test_filters.py -k exact_filtered"),
+    ("redis-py's closed-connection AttributeError reaches callers", "src/lshrs/_admission.py",
+     "            raise lost from exc", "            pass", "test_failover.py -k closed"),
 ]  # fmt: skip
 
 

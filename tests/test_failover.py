@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
 
 from conftest import clustered, index_state
 from lshrs import LSHRS
+from lshrs._admission import Admission, Call
 from lshrs.adapters import InMemoryStore
 from servers import ClusterNode, redis_cluster_nodes
 
@@ -124,3 +126,23 @@ async def test_a_killed_master_fails_over_and_the_client_recovers() -> None:
         assert indexed == held
         await raw.aclose()
         await lsh.close()
+
+
+async def test_a_connection_closed_under_a_call_is_a_redis_error() -> None:
+    """redis-py's cluster client closes connections other tasks are writing
+    on when a failover makes it re-read the topology; the AttributeError that
+    leaves redis-py reaches the caller as a redis ConnectionError. Our own
+    AttributeErrors pass through unchanged."""
+    closed = Connection()  # never connected: its writer is None, as after aclose()
+
+    async def write_on_closed() -> None:
+        async with Call(Admission(4), None, "query()"):
+            await closed._send_packed_command([b"PING\r\n"])
+
+    with pytest.raises(redis.exceptions.ConnectionError, match="closed under this call") as raised:
+        await write_on_closed()
+    assert isinstance(raised.value.__cause__, AttributeError)
+
+    with pytest.raises(AttributeError):
+        async with Call(Admission(4), None, "query()"):
+            None.missing  # type: ignore[attr-defined]  # noqa: B018

@@ -17,7 +17,7 @@ from types import TracebackType
 
 import anyio
 
-from ._errors import Overloaded
+from ._errors import Overloaded, lost_connection
 
 Traceback = TracebackType | None
 
@@ -145,6 +145,9 @@ class Call:
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Traceback) -> None:
         self._admission.leave(anyio.current_time() - self._started)
         self._exit_scope(kind, exc, tb)
+        lost = lost_connection(exc)
+        if lost is not None:
+            raise lost from exc
 
     def _exit_scope(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Traceback) -> None:
         """Leave the deadline's scope; the scope swallows only its own

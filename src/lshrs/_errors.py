@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from redis.exceptions import ConnectionError
+
 
 class Overloaded(TimeoutError):
     """Refused without waiting: ``max_inflight`` calls are running and the
@@ -16,3 +18,25 @@ class IndexMissing(RuntimeError):
     dropped it. lshrs does not quietly start a new empty index in its place;
     ``close()`` and rebuild (``index()``), or point the client at a Redis
     that kept its data."""
+
+
+def lost_connection(exc: BaseException | None) -> ConnectionError | None:
+    """A redis ``ConnectionError`` for an ``AttributeError``/``TypeError``
+    raised inside redis-py's connection layer, else None.
+
+    In a failover redis-py's cluster client closes every connection while
+    other tasks still write on them (``ClusterDownError`` -> ``aclose()``), and
+    those tasks fail with ``'NoneType' object has no attribute 'writelines'``.
+    That is a lost connection; raised as one, callers handle a failover with
+    one ``except redis.exceptions.RedisError``."""
+    if not isinstance(exc, (AttributeError, TypeError)):
+        return None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") in _CONNECTION_MODULES:
+            return ConnectionError(f"the Redis connection was closed under this call ({exc})")
+        tb = tb.tb_next
+    return None
+
+
+_CONNECTION_MODULES = frozenset({"redis.asyncio.connection", "redis.connection"})
