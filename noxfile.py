@@ -76,6 +76,14 @@ def filters(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def memory(session: nox.Session) -> None:
+    """The index's Redis memory by kind of key, and the build time: ``nox -s memory -- --size 1M``."""
+    session.run("bash", "scripts/install-servers.sh", external=True)
+    session.install("-e", ".[test]", "matplotlib")
+    session.run("python", "-m", "benchmarks.memory", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def breakages(session: nox.Session) -> None:
     """Break the code in each way tests/breakages.py lists and check that its test fails."""
     session.run("bash", "scripts/install-servers.sh", external=True)

@@ -106,18 +106,31 @@ class ShardedIndex:
             chunks += [(shard, rows[start : start + WRITE_CHUNK]) for start in range(0, len(rows), WRITE_CHUNK)]
         return chunks
 
-    async def _per_shard(self, ids: IdArray, payload: Sequence[Any] | None, script: Any) -> int:
-        """Run ``script`` over ``ids`` (and their payload) in chunks, shards concurrently."""
-        calls = []
-        for shard, chunk in self._chunks(ids):
-            args = self._static_args(shard)
-            for row in chunk:
-                args.append(packed_id(ids[row]))
-                if payload is not None:
-                    args.append(payload[row])
-            calls.append(self._write(script, self.script_keys(shard), args))
-        results = await asyncio.gather(*calls)
-        return sum(int(r) for r in results)
+    async def _per_shard(self, ids: IdArray, script: Any) -> int:
+        """Run ``script`` over ``ids`` in chunks, shards concurrently."""
+        calls = [
+            self._write(script, self.script_keys(shard), [*self._static_args(shard), *map(packed_id, ids[chunk])])
+            for shard, chunk in self._chunks(ids)
+        ]
+        return sum(int(r) for r in await asyncio.gather(*calls))
+
+    def _record_calls(self, script: Any, ids: IdArray, signatures: ByteArray) -> list[Any]:
+        """``script`` over ``ids`` and their records in chunks, two blobs a
+        chunk (``_scripts._RECORDS``), not yet awaited."""
+        return [
+            self._write(
+                script,
+                self.script_keys(shard),
+                [*self._static_args(shard), ids[chunk].astype("<i8").tobytes(), signatures[chunk].tobytes()],
+            )
+            for shard, chunk in self._chunks(ids)
+        ]
+
+    def _cache_records(self, ids: IdArray, signatures: ByteArray) -> None:
+        shard_of = self.shard_of(ids)
+        for shard in range(self._shards):
+            rows = shard_of == shard
+            self._cache.add(shard, ids[rows], signatures[rows])
 
     def lease_key(self, shard: int) -> str:
         return f"{{{self._prefix}:{shard}}}:k"
@@ -150,31 +163,17 @@ class ShardedIndex:
 
     async def upsert(self, ids: IdArray, signatures: ByteArray) -> int:
         """Insert or replace; returns how many ids changed (same record: no-op)."""
-        packed = [row.tobytes() for row in signatures]
-        changed = await self._per_shard(ids, packed, self._upsert)
-        shard_of = self.shard_of(ids)
-        for shard in range(self._shards):
-            rows = shard_of == shard
-            self._cache.add(shard, ids[rows], signatures[rows])
+        changed = sum(int(r) for r in await asyncio.gather(*self._record_calls(self._upsert, ids, signatures)))
+        self._cache_records(ids, signatures)
         return changed
 
     async def repair(self, ids: IdArray, signatures: ByteArray) -> npt.NDArray[np.int64]:
         """Reconcile ``ids`` with records computed afresh (``_scripts.REPAIR``):
         counts of added, updated, unchanged and repaired ids."""
-        packed = [row.tobytes() for row in signatures]
-        calls = []
-        for shard, chunk in self._chunks(ids):
-            args = self._static_args(shard)
-            for row in chunk:
-                args += [packed_id(ids[row]), packed[row]]
-            calls.append(self._write(self._repair, self.script_keys(shard), args))
         counts = np.zeros(4, dtype=np.int64)
-        for reply in await asyncio.gather(*calls):
+        for reply in await asyncio.gather(*self._record_calls(self._repair, ids, signatures)):
             counts += np.asarray(reply, dtype=np.int64)
-        shard_of = self.shard_of(ids)
-        for shard in range(self._shards):
-            rows = shard_of == shard
-            self._cache.add(shard, ids[rows], signatures[rows])
+        self._cache_records(ids, signatures)
         return counts
 
     async def indexed_ids(self) -> IdArray:
@@ -199,7 +198,7 @@ class ShardedIndex:
 
     async def delete(self, ids: IdArray) -> int:
         """Remove every bucket membership and the signature; returns how many existed."""
-        return await self._per_shard(ids, None, self._delete)
+        return await self._per_shard(ids, self._delete)
 
     async def candidates(self, probe_keys: bytes, cap: int) -> Candidates:
         """Ids in the probed buckets (``probe_keys``: fixed-width bucket suffixes,

@@ -455,20 +455,21 @@ class LSHRS:
         matrix = as_vectors(vectors, config.dim)
         check_batch(id_array, matrix, texts)
         opened = await self._refreshed(await self._trained(matrix, report))
-        family = opened.family
-        assert family is not None
-        for start in range(0, len(id_array), self._batch_size):
-            stop = start + self._batch_size
-            chunk = id_array[start:stop]
-            records = await self._records(family, matrix[start:stop])
-            async with self._leased(opened.sharded, chunk):
+        store = self._store
+
+        async def batches() -> AsyncIterator[Rows]:
+            for start in range(0, len(id_array), self._batch_size):
+                stop = start + self._batch_size
+                yield Rows(id_array[start:stop], matrix[start:stop], None if texts is None else texts[start:stop])
+
+        async def write(rows: Rows, records: npt.NDArray[np.uint8]) -> None:
+            async with self._leased(opened.sharded, rows.ids):
                 with _whole():
-                    if isinstance(self._store, WritableStore):
-                        await self._store.put(chunk, matrix[start:stop], None if texts is None else texts[start:stop])
-                    await opened.sharded.upsert(chunk, records)
-            if report:
-                report(min(stop, len(id_array)), len(id_array))
-        return len(id_array)
+                    if isinstance(store, WritableStore):
+                        await store.put(rows.ids, rows.vectors, rows.texts)
+                    await opened.sharded.upsert(rows.ids, records)
+
+        return await self._stream(batches(), len(id_array), opened, write, report)
 
     async def _index_store(self, report: ProgressCallback | None) -> int:
         store = self._require_store("index() with no arguments")
@@ -477,28 +478,29 @@ class LSHRS:
         async def write(rows: Rows, records: npt.NDArray[np.uint8]) -> None:
             await self._write_read_rows(store, opened.sharded, rows, records)
 
-        return await self._stream(store, opened, write, report)
+        return await self._stream(store.batches(self._batch_size), await store.count(), opened, write, report)
 
     async def _stream(
         self,
-        store: VectorStore,
+        batches: AsyncIterator[Rows],
+        total: int | None,
         opened: _Opened,
         write: Callable[[Rows, npt.NDArray[np.uint8]], Awaitable[None]],
         report: ProgressCallback | None,
     ) -> int:
-        """A three-stage pipeline over every row of the store: batch i+2 is
-        read while batch i+1 is hashed in a worker thread and batch i is
-        written to Redis by ``write``."""
+        """A three-stage pipeline over ``batches`` (a store's rows, or a batch
+        given to ``index()``): batch i+2 is read while batch i+1 is hashed in
+        a worker thread and batch i is written by ``write`` (a 1M build: 53
+        s one stage after the other)."""
         family, dim = opened.family, opened.config.dim
         assert family is not None
-        total = await store.count()
         to_hash, hashing = anyio.create_memory_object_stream[Rows](1)
         to_write, writing = anyio.create_memory_object_stream[tuple[Rows, npt.NDArray[np.uint8]]](1)
         done = 0
 
         async def read() -> None:
             async with to_hash:
-                async for rows in store.batches(self._batch_size):
+                async for rows in batches:
                     await to_hash.send(rows)
 
         async def hash_batches() -> None:
@@ -553,7 +555,7 @@ class LSHRS:
                     keep = await self._still_stored(store, rows.ids)
                     counts += await index.repair(rows.ids[keep], records[keep])
 
-        await self._stream(store, opened, write, report)
+        await self._stream(store.batches(self._batch_size), await store.count(), opened, write, report)
         stored = np.concatenate(listed) if listed else np.empty(0, dtype=np.int64)
         gone = np.setdiff1d(await index.indexed_ids(), stored)
         removed = 0

@@ -55,11 +55,7 @@ class Partition:
         sentence embeddings missed their nearest fine centroid)."""
         coarse_scores = _scores(unit, self.coarse)
         spread = min(_ASSIGN_GROUPS, len(self.coarse))
-        tops = (
-            np.argpartition(-coarse_scores, spread - 1, axis=1)[:, :spread]
-            if spread < len(self.coarse)
-            else (np.broadcast_to(np.arange(spread), (len(unit), spread)))
-        )
+        tops = _top_columns(coarse_scores, spread)
         best = np.full(len(unit), -np.inf, np.float32)
         out = np.zeros(len(unit), np.int64)
         for column in range(spread):
@@ -209,6 +205,18 @@ def _best(scores: FloatArray, count: int) -> IntArray:
     best = np.argpartition(-scores, count - 1)[:count] if count < len(scores) else np.arange(count)
     ordered: IntArray = best[np.argsort(-scores[best], kind="stable")]
     return ordered
+
+
+def _top_columns(scores: FloatArray, count: int) -> IntArray:
+    """Each row's ``count`` best columns, by repeated argmax (overwriting
+    ``scores``): for the few columns assignment wants, a third of the time
+    of ``argpartition``."""
+    rows = np.arange(len(scores))
+    tops = np.empty((len(scores), count), np.int64)
+    for column in range(count):
+        tops[:, column] = np.argmax(scores, axis=1)
+        scores[rows, tops[:, column]] = -np.inf
+    return tops
 
 
 def _scores(unit: FloatArray, centroids: FloatArray) -> FloatArray:

@@ -52,19 +52,35 @@ local function log_changes(logged)
 end
 """.replace("CHANGE_LOG", str(CHANGE_LOG))
 
+# The (id, record) pairs of a write: ARGV[4] holds the ids and ARGV[5] their
+# records, each concatenated, all records of one width. Two arguments rather
+# than two an id: redis-py took longer to pack a thousand arguments than the
+# server took to run the script (0.56 of 1.0 s a 100k upsert).
+_RECORDS = """
+local function records(ids, recs)
+  local count, i = #ids / 8, 0
+  local size = count > 0 and #recs / count or 0
+  return function()
+    if i >= count then return nil end
+    i = i + 1
+    return string.sub(ids, i * 8 - 7, i * 8), string.sub(recs, (i - 1) * size + 1, i * size)
+  end
+end
+"""
+
 # KEYS: the shard's signature hash, its generation counter, its change log.
-# ARGV: bucket key base, bytes per band, bands, then (id, signature) pairs.
+# ARGV: bucket key base, bytes per band, bands, then ids and records (_RECORDS).
 # An id's signature is written last: it is the mark that the id is fully in.
 # A replaced id leaves only the buckets of bands whose value changed.
 UPSERT = (
     _REMOVE
     + _LOG_CHANGES
+    + _RECORDS
     + """
 local sigs, base = KEYS[1], ARGV[1]
 local width, bands = tonumber(ARGV[2]), tonumber(ARGV[3])
 local logged = {}
-for i = 4, #ARGV, 2 do
-  local id, sig = ARGV[i], ARGV[i + 1]
+for id, sig in records(ARGV[4], ARGV[5]) do
   local old = redis.call('HGET', sigs, id)
   if old ~= sig then
     for j = 0, bands - 1 do
@@ -89,7 +105,8 @@ return #logged
 """
 )
 
-# KEYS and ARGV as UPSERT, with ids only. Returns how many existed.
+# KEYS as UPSERT; ARGV: bucket key base, bytes per band, bands, then the ids,
+# one argument each. Returns how many existed.
 DELETE = (
     _REMOVE
     + """
@@ -229,13 +246,13 @@ REPAIR = (
     _REMOVE
     + _CONTAINS
     + _LOG_CHANGES
+    + _RECORDS
     + """
 local sigs, base = KEYS[1], ARGV[1]
 local width, bands = tonumber(ARGV[2]), tonumber(ARGV[3])
 local added, updated, unchanged, repaired = 0, 0, 0, 0
 local logged = {}
-for i = 4, #ARGV, 2 do
-  local id, sig = ARGV[i], ARGV[i + 1]
+for id, sig in records(ARGV[4], ARGV[5]) do
   local old = redis.call('HGET', sigs, id)
   local fixed = false
   for j = 0, bands - 1 do

@@ -1,0 +1,182 @@
+"""What the index costs in Redis, byte by byte a vector, and how long the
+default learned build takes from memory (issue 12).
+
+Builds the default learned index of ``--size`` vectors (real, then GENERATED
+past 100k) on a fresh Redis, then reads ``MEMORY USAGE`` (every nested value
+counted) of every key under its prefix, grouped by what the key holds, beside
+the bytes of data it holds: the rest is Redis's own overhead (key and hash
+entries, allocator rounding, string growth slack). The bucket rows are then
+measured again after rewriting each bucket at its exact size, which is what a
+compaction would save.
+
+    nox -s memory -- --size 100k
+    nox -s memory -- --size 1M
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from redis.asyncio import Redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from lshrs import LSHRS
+from servers import redis_server
+
+from .datasets import load, parse_size
+
+RESULTS = Path(__file__).parent / "results"
+PREFIX = "mem"
+#: Key suffix -> what the key holds.
+KINDS = {
+    "s": "id records (hash: id -> bucket + 512-bit sketch)",
+    "b": "buckets (strings of 8-byte ids)",
+    "l": "change log (last 4,096 written ids a shard)",
+    "g": "change generation counters",
+    "cent": "partition (float16 centroids)",
+    "cfg": "configuration",
+    "tune": "tuning",
+    "b, compacted": "buckets after rewriting each at its exact size",
+}
+_BATCH = 1000
+
+
+def kind_of(key: bytes) -> str:
+    suffix = key.split(b"}:", 1)[1]
+    return "b" if suffix.startswith(b"b") else suffix.decode()
+
+
+async def breakdown(client: Redis, record_bytes: int) -> dict[str, dict[str, int]]:
+    """Per kind of key: how many, their MEMORY USAGE and the data they hold."""
+    keys = [key async for key in client.scan_iter(match=f"{{{PREFIX}*", count=5000)]
+    out: dict[str, dict[str, int]] = {}
+    for start in range(0, len(keys), _BATCH):
+        chunk = keys[start : start + _BATCH]
+        pipe = client.pipeline(transaction=False)
+        for key in chunk:
+            pipe.memory_usage(key, samples=0)
+            pipe.type(key)
+        replies = await pipe.execute()
+        pipe = client.pipeline(transaction=False)
+        for key, kind in zip(chunk, replies[1::2]):
+            {b"string": pipe.strlen, b"hash": pipe.hlen, b"list": pipe.llen}[kind](key)
+        sizes = await pipe.execute()
+        for key, used, kind, size in zip(chunk, replies[0::2], replies[1::2], sizes):
+            row = out.setdefault(kind_of(key), {"keys": 0, "memory": 0, "data": 0})
+            row["keys"] += 1
+            row["memory"] += int(used)
+            # A hash holds 8-byte ids and their records; a list holds 8-byte ids.
+            row["data"] += int(size) * {b"string": 1, b"hash": 8 + record_bytes, b"list": 8}[kind]
+    return out
+
+
+async def compact_buckets(client: Redis) -> None:
+    """Rewrite every bucket at its exact size (GET, then SET of the same bytes)."""
+    keys = [key async for key in client.scan_iter(match=f"{{{PREFIX}:*}}:b*", count=5000)]
+    for start in range(0, len(keys), _BATCH):
+        chunk = keys[start : start + _BATCH]
+        values = await client.mget(chunk) if len(chunk) else []
+        pipe = client.pipeline(transaction=False)
+        for key, value in zip(chunk, values):
+            pipe.set(key, value)
+        await pipe.execute()
+
+
+async def run(size: int) -> dict[str, Any]:
+    data = load("minilm", size, 0)
+    with redis_server() as server:
+        client = Redis.from_url(server.url)
+        before = int((await client.info("memory"))["used_memory"])
+        lsh = LSHRS(dim=data.base.shape[1], redis_url=server.url, prefix=PREFIX)
+        started = time.perf_counter()
+        await lsh.index(np.arange(len(data.base)), data.base)
+        build = time.perf_counter() - started
+        after = int((await client.info("memory"))["used_memory"])
+        record_bytes = lsh.config.sketch_bits // 8 + 4
+        stats = await lsh.stats()
+        rows = await breakdown(client, record_bytes)
+        await compact_buckets(client)
+        compacted = (await breakdown(client, record_bytes))["b"]
+        await lsh.close()
+        await client.aclose()
+    return {
+        "command": " ".join(sys.argv),
+        "dataset": data.name,
+        "vectors": len(data.base),
+        "buckets": stats["partition_buckets"],
+        "build_seconds": round(build, 1),
+        "used_memory_growth": after - before,
+        "kinds": rows,
+        "buckets_compacted": compacted,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    n = result["vectors"]
+    lines = [
+        f"Command: `{result['command']}`; {result['dataset']}, {n:,} vectors, {result['buckets']:,} buckets; "
+        f"build from memory {result['build_seconds']} s; Redis `used_memory` grew "
+        f"{result['used_memory_growth'] / n:.1f} B a vector.",
+        "",
+        "| what | keys | B/vector in Redis | of which data | of which overhead |",
+        "|---|---|---|---|---|",
+    ]
+    rows = dict(result["kinds"])
+    rows["b, compacted"] = result["buckets_compacted"]
+    total = 0
+    for kind, row in sorted(rows.items(), key=lambda item: -item[1]["memory"]):
+        name = KINDS.get(kind, kind)
+        if kind != "b, compacted":
+            total += row["memory"]
+        lines.append(
+            f"| {name} | {row['keys']:,} | {row['memory'] / n:.1f} | {row['data'] / n:.1f} | "
+            f"{(row['memory'] - row['data']) / n:.1f} |"
+        )
+    lines.append(f"| **total (as built)** | | **{total / n:.1f}** | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = result["vectors"]
+    kinds = sorted(result["kinds"], key=lambda k: -result["kinds"][k]["memory"])
+    data = [result["kinds"][k]["data"] / n for k in kinds]
+    overhead = [(result["kinds"][k]["memory"] - result["kinds"][k]["data"]) / n for k in kinds]
+    figure, axis = plt.subplots(figsize=(8, 4))
+    axis.barh(kinds, data, label="data")
+    axis.barh(kinds, overhead, left=data, label="Redis overhead")
+    axis.set_xlabel("bytes a vector")
+    axis.invert_yaxis()
+    axis.legend()
+    axis.set_title(f"lshrs index memory, {n:,} vectors")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=parse_size, default=100_000)
+    parser.add_argument("--name", default=None)
+    args = parser.parse_args()
+    result = asyncio.run(run(args.size))
+    label = f"{args.size // 1_000_000}M" if args.size >= 1_000_000 else f"{args.size // 1000}k"
+    stem = RESULTS / (args.name or f"memory-{label}")
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
+    Path(f"{stem}.md").write_text(table(result))
+    plot(result, Path(f"{stem}.png"))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
