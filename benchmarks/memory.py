@@ -40,7 +40,8 @@ KINDS = {
     "b": "buckets (strings of 8-byte ids)",
     "l": "change log (last 4,096 written ids a shard)",
     "g": "change generation counters",
-    "cent": "partition (float16 centroids)",
+    "cent": "partition (int8 centroids)",
+    "proj": "sketch projection (float32)",
     "cfg": "configuration",
     "tune": "tuning",
     "b, compacted": "buckets after rewriting each at its exact size",
@@ -107,7 +108,7 @@ async def run(size: int) -> dict[str, Any]:
         await lsh.close()
         await client.aclose()
     return {
-        "command": " ".join(sys.argv),
+        "command": "python -m benchmarks.memory " + " ".join(sys.argv[1:]),
         "dataset": data.name,
         "vectors": len(data.base),
         "buckets": stats["partition_buckets"],
