@@ -149,3 +149,51 @@ async def test_reconcile_needs_a_store_that_lists_its_rows(redis_url: str) -> No
         with pytest.raises(TypeError, match="cannot list its rows"):
             await lsh.reconcile()
         await lsh.drop()
+
+
+class Cut(Exception):
+    """Stands in for a crash in the middle of a build."""
+
+
+async def test_a_resumed_build_skips_what_was_indexed(
+    postgres_dsn: str, redis_url: str, raw_redis: Any, hashing: str, shards: int
+) -> None:
+    """A build cut short at 60% and run again with resume=True hashes only
+    the rows it had not reached: an indexed row whose vector changed since
+    keeps its record (reconcile() is for that), the rest are indexed, and
+    the index is then a clean build's but for that row."""
+    table = await make_table(postgres_dsn)
+    store = PostgresStore(postgres_dsn, table=table)
+
+    def crash_at_60_percent(done: int, total: int | None) -> None:
+        if done >= 0.6 * ROWS:
+            raise Cut
+
+    options: dict[str, Any] = {"store": store, "hashing": hashing, "shards": shards, "batch_size": 200}
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="res", **options) as lsh:
+        with pytest.raises(Cut):
+            await lsh.index(progress=crash_at_60_percent)
+        cut_short = await index_state(raw_redis, lsh)
+        assert 0.6 * ROWS <= len(cut_short) < ROWS
+        changed = next(iter(cut_short))
+        conn = await asyncpg.connect(postgres_dsn)
+        await conn.execute(f"UPDATE {table} SET embedding = $1 WHERE id = $2", BASE[ROWS].tobytes(), changed)
+        await conn.close()
+
+        assert await lsh.index(resume=True) == ROWS
+        resumed = await index_state(raw_redis, lsh)
+        assert resumed[changed] == cut_short[changed]  # skipped, not hashed again
+        clean = await clean_build(raw_redis, redis_url, store, shards, lsh)
+        assert set(resumed) == set(clean) == set(range(ROWS))
+        assert {i for i in clean if resumed[i] != clean[i]} == {changed}
+
+        report = await lsh.reconcile()
+        assert report.updated == 1
+        assert await index_state(raw_redis, lsh) == clean
+    await store.close()
+
+
+async def test_resume_must_be_a_bool(redis_url: str) -> None:
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="resbad", store=InMemoryStore()) as lsh:
+        with pytest.raises(TypeError, match="resume must be True or False"):
+            await lsh.index(resume="yes")  # type: ignore[arg-type]

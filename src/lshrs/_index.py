@@ -75,6 +75,7 @@ class ShardedIndex:
         self._release = client.register_script(_scripts.RELEASE)
         self._repair = client.register_script(_scripts.REPAIR)
         self._strays = client.register_script(_scripts.STRAYS)
+        self._held = client.register_script(_scripts.HELD)
 
     def signature_key(self, shard: int) -> str:
         return f"{{{self._prefix}:{shard}}}:s"
@@ -175,6 +176,17 @@ class ShardedIndex:
             counts += np.asarray(reply, dtype=np.int64)
         self._cache_records(ids, signatures)
         return counts
+
+    async def held(self, ids: IdArray) -> npt.NDArray[np.bool_]:
+        """Which ``ids`` have a record (``_scripts.HELD``)."""
+        chunks = self._chunks(ids)
+        replies = await asyncio.gather(
+            *(self._held(keys=[self.signature_key(s)], args=[ids[rows].astype("<i8").tobytes()]) for s, rows in chunks)
+        )
+        out = np.zeros(len(ids), dtype=bool)
+        for (_, rows), reply in zip(chunks, replies):
+            out[rows] = np.frombuffer(reply, np.uint8) == ord("1")
+        return out
 
     async def indexed_ids(self) -> IdArray:
         """Every id with a record, read with HSCAN (no blocking HKEYS on a large shard)."""

@@ -421,6 +421,7 @@ class LSHRS:
         texts: Sequence[str | None] | None = None,
         progress: bool | ProgressCallback | None = None,
         timeout: float | None = None,
+        resume: bool = False,
     ) -> int:
         """Add or replace a batch; with no arguments, stream every row of the store.
 
@@ -430,10 +431,18 @@ class LSHRS:
         record is unchanged cost one lookup and no write. A build has no
         deadline as a whole unless ``timeout=`` gives one; each batch of
         ``batch_size`` is written whole or not at all.
+
+        ``resume=True`` finishes a build that was cut short (a crash, a
+        deadline): ids the index already holds are skipped without being
+        hashed, so the rows done cost one lookup each. A row whose vector
+        changed since it was indexed keeps its old record; ``reconcile()``
+        finds those.
         """
         check_timeout("timeout", timeout)
+        if not isinstance(resume, bool):
+            raise TypeError(f"resume must be True or False, got {resume!r}")
         with deadline(timeout, "index()"), _progress.reporting(self._progress_of(progress), "index") as report:
-            return await self._index(ids, vectors, texts, report)
+            return await self._index(ids, vectors, texts, report, resume)
 
     def _progress_of(self, progress: object) -> _progress.Setting:
         """A call's progress setting: its own ``progress=``, else the client's."""
@@ -445,10 +454,11 @@ class LSHRS:
         vectors: Any,
         texts: Sequence[str | None] | None,
         report: ProgressCallback | None,
+        resume: bool,
     ) -> int:
         config = (await self._ready()).config
         if ids is None and vectors is None:
-            return await self._index_store(report)
+            return await self._index_store(report, resume)
         if ids is None or vectors is None:
             raise TypeError("index() takes both ids and vectors, or neither (to read the store)")
         id_array = as_ids(ids)
@@ -469,16 +479,16 @@ class LSHRS:
                         await store.put(rows.ids, rows.vectors, rows.texts)
                     await opened.sharded.upsert(rows.ids, records)
 
-        return await self._stream(batches(), len(id_array), opened, write, report)
+        return await self._stream(batches(), len(id_array), opened, write, report, resume)
 
-    async def _index_store(self, report: ProgressCallback | None) -> int:
+    async def _index_store(self, report: ProgressCallback | None, resume: bool) -> int:
         store = self._require_store("index() with no arguments")
         opened = await self._trained(None, report)
 
         async def write(rows: Rows, records: npt.NDArray[np.uint8]) -> None:
             await self._write_read_rows(store, opened.sharded, rows, records)
 
-        return await self._stream(store.batches(self._batch_size), await store.count(), opened, write, report)
+        return await self._stream(store.batches(self._batch_size), await store.count(), opened, write, report, resume)
 
     async def _stream(
         self,
@@ -487,15 +497,17 @@ class LSHRS:
         opened: _Opened,
         write: Callable[[Rows, npt.NDArray[np.uint8]], Awaitable[None]],
         report: ProgressCallback | None,
+        skip_held: bool = False,
     ) -> int:
         """A three-stage pipeline over ``batches`` (a store's rows, or a batch
         given to ``index()``): batch i+2 is read while batch i+1 is hashed in
         a worker thread and batch i is written by ``write`` (a 1M build: 53
-        s one stage after the other)."""
+        s one stage after the other). ``skip_held`` leaves out the ids the
+        index holds before hashing (a resumed build)."""
         family, dim = opened.family, opened.config.dim
         assert family is not None
         to_hash, hashing = anyio.create_memory_object_stream[Rows](1)
-        to_write, writing = anyio.create_memory_object_stream[tuple[Rows, npt.NDArray[np.uint8]]](1)
+        to_write, writing = anyio.create_memory_object_stream[tuple[Rows, npt.NDArray[np.uint8], int]](1)
         done = 0
 
         async def read() -> None:
@@ -506,16 +518,20 @@ class LSHRS:
         async def hash_batches() -> None:
             async with hashing, to_write:
                 async for rows in hashing:
-                    await to_write.send((rows, await self._records(family, as_vectors(rows.vectors, dim))))
+                    seen = len(rows)
+                    if skip_held:
+                        rows = rows.only(~await opened.sharded.held(rows.ids))
+                    await to_write.send((rows, await self._records(family, as_vectors(rows.vectors, dim)), seen))
 
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(read)
                 group.start_soon(hash_batches)
                 async with writing:
-                    async for rows, records in writing:
-                        await write(rows, records)
-                        done += len(rows)
+                    async for rows, records, seen in writing:
+                        if len(rows):
+                            await write(rows, records)
+                        done += seen
                         if report:
                             report(done, total)
         except BaseExceptionGroup as failed:
@@ -605,7 +621,7 @@ class LSHRS:
                 vector = await self._stored_vector(self._store, ids[0], vector)
             elif vector is None:
                 raise TypeError("ingest() needs the vector: lshrs writes this store (or there is none)")
-            await self._index(ids, vector, None if text is None else [text], None)
+            await self._index(ids, vector, None if text is None else [text], None, False)
 
     async def _stored_vector(self, store: VectorStore, id_: int, given: Any) -> FloatArray:
         rows = await store.fetch(np.array([id_], dtype=np.int64))

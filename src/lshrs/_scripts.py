@@ -311,3 +311,13 @@ end
 return removed
 """
 )
+
+# KEYS[1] the shard's signature hash; ARGV[1] ids, concatenated. Returns one
+# character an id, "1" if it has a record: what a resumed build skips.
+HELD = """
+local ids, out = ARGV[1], {}
+for at = 1, #ids, 8 do
+  out[#out + 1] = redis.call('HEXISTS', KEYS[1], string.sub(ids, at, at + 7)) == 1 and '1' or '0'
+end
+return table.concat(out)
+"""

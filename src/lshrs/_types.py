@@ -33,6 +33,10 @@ class Rows:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def only(self, keep: npt.NDArray[np.bool_]) -> Rows:
+        texts = None if self.texts is None else [t for t, k in zip(self.texts, keep.tolist()) if k]
+        return Rows(self.ids[keep], self.vectors[keep], texts)
+
 
 #: Called after each written batch with (vectors done, total or None if unknown).
 ProgressCallback = Callable[[int, "int | None"], None]
