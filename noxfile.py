@@ -84,6 +84,14 @@ def memory(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def pgbuild(session: nox.Session) -> None:
+    """A build streamed from a real PostgreSQL table, cut at 60% and resumed: ``nox -s pgbuild -- --size 6.4M``."""
+    session.run("bash", "scripts/install-servers.sh", external=True)
+    session.install("-e", ".[test,postgres]", "matplotlib")
+    session.run("python", "-m", "benchmarks.postgres_build", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def breakages(session: nox.Session) -> None:
     """Break the code in each way tests/breakages.py lists and check that its test fails."""
     session.run("bash", "scripts/install-servers.sh", external=True)

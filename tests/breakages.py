@@ -102,6 +102,13 @@ BREAKAGES = [
      "test_filters.py -k exact_filtered"),
     ("redis-py's closed-connection AttributeError reaches callers", "src/lshrs/_admission.py",
      "            raise lost from exc", "            pass", "test_failover.py -k closed"),
+    ("a resumed build hashes every row again", "src/lshrs/_lshrs.py",
+     "                    if skip_held:", "                    if False:", "test_reconcile.py -k resumed"),
+    ("the int8 partition read without its scales", "src/lshrs/_partition.py",
+     "np.int8).reshape(rows, dim) * scales[:, None]", "np.int8).reshape(rows, dim) * 1.0",
+     "test_partition.py"),
+    ("a build cut short leaves its store's rows open", "src/lshrs/_lshrs.py",
+     "                if close is not None:", "                if False:", "test_reconcile.py -k resumed"),
 ]  # fmt: skip
 
 

@@ -72,6 +72,8 @@ _TUNE_BATCH = 16
 TUNING_REFRESH = 5.0
 #: How long a write's leases live if its client dies holding them.
 _LEASE_MS = 30_000
+#: How long a build cut short waits for its store to close the rows it was reading.
+_CLOSE_SECONDS = 5.0
 
 
 #: Batches at least this large are hashed in a worker thread, off the event loop.
@@ -511,9 +513,18 @@ class LSHRS:
         done = 0
 
         async def read() -> None:
-            async with to_hash:
-                async for rows in batches:
-                    await to_hash.send(rows)
+            try:
+                async with to_hash:
+                    async for rows in batches:
+                        await to_hash.send(rows)
+            finally:
+                # A build cut short leaves the store's generator suspended,
+                # holding its connection and cursor: PostgresStore.close()
+                # then waited forever for that connection to come back.
+                close = getattr(batches, "aclose", None)
+                if close is not None:
+                    with anyio.move_on_after(_CLOSE_SECONDS, shield=True):
+                        await close()
 
         async def hash_batches() -> None:
             async with hashing, to_write:
