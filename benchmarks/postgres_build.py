@@ -121,7 +121,8 @@ async def run(size: int, queries: int) -> dict[str, Any]:
         resumed = await build(redis.url, pg.url, size, resume=True)
         print(f"  cut after {cut:.0f} s; resumed in {resumed:.0f} s", flush=True)
         store = PostgresStore(pg.url, table="wiki")
-        async with LSHRS(dim=384, redis_url=redis.url, prefix="wiki", store=store, signature_cache=size) as lsh:
+        options: dict[str, Any] = {"signature_cache": size, "timeout": 300}  # query_many of 300 at top 100
+        async with LSHRS(dim=384, redis_url=redis.url, prefix="wiki", store=store, **options) as lsh:
             vectors = await lsh.count()
             point = await timed_point(lsh, f"learned, probes={(await lsh._ready()).probes}", held_out, truth)
         await store.close()

@@ -276,3 +276,28 @@ async def test_ingest_into_an_owned_store_needs_the_vector(owned_store: VectorSt
             await lsh.ingest(5)
     finally:
         await lsh.close()
+
+
+@pytest.mark.anyio
+async def test_a_large_postgres_table_is_sampled_by_pages(postgres_dsn: str) -> None:
+    """A table many times the sample is read by pages (TABLESAMPLE), not
+    sorted whole: the rows come back as they are stored, distinct, and about
+    as many as asked; a small table still gives exactly as many."""
+    vectors = np.random.default_rng(3).standard_normal((20_000, 8)).astype(np.float32)
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("CREATE TABLE sampled (id bigint PRIMARY KEY, embedding bytea)")
+    await conn.copy_records_to_table("sampled", records=[(i, v.tobytes()) for i, v in enumerate(vectors)])
+    await conn.execute("ANALYZE sampled")
+    await conn.close()
+    store = PostgresStore(postgres_dsn, table="sampled")
+    try:
+        paged = await store.sample(1_000)
+        assert 500 <= len(paged) <= 1_000
+        assert len(set(paged.ids.tolist())) == len(paged)
+        assert np.array_equal(paged.vectors, vectors[paged.ids])
+        # Read by pages: neighbouring rows come together (a row sample keeps 5% of them).
+        assert np.isin(paged.ids + 1, paged.ids).mean() > 0.3
+        sorted_ = await store.sample(10_000)  # half the table: sorted, exactly as many
+        assert len(set(sorted_.ids.tolist())) == 10_000
+    finally:
+        await store.close()
