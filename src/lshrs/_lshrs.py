@@ -481,7 +481,19 @@ class LSHRS:
                         await store.put(rows.ids, rows.vectors, rows.texts)
                     await opened.sharded.upsert(rows.ids, records)
 
-        return await self._stream(batches(), len(id_array), opened, write, report, resume)
+        if len(id_array) > self._batch_size:
+            return await self._stream(batches(), len(id_array), opened, write, report, resume)
+        # One batch (an ingest): nothing to overlap, and no task between the
+        # shielded write and the caller, so a write that completed returns.
+        rows = Rows(id_array, matrix, texts)
+        if resume:
+            rows = rows.only(~await opened.sharded.held(rows.ids))
+        if len(rows):
+            assert opened.family is not None
+            await write(rows, await self._records(opened.family, rows.vectors))
+        if report:
+            report(len(id_array), len(id_array))
+        return len(id_array)
 
     async def _index_store(self, report: ProgressCallback | None, resume: bool) -> int:
         store = self._require_store("index() with no arguments")
