@@ -31,12 +31,12 @@ BREAKAGES = [
     (
         "index() writes the index before the store",
         "src/lshrs/_lshrs.py",
-        "                    if isinstance(self._store, WritableStore):\n"
-        "                        await self._store.put(chunk, matrix[start:stop], None if texts is None else texts[start:stop])\n"
-        "                    await opened.sharded.upsert(chunk, records)",
-        "                    await opened.sharded.upsert(chunk, records)\n"
-        "                    if isinstance(self._store, WritableStore):\n"
-        "                        await self._store.put(chunk, matrix[start:stop], None if texts is None else texts[start:stop])",
+        "                    if isinstance(store, WritableStore):\n"
+        "                        await store.put(rows.ids, rows.vectors, rows.texts)\n"
+        "                    await opened.sharded.upsert(rows.ids, records)",
+        "                    await opened.sharded.upsert(rows.ids, records)\n"
+        "                    if isinstance(store, WritableStore):\n"
+        "                        await store.put(rows.ids, rows.vectors, rows.texts)",
         "test_regressions.py -k store_write",
     ),
     (
