@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from servers import postgres, redis_server
 
 from .datasets import Dataset, load, parse_size
 from .measure import one_client, recall
+from .report import save
 from .systems import _vector_codec
 
 RESULTS = Path(__file__).parent / "results"
@@ -179,10 +179,7 @@ def main() -> None:
     args = parser.parse_args()
     result = asyncio.run(run(args.size, args.queries))
     stem = RESULTS / (args.name or f"filters-{args.size // 1000}k")
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
-    Path(f"{stem}.md").write_text(table(result))
-    plot(result, Path(f"{stem}.png"))
-    print(table(result))
+    save(result, stem, table, plot)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from lshrs import LSHRS
 from servers import redis_server
 
 from .datasets import load, parse_size
+from .report import save
 
 RESULTS = Path(__file__).parent / "results"
 PREFIX = "mem"
@@ -173,10 +173,7 @@ def main() -> None:
     result = asyncio.run(run(args.size))
     label = f"{args.size // 1_000_000}M" if args.size >= 1_000_000 else f"{args.size // 1000}k"
     stem = RESULTS / (args.name or f"memory-{label}")
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
-    Path(f"{stem}.md").write_text(table(result))
-    plot(result, Path(f"{stem}.png"))
-    print(table(result))
+    save(result, stem, table, plot)
 
 
 if __name__ == "__main__":

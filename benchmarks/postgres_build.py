@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from lshrs.adapters import PostgresStore
 from servers import postgres, redis_server
 
 from .datasets import _real, generate, parse_size
+from .report import save
 from .systems import redis_memory, timed_point
 
 RESULTS = Path(__file__).parent / "results"
@@ -191,10 +191,7 @@ def main() -> None:
     result = asyncio.run(run(args.size, args.queries))
     label = f"{args.size / 1_000_000:g}M" if args.size >= 1_000_000 else f"{args.size // 1000}k"
     stem = RESULTS / (args.name or f"postgres-build-{label}")
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
-    Path(f"{stem}.md").write_text(table(result))
-    plot(result, Path(f"{stem}.png"))
-    print(table(result))
+    save(result, stem, table, plot)
 
 
 if __name__ == "__main__":

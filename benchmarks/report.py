@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,19 @@ def write(result: dict[str, Any], stem: Path) -> None:
     named(".json").write_text(json.dumps(result, indent=2))
     named(".md").write_text(markdown(result))
     plot(result, named(".png"))
+
+
+def save(
+    result: dict[str, Any],
+    stem: Path,
+    table: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], None],
+) -> None:
+    """A run's JSON, its table (``.md``, also printed) and its plot (``.png``) beside ``stem``."""
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
+    Path(f"{stem}.md").write_text(table(result))
+    plot(result, Path(f"{stem}.png"))
+    print(table(result))
 
 
 def markdown(result: dict[str, Any]) -> str:
