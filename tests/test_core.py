@@ -420,12 +420,14 @@ async def test_stats_says_when_a_learned_index_outgrew_its_buckets(make_lsh: Any
 async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """stats() reads a sample of bucket keys unless exact=True; a sample that
     covers every bucket is exact, a smaller one extrapolates the bucket count
-    and the memory near the exact values; the memory is the index's own."""
+    and the memory near the exact values; the memory is the index's own,
+    the saved tuning included."""
     import lshrs._lshrs as lshrs_module
 
     base = clustered(3000, 32)
-    lsh = await make_lsh()
+    lsh = await make_lsh(store=InMemoryStore())
     await lsh.index(np.arange(3000), base)
+    await lsh.tune(0.5, sample=10)
     exact = await lsh.stats(exact=True)
     assert exact["bucket_statistics"] == "exact"
     assert sum(exact["bucket_size_histogram"].values()) == exact["buckets"]

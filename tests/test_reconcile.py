@@ -128,6 +128,32 @@ async def test_reconcile_with_an_owned_store(redis_url: str, raw_redis: Any, has
         await lsh.drop()
 
 
+async def test_reconcile_clears_strays_from_every_bucket_key(redis_url: str, raw_redis: Any) -> None:
+    """More bucket keys than one stray-removal script takes: every key is
+    visited, not only the first chunks."""
+    from lshrs._index import WRITE_CHUNK
+
+    async def buckets(keys: list[bytes]) -> list[bytes]:
+        pipe = raw_redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(key)
+        return list(await pipe.execute())
+
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="many", store=InMemoryStore(), hashing="hyperplane") as lsh:
+        await lsh.index(np.arange(300), BASE[:300])
+        keys = await bucket_keys(raw_redis, "many")
+        assert len(keys) > 2 * WRITE_CHUNK
+        before = await buckets(keys)
+        pipe = raw_redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.append(key, (10**9).to_bytes(8, "little", signed=True))
+        await pipe.execute()
+        report = await lsh.reconcile()
+        assert report.strays == len(keys)
+        assert await buckets(keys) == before
+        await lsh.drop()
+
+
 async def test_reconcile_needs_a_store_that_lists_its_rows(redis_url: str) -> None:
     async with LSHRS(dim=DIM, redis_url=redis_url, prefix="nostore") as lsh:
         with pytest.raises(ValueError, match="reconcile"):

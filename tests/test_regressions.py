@@ -158,20 +158,30 @@ async def test_a_pool_passed_in_stays_open(big_ids_table: str, redis_proc: Any) 
     await pool.close()
 
 
-async def test_skipped_nulls_count_each_build_afresh(postgres_dsn: str, redis_proc: Any) -> None:
+async def test_skipped_nulls_count_each_build_afresh(
+    postgres_dsn: str, redis_proc: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NULL vectors in different batches add up; each build counts afresh
+    and says which table they are in."""
     conn = await asyncpg.connect(postgres_dsn)
     await conn.execute("DROP TABLE IF EXISTS with_nulls")
     await conn.execute("CREATE TABLE with_nulls (id bigint PRIMARY KEY, embedding real[])")
     base = clustered(300, DIM, seed=13)
-    await conn.executemany("INSERT INTO with_nulls VALUES ($1, $2)", [(i, base[i].tolist()) for i in range(300)])
-    await conn.execute("INSERT INTO with_nulls VALUES (999, NULL), (1000, NULL)")
+    rows = [(i, base[i].tolist()) for i in range(300)]
+    # Inserted in this order, a cursor of 100 rows meets the NULLs in two batches.
+    await conn.executemany(
+        "INSERT INTO with_nulls VALUES ($1, $2)", [*rows[:150], (999, None), *rows[150:], (1000, None)]
+    )
     await conn.close()
     store = PostgresStore(postgres_dsn, table="with_nulls")
+    assert store.skipped_nulls == 0
     url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
-    async with LSHRS(dim=DIM, redis_url=url, prefix="nulls", store=store) as lsh:
+    async with LSHRS(dim=DIM, redis_url=url, prefix="nulls", store=store, batch_size=100) as lsh:
         await lsh.drop()
-        await lsh.index()
+        with caplog.at_level("WARNING", logger="lshrs"):
+            await lsh.index()
         assert store.skipped_nulls == 2
+        assert "skipped 2 rows of with_nulls with a NULL vector" in caplog.text
         await lsh.index()
         assert store.skipped_nulls == 2  # counted again, not added to the last build's
         await lsh.drop()

