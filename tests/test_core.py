@@ -447,6 +447,20 @@ async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatc
     assert sampled["index_memory_bytes"] == pytest.approx(exact["index_memory_bytes"], rel=0.35)
 
 
+async def test_a_bulk_build_leaves_no_room_to_grow_in_its_buckets(redis_url: str, raw_redis: Any) -> None:
+    """APPEND allocates ahead; after a build of many batches every bucket
+    takes what the same bytes take when SET afresh."""
+    async with LSHRS(dim=32, redis_url=redis_url, prefix="tight", batch_size=500) as lsh:
+        await lsh.index(np.arange(3000), clustered(3000, 32))
+        keys = [key async for key in raw_redis.scan_iter(match="{tight:*}:b*", count=1000)]
+        assert len(keys) > 50
+        built = [await raw_redis.memory_usage(key, samples=0) for key in keys]
+        for key in keys:
+            await raw_redis.set(key, await raw_redis.get(key))
+        assert built == [await raw_redis.memory_usage(key, samples=0) for key in keys]
+        await lsh.drop()
+
+
 def test_a_capped_learned_query_cuts_its_boundary_bucket_by_id() -> None:
     """Whole buckets in probe order, then the smallest ids of the bucket that
     crosses the cap, whatever order the writes left inside it."""

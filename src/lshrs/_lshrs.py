@@ -559,6 +559,7 @@ class LSHRS:
                             report(done, total)
         except BaseExceptionGroup as failed:
             raise _cause(failed) from None
+        await opened.sharded.compact()  # the batches' appends left room to grow in every bucket
         return done
 
     async def reconcile(self, *, progress: bool | ProgressCallback | None = None) -> Reconciled:

@@ -321,3 +321,14 @@ for at = 1, #ids, 8 do
 end
 return table.concat(out)
 """
+
+# KEYS[1] the shard's signature hash (it routes the script to the shard's
+# node); ARGV bucket keys of that shard. SET trims a string to its length,
+# which APPEND leaves with room to grow.
+COMPACT = """
+for i = 1, #ARGV do
+  local ids = redis.call('GET', ARGV[i])
+  if ids then redis.call('SET', ARGV[i], ids) end
+end
+return #ARGV
+"""
