@@ -5,9 +5,8 @@ Builds the default learned index of ``--size`` vectors (real, then GENERATED
 past 100k) on a fresh Redis, then reads ``MEMORY USAGE`` (every nested value
 counted) of every key under its prefix, grouped by what the key holds, beside
 the bytes of data it holds: the rest is Redis's own overhead (key and hash
-entries, allocator rounding, string growth slack). The bucket rows are then
-measured again after rewriting each bucket at its exact size, which is what a
-compaction would save.
+entries, allocator rounding). The build ends by rewriting each bucket at its
+exact size, so the buckets hold no room to grow.
 
     nox -s memory -- --size 100k
     nox -s memory -- --size 1M
@@ -44,7 +43,6 @@ KINDS = {
     "proj": "sketch projection (float32)",
     "cfg": "configuration",
     "tune": "tuning",
-    "b, compacted": "buckets after rewriting each at its exact size",
 }
 _BATCH = 1000
 
@@ -78,18 +76,6 @@ async def breakdown(client: Redis, record_bytes: int) -> dict[str, dict[str, int
     return out
 
 
-async def compact_buckets(client: Redis) -> None:
-    """Rewrite every bucket at its exact size (GET, then SET of the same bytes)."""
-    keys = [key async for key in client.scan_iter(match=f"{{{PREFIX}:*}}:b*", count=5000)]
-    for start in range(0, len(keys), _BATCH):
-        chunk = keys[start : start + _BATCH]
-        values = await client.mget(chunk) if len(chunk) else []
-        pipe = client.pipeline(transaction=False)
-        for key, value in zip(chunk, values):
-            pipe.set(key, value)
-        await pipe.execute()
-
-
 async def run(size: int) -> dict[str, Any]:
     data = load("minilm", size, 0)
     with redis_server() as server:
@@ -103,8 +89,6 @@ async def run(size: int) -> dict[str, Any]:
         record_bytes = lsh.config.sketch_bits // 8 + 4
         stats = await lsh.stats()
         rows = await breakdown(client, record_bytes)
-        await compact_buckets(client)
-        compacted = (await breakdown(client, record_bytes))["b"]
         await lsh.close()
         await client.aclose()
     return {
@@ -115,7 +99,6 @@ async def run(size: int) -> dict[str, Any]:
         "build_seconds": round(build, 1),
         "used_memory_growth": after - before,
         "kinds": rows,
-        "buckets_compacted": compacted,
     }
 
 
@@ -129,18 +112,15 @@ def table(result: dict[str, Any]) -> str:
         "| what | keys | B/vector in Redis | of which data | of which overhead |",
         "|---|---|---|---|---|",
     ]
-    rows = dict(result["kinds"])
-    rows["b, compacted"] = result["buckets_compacted"]
     total = 0
-    for kind, row in sorted(rows.items(), key=lambda item: -item[1]["memory"]):
+    for kind, row in sorted(result["kinds"].items(), key=lambda item: -item[1]["memory"]):
         name = KINDS.get(kind, kind)
-        if kind != "b, compacted":
-            total += row["memory"]
+        total += row["memory"]
         lines.append(
             f"| {name} | {row['keys']:,} | {row['memory'] / n:.1f} | {row['data'] / n:.1f} | "
             f"{(row['memory'] - row['data']) / n:.1f} |"
         )
-    lines.append(f"| **total (as built)** | | **{total / n:.1f}** | | |")
+    lines.append(f"| **total** | | **{total / n:.1f}** | | |")
     return "\n".join(lines) + "\n"
 
 
