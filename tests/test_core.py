@@ -347,6 +347,31 @@ def test_signature_cache_finds_dense_and_sparse_ids(ids: list[int]) -> None:
     assert signatures[1 : len(ids), 0].tolist() == list(range(2, len(ids) + 1))
 
 
+def test_a_cache_is_warm_once_it_holds_most_of_its_shard_or_all_it_may() -> None:
+    """Warm decides whether a query's reply carries signatures: too early and
+    queries pay a second round trip for them, too late and every reply
+    carries signatures the client already has."""
+    from lshrs._cache import SignatureCache
+
+    def warm(capacity: int, shard_size: int, cached: int, generation: int | None = 0) -> bool:
+        cache = SignatureCache(shards=1, width=1, capacity=capacity)
+        if generation is not None:
+            cache.reset(0, generation=generation, shard_size=shard_size)
+        cache.add(0, np.arange(cached, dtype=np.int64), np.ones((cached, 1), np.uint8))
+        return cache.is_warm(0)
+
+    assert warm(100, shard_size=50, cached=45)  # 90% of the shard
+    assert not warm(100, shard_size=50, cached=44)
+    assert warm(100, shard_size=1000, cached=90)  # 90% of what it may hold
+    assert not warm(100, shard_size=1000, cached=89)
+    assert not warm(100, shard_size=1000, cached=1)
+    assert warm(1, shard_size=1, cached=1)
+    assert warm(100, shard_size=1, cached=1)
+    assert not warm(100, shard_size=0, cached=0)  # an empty cache is never warm
+    assert not warm(0, shard_size=10, cached=10)  # caching turned off
+    assert not warm(100, shard_size=50, cached=50, generation=None)  # nothing known about the shard
+
+
 def test_a_capped_query_keeps_the_most_named_ids_ties_to_the_smaller() -> None:
     from lshrs._index import most_named
 
