@@ -372,6 +372,22 @@ def test_a_cache_is_warm_once_it_holds_most_of_its_shard_or_all_it_may() -> None
     assert not warm(100, shard_size=50, cached=50, generation=None)  # nothing known about the shard
 
 
+def test_a_cache_that_lost_track_starts_over_at_the_reported_generation() -> None:
+    """A reply whose change log no longer reaches back to the cache's
+    generation empties the shard, which is then current as of that reply:
+    were it left without a generation, it would never be used again."""
+    from lshrs._cache import SignatureCache
+
+    cache = SignatureCache(shards=1, width=1, capacity=100)
+    cache.observe(0, generation=5, shard_size=10, known=None, changed=None)
+    assert cache.generation(0) == 5
+    cache.add(0, np.arange(10, dtype=np.int64), np.ones((10, 1), np.uint8))
+    cache.observe(0, generation=9, shard_size=10, known=5, changed=None)
+    assert cache.generation(0) == 9
+    assert cache.lookup(0, np.arange(10, dtype=np.int64))[1].all()  # dropped, not served stale
+    assert cache.indexed() == 10
+
+
 def test_a_capped_query_keeps_the_most_named_ids_ties_to_the_smaller() -> None:
     from lshrs._index import most_named
 
