@@ -388,6 +388,28 @@ def test_a_cache_that_lost_track_starts_over_at_the_reported_generation() -> Non
     assert cache.indexed() == 10
 
 
+def test_a_cache_finds_ids_in_both_tiers_with_their_own_signatures() -> None:
+    """Past 4,096 additions a shard's ids move to the large tier; later ones
+    sit in the small tier until it grows: a lookup must find both, each with
+    its own signature, and give zeros for ids it lacks."""
+    from lshrs._cache import SignatureCache
+
+    def signature(ids: np.ndarray) -> np.ndarray:
+        return (ids % 251 + 1).astype(np.uint8)[:, None]
+
+    cache = SignatureCache(shards=1, width=1, capacity=10_000)
+    cache.reset(0, generation=0, shard_size=6000)
+    first, later = np.arange(5000, dtype=np.int64) * 3, np.arange(5000, 5100, dtype=np.int64) * 3
+    cache.add(0, first, signature(first))
+    cache.lookup(0, first[:1])  # settles: more than 4,096, so into the large tier
+    cache.add(0, later, signature(later))
+    probe = np.concatenate([first[::7], later[::3], [1, 4]])  # 1 and 4 are not cached
+    signatures, missing = cache.lookup(0, probe)
+    assert missing.tolist() == [False] * (len(probe) - 2) + [True, True]
+    assert signatures[:-2].tolist() == signature(probe[:-2]).tolist()
+    assert signatures[-2:].tolist() == [[0], [0]]
+
+
 def test_a_capped_query_keeps_the_most_named_ids_ties_to_the_smaller() -> None:
     from lshrs._index import most_named
 
