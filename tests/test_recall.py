@@ -149,6 +149,23 @@ def test_default_shapes() -> None:
         return HyperplaneFamily(Bands(bands, rows), make_projection(8, bands * rows, 0)).default_probes()
 
     assert probes(48, 14) > probes(48, 10) > probes(24, 10)
+    # bands * 2**((rows - 6) / 2): the default the benchmarks report for 48 x 12.
+    assert [probes(48, 12), probes(48, 6), probes(16, 10), probes(24, 9)] == [384, 48, 64, 68]
+
+
+def test_a_sketch_bit_is_the_side_of_its_hyperplane() -> None:
+    """A vector and its opposite lie on opposite sides of every hyperplane:
+    their sketches differ in every bit (a threshold off zero breaks that)."""
+    from lshrs._family import LearnedFamily
+    from lshrs._partition import fit
+
+    vectors = clustered(400, 32, seed=6)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    family = LearnedFamily(fit(unit, 16, seed=0, trained_for=400), make_projection(32, 512, 1))
+    ahead, behind = family.records(vectors), family.records(-vectors)
+    assert (family.distances(behind, ahead[0])[0], family.distances(ahead, ahead[0])[0]) == (512, 0)
+    sketch = np.unpackbits(ahead[:, 4:], axis=1).astype(bool)
+    assert (sketch == (vectors @ make_projection(32, 512, 1) > 0)).all()
 
 
 async def test_tune_reaches_the_target_and_is_saved(make_lsh: Any) -> None:
