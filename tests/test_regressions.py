@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
 import numpy as np
 import pytest
+import redis.exceptions
 
 from conftest import clustered, index_state
 from lshrs import LSHRS, Hit
@@ -239,3 +241,16 @@ def test_the_cli_exits_non_zero_when_a_server_is_down(tmp_path: Path) -> None:
     result = subprocess.run([lshrs_command, "index"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stdout
     assert result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1, result.stderr[-500:]
+
+
+async def test_a_write_that_fails_leaves_nothing_running_behind_it(make_lsh: Any, raw_redis: Any) -> None:
+    """A build is many scripts, a few at a time; when one fails, the call must
+    end with the others, not leave them queued to land after the caller was
+    told it failed (with redis-py's retries, even after a reconnect)."""
+    lsh = await make_lsh(shards=16, batch_size=20_000)
+    await raw_redis.set(f"{{{lsh.prefix}:0}}:s", b"not a hash")  # shard 0's scripts fail
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        await lsh.index(np.arange(16_000), clustered(16_000, DIM, seed=11))
+    sizes = [await raw_redis.hlen(f"{{{lsh.prefix}:{shard}}}:s") for shard in range(1, 16)]
+    await anyio.sleep(0.5)
+    assert [await raw_redis.hlen(f"{{{lsh.prefix}:{shard}}}:s") for shard in range(1, 16)] == sizes

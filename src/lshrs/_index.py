@@ -4,9 +4,9 @@ and read it. Knows nothing of vectors; it moves ids and packed signatures."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +20,8 @@ from ._family import Layout
 Client = Redis | RedisCluster
 IdArray = npt.NDArray[np.int64]
 ByteArray = npt.NDArray[np.uint8]
+
+T = TypeVar("T")
 
 #: Ids per script call: keeps each atomic step short so other clients are not
 #: stalled behind a long script.
@@ -48,6 +50,22 @@ def centroids_key(prefix: str) -> str:
 def tuning_key(prefix: str) -> str:
     """The saved result of ``LSHRS.tune()``: JSON, beside the configuration."""
     return f"{{{prefix}}}:tune"
+
+
+async def together(calls: Sequence[Awaitable[T]]) -> list[T]:
+    """``asyncio.gather``, except that the first failure cancels the other
+    calls and waits for them to end. With plain ``gather`` they run on, and
+    redis-py's retries can land a failed build's remaining scripts after a
+    reconnect, when its caller has already been told it failed. Each script is
+    atomic, so a cancelled one either ran or did not."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class ShardedIndex:
@@ -114,7 +132,7 @@ class ShardedIndex:
             self._write(script, self.script_keys(shard), [*self._static_args(shard), *map(packed_id, ids[chunk])])
             for shard, chunk in self._chunks(ids)
         ]
-        return sum(int(r) for r in await asyncio.gather(*calls))
+        return sum(int(r) for r in await together(calls))
 
     def _record_calls(self, script: Any, ids: IdArray, signatures: ByteArray) -> list[Any]:
         """``script`` over ``ids`` and their records in chunks, two blobs a
@@ -145,18 +163,18 @@ class ShardedIndex:
             self._write(self._lease, [self.lease_key(shard)], [token, lifetime_ms, *(packed_id(ids[r]) for r in chunk)])
             for shard, chunk in self._chunks(ids)
         ]
-        granted = await asyncio.gather(*calls)
+        granted = await together(calls)
         if all(int(g) for g in granted):
             return True
         await self.release(ids, token)
         return False
 
     async def release(self, ids: IdArray, token: bytes) -> None:
-        await asyncio.gather(
-            *(
+        await together(
+            [
                 self._write(self._release, [self.lease_key(shard)], [token, *(packed_id(ids[r]) for r in chunk)])
                 for shard, chunk in self._chunks(ids)
-            )
+            ]
         )
 
     async def _write(self, script: Any, keys: list[str], args: list[Any]) -> Any:
@@ -165,7 +183,7 @@ class ShardedIndex:
 
     async def upsert(self, ids: IdArray, signatures: ByteArray) -> int:
         """Insert or replace; returns how many ids changed (same record: no-op)."""
-        changed = sum(int(r) for r in await asyncio.gather(*self._record_calls(self._upsert, ids, signatures)))
+        changed = sum(int(r) for r in await together(self._record_calls(self._upsert, ids, signatures)))
         self._cache_records(ids, signatures)
         return changed
 
@@ -173,7 +191,7 @@ class ShardedIndex:
         """Reconcile ``ids`` with records computed afresh (``_scripts.REPAIR``):
         counts of added, updated, unchanged and repaired ids."""
         counts = np.zeros(4, dtype=np.int64)
-        for reply in await asyncio.gather(*self._record_calls(self._repair, ids, signatures)):
+        for reply in await together(self._record_calls(self._repair, ids, signatures)):
             counts += np.asarray(reply, dtype=np.int64)
         self._cache_records(ids, signatures)
         return counts
@@ -217,7 +235,7 @@ class ShardedIndex:
         for shard in range(self._shards):
             keys = await self._bucket_keys(shard)
             chunks = (keys[start : start + WRITE_CHUNK] for start in range(0, len(keys), WRITE_CHUNK))
-            await asyncio.gather(*(self._write(self._compact, [self.signature_key(shard)], c) for c in chunks))
+            await together([self._write(self._compact, [self.signature_key(shard)], c) for c in chunks])
 
     async def _bucket_keys(self, shard: int) -> list[bytes]:
         return [key async for key in self._client.scan_iter(match=self.bucket_base(shard) + b"*", count=1000)]
@@ -230,7 +248,7 @@ class ShardedIndex:
         """Ids in the probed buckets (``probe_keys``: fixed-width bucket suffixes,
         concatenated) with their signatures: one script per shard,
         all shards at once; a second round trip only for signatures not cached."""
-        found = await asyncio.gather(*(self._shard_candidates(s, probe_keys, cap) for s in range(self._shards)))
+        found = await together([self._shard_candidates(s, probe_keys, cap) for s in range(self._shards)])
         return Candidates(np.concatenate([c.ids for c in found]), np.concatenate([c.signatures for c in found]))
 
     async def _shard_candidates(self, shard: int, probe_keys: bytes, cap: int) -> Candidates:

@@ -30,7 +30,7 @@ from ._connect import check_client, connect
 from ._errors import IndexMissing
 from ._family import Family, HyperplaneFamily, Layout, LearnedFamily, banded_layout, learned_layout
 from ._hashing import Bands, make_projection
-from ._index import Candidates, Client, ShardedIndex, meta_keys
+from ._index import Candidates, Client, ShardedIndex, meta_keys, together
 from ._partition import Partition, choose_buckets, fit
 from ._sampling import sample_store
 from ._tuning import Tuning, TuningPoint, exact_neighbours, recall
@@ -854,7 +854,7 @@ class LSHRS:
             keys = await anyio.to_thread.run_sync(family.plan, unit, probes)
         else:
             keys = family.plan(unit, probes)
-        found = await asyncio.gather(*(index.candidates(k, self._max_candidates) for k in keys))
+        found = await together([index.candidates(k, self._max_candidates) for k in keys])
         read = [len(candidates.ids) for candidates in found]
         if where is not None:
             found = await self._passing(found, where)
