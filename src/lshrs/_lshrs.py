@@ -485,12 +485,9 @@ class LSHRS:
             return await self._stream(batches(), len(id_array), opened, write, report, resume)
         # One batch (an ingest): nothing to overlap, and no task between the
         # shielded write and the caller, so a write that completed returns.
-        rows = Rows(id_array, matrix, texts)
-        if resume:
-            rows = rows.only(~await opened.sharded.held(rows.ids))
+        rows, records = await self._hashed(opened, Rows(id_array, matrix, texts), resume)
         if len(rows):
-            assert opened.family is not None
-            await write(rows, await self._records(opened.family, rows.vectors))
+            await write(rows, records)
         if report:
             report(len(id_array), len(id_array))
         return len(id_array)
@@ -518,8 +515,6 @@ class LSHRS:
         a worker thread and batch i is written by ``write`` (a 1M build: 53
         s one stage after the other). ``skip_held`` leaves out the ids the
         index holds before hashing (a resumed build)."""
-        family, dim = opened.family, opened.config.dim
-        assert family is not None
         to_hash, hashing = anyio.create_memory_object_stream[Rows](1)
         to_write, writing = anyio.create_memory_object_stream[tuple[Rows, npt.NDArray[np.uint8], int]](1)
         done = 0
@@ -541,10 +536,7 @@ class LSHRS:
         async def hash_batches() -> None:
             async with hashing, to_write:
                 async for rows in hashing:
-                    seen = len(rows)
-                    if skip_held:
-                        rows = rows.only(~await opened.sharded.held(rows.ids))
-                    await to_write.send((rows, await self._records(family, as_vectors(rows.vectors, dim)), seen))
+                    await to_write.send((*await self._hashed(opened, rows, skip_held), len(rows)))
 
         try:
             async with anyio.create_task_group() as group:
@@ -580,6 +572,14 @@ class LSHRS:
             raise TypeError(f"{type(store).__name__} cannot list its rows (no batches()): it cannot be reconciled")
         with _progress.reporting(self._progress_of(progress), "reconcile") as report:
             return await self._reconcile(store, report)
+
+    async def _hashed(self, opened: _Opened, rows: Rows, skip_held: bool) -> tuple[Rows, npt.NDArray[np.uint8]]:
+        """A batch with its records, less the ids the index holds when
+        ``skip_held`` (a resumed build): those are not even hashed."""
+        assert opened.family is not None
+        if skip_held:
+            rows = rows.only(~await opened.sharded.held(rows.ids))
+        return rows, await self._records(opened.family, as_vectors(rows.vectors, opened.config.dim))
 
     async def _reconcile(self, store: VectorStore, report: ProgressCallback | None) -> Reconciled:
         opened = await self._refreshed(await self._trained(None, report))
