@@ -372,6 +372,24 @@ def test_a_cache_is_warm_once_it_holds_most_of_its_shard_or_all_it_may() -> None
     assert not warm(100, shard_size=50, cached=50, generation=None)  # nothing known about the shard
 
 
+def test_a_cache_counts_what_writes_evicted_from_it() -> None:
+    """Evicted signatures no longer count: a cache that writes have thinned
+    below 90% of its shard is cold again (its replies carry signatures), and
+    it has room for as many new ones as were evicted."""
+    from lshrs._cache import SignatureCache
+
+    cache = SignatureCache(shards=1, width=1, capacity=100)
+    cache.reset(0, generation=0, shard_size=100)
+    cache.add(0, np.arange(100, dtype=np.int64), np.ones((100, 1), np.uint8))
+    cache.lookup(0, np.arange(1, dtype=np.int64))  # settles the added ids into a tier
+    cache.observe(0, generation=11, shard_size=100, known=0, changed=np.arange(0, 22, 2, dtype=np.int64))
+    assert not cache.is_warm(0)  # 89 of 100
+    cache.add(0, np.arange(1000, 1020, dtype=np.int64), np.full((20, 1), 2, np.uint8))
+    signatures, missing = cache.lookup(0, np.arange(1000, 1020, dtype=np.int64))
+    assert missing.sum() == 9 and (signatures[~missing] == 2).all()  # room for the 11 evicted
+    assert cache.is_warm(0)
+
+
 def test_a_cache_that_lost_track_starts_over_at_the_reported_generation() -> None:
     """A reply whose change log no longer reaches back to the cache's
     generation empties the shard, which is then current as of that reply:

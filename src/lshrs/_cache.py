@@ -27,6 +27,7 @@ class _Sorted:
         latest = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
         self.ids, self.signatures = ids[latest], signatures[latest]
         self.live = np.ones(len(self.ids), bool)
+        self.alive = len(self.ids)  # live entries: every query asks, evictions are rare
         # Dense non-negative ids (the usual primary key, also when sharded by
         # id modulo up to 8 shards) get a position table of 4 bytes per slot:
         # one gather instead of a binary search per candidate (50,000
@@ -51,6 +52,7 @@ class _Sorted:
     def evict(self, ids: IdArray) -> None:
         hit, at = self.find(ids)
         self.live[at[hit]] = False
+        self.alive = int(self.live.sum())
 
     def kept(self) -> tuple[IdArray, ByteArray]:
         return self.ids[self.live], self.signatures[self.live]
@@ -68,8 +70,7 @@ class _Shard:
         self.pending: list[tuple[IdArray, ByteArray]] = []
 
     def __len__(self) -> int:
-        live = int(self.main.live.sum()) + int(self.recent.live.sum())
-        return live + sum(len(ids) for ids, _ in self.pending)
+        return self.main.alive + self.recent.alive + sum(len(ids) for ids, _ in self.pending)
 
     def settle(self) -> None:
         if not self.pending:
@@ -88,6 +89,8 @@ class _Shard:
             self.recent = _Sorted(self.recent.ids[:0], self.recent.signatures[:0])
 
     def evict(self, ids: IdArray) -> None:
+        if not len(ids):  # what most query replies carry
+            return
         self.settle()
         self.main.evict(ids)
         self.recent.evict(ids)
