@@ -159,3 +159,72 @@ async def test_postgres_passing_answers_the_same_by_either_path(table: tuple[str
             expected = [i for i in ids.tolist() if i < N and language(i) == lang]
             assert sorted((await store.passing(ids, ("lang = $1", lang))).tolist()) == expected
     await store.close()
+
+
+def test_a_filtered_query_widens_by_the_square_root_of_the_share_that_passes() -> None:
+    """sqrt(1/share) times the buckets, rounded up to a power of sqrt(2); at
+    least WIDEN times more when every candidate was checked and fewer than
+    top_k passed; never narrower, never past MAX_WIDEN."""
+    from lshrs._filters import MAX_WIDEN, WIDEN, widening
+
+    assert widening(0, 0, False, 1.0, 10) == 1.0  # nothing checked: nothing known
+    assert widening(400, 400, False, 1.0, 10) == 1.0  # all pass
+    assert widening(400, 200, False, 1.0, 10) == pytest.approx(2**0.5)  # half: sqrt(2)
+    assert widening(400, 40, False, 1.0, 10) == pytest.approx(4.0)  # a tenth: sqrt(10) = 3.2, rounded up
+    assert widening(3000, 30, False, 1.0, 10) == pytest.approx(2**3.5)  # 1%: 10, rounded up to 11.3
+    assert widening(400, 200, False, 4.0, 10) == 4.0  # already wider than the share asks
+    assert widening(400, 5, True, 8.0, 10) == 8.0 * WIDEN  # all checked, too few passed
+    assert widening(400, 50, False, 8.0, 10) == 8.0  # more to check first
+    assert widening(10**6, 0, True, 128.0, 10) == MAX_WIDEN
+
+
+def test_filter_checks_ask_nearest_first_by_whole_distance_levels() -> None:
+    """The nearest unasked candidates, as many as the share seen should need,
+    extended to the end of the last one's distance level; none once depth
+    passed; a wider read keeps what was asked."""
+    from lshrs._filters import Checks
+    from lshrs._index import Candidates
+
+    ids = np.array([50, 40, 30, 20, 10, 60, 70, 80], dtype=np.int64)
+    distance = np.array([3, 1, 1, 2, 5, 2, 2, 9], dtype=np.int64)
+    check = Checks(Candidates(ids, np.zeros((8, 4), np.uint8)), distance, None)
+    assert check.ids.tolist() == [40, 30, 20, 60, 70, 50, 10, 80]  # distance order, stable
+    first = check.next(depth=2)  # ceil(1.25 * 2) = 3 asked, to the end of level 2
+    assert check.ids[first].tolist() == [40, 30, 20, 60, 70]
+    check.answer(first, np.array([30, 70]))
+    assert check.counts() == (5, 2, False)
+    assert len(check.next(depth=2)) == 0  # two passed
+    more = check.next(depth=3)  # share 3/6: ceil(1.25 * 1 / 0.5) = 3, only 3 left
+    assert check.ids[more].tolist() == [50, 10, 80]
+    assert sorted(check.passed().ids.tolist()) == [30, 70]
+
+    wider = Checks(Candidates(np.array([90, 30, 20], np.int64), np.zeros((3, 4), np.uint8)), np.array([0, 1, 2]), check)
+    assert wider.counts() == (2, 1, False)  # 30 and 20 were asked; 90 is new
+    assert wider.ids[wider.next(depth=5)].tolist() == [90]
+
+
+async def test_a_filtered_query_asks_about_a_few_hundred_candidates_not_all(redis_proc: Any) -> None:
+    """Half the rows pass: the filter is asked about about twice the rerank
+    depth, nearest first, not about every candidate the buckets hold; the
+    hits are those of a filter that saw every candidate (a set of the ids
+    that pass, asked about the same candidates)."""
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/5"
+    n = 20_000
+    base = clustered(n + 10, DIM, seed=72)
+    asked: list[int] = []
+
+    def even(ids: np.ndarray) -> np.ndarray:
+        asked.append(len(ids))
+        return ids % 2 == 0
+
+    async with LSHRS(dim=DIM, redis_url=url, prefix="asked", store=InMemoryStore(), rerank=64) as lsh:
+        await lsh.drop()
+        await lsh.index(np.arange(n), base[:n])
+        for query in base[n:]:
+            asked.clear()
+            hits = await lsh.query(query, top_k=10, where=even)
+            assert len(hits) == 10 and all(h.id % 2 == 0 for h in hits)
+            assert sum(asked) <= 4 * 64, asked
+            everyone = await lsh.query(query, top_k=10, where=set(range(0, n, 2)))
+            assert [h.id for h in hits] == [h.id for h in everyone]
+        await lsh.drop()

@@ -7,32 +7,106 @@ store or none. A store filter (a SQL condition for ``PostgresStore``, a
 SQLAlchemy expression for ``SQLAlchemyStore``) is evaluated by the store on
 the rows it fetches for the rerank, with bound parameters.
 
-Candidates that fail the filter are dropped before the sketch ranking (a
-store's condition is evaluated in one id-only round trip), so the rerank
-depth goes to rows that pass. Post-filtering an approximate index still
+Candidates are checked nearest first by sketch distance, a chunk at a time
+(a store's condition in one id-only round trip a chunk), until as many pass
+as the rerank takes: the rerank depth goes to rows that pass, and a store is
+asked about a few hundred ids rather than every candidate. Post-filtering an approximate index still
 loses results when few rows pass, because a query's nearest passing rows lie
-farther out; so a filtered query reads more buckets, at most ``WIDEN`` times
-more a round, until as many of its candidates pass as an unfiltered query
-reads, no new candidates come in, or it reaches ``MAX_WIDEN`` (pgvector 0.8
-added iterative index scans for the same reason).
+farther out; so a filtered query reads more buckets (:func:`widening`) until
+no new candidates come in or it reaches ``MAX_WIDEN`` (pgvector 0.8 added
+iterative index scans for the same reason).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from ._index import Candidates
 from ._types import VectorStore
 
 IdArray = npt.NDArray[np.int64]
 
-#: Each round of a filtered query that lacks hits reads this many times more.
+#: Each round of a filtered query that lacks hits reads at least this many times more.
 WIDEN = 4
 #: A filtered query widens at most this many times its first reading.
-MAX_WIDEN = 256
+MAX_WIDEN = 256.0
+
+
+def widening(checked: int, passed: int, exhausted: bool, scale: float, top_k: int) -> float:
+    """How many times its first probes a filtered query should read, now
+    that ``passed`` of the ``checked`` candidates it read at ``scale`` passed
+    (``exhausted``: every candidate was checked).
+
+    A filter that keeps a share s of the rows puts a query's nearest passing
+    rows among its nearest 1/s rows; like a larger ``top_k``, those take
+    about sqrt(1/s) times the buckets, not 1/s (recall@100 at sqrt(10) times
+    the probes matches recall@10). The scale is rounded up to a power of
+    sqrt(2), so a batch's queries share rounds. Fewer than ``top_k`` passing
+    among all it read: at least ``WIDEN`` times more."""
+    if not checked:
+        return scale
+    share = (passed + 1) / (checked + 1)  # none passed yet: a share below one in ``checked``
+    wider = float(2.0 ** (math.ceil(2 * math.log2(math.sqrt(1 / share))) / 2))
+    if exhausted and passed < top_k:
+        wider = max(wider, scale * WIDEN)
+    return min(MAX_WIDEN, max(scale, wider))
+
+
+class Checks:
+    """One filtered query's candidates, nearest first by sketch distance, and
+    what the filter said of each so far.
+
+    Ids are asked about a whole distance level at a time, so once ``depth``
+    have passed, the nearest ``depth`` passing candidates (ties to the smaller
+    id, as the ranking breaks them) are known, whatever order Redis returned
+    the ids in; a query is answered the same from run to run."""
+
+    def __init__(self, candidates: Candidates, distance: npt.NDArray[np.int64], before: Checks | None) -> None:
+        # A distance is at most the sketch's bits: a radix sort on 16 bits.
+        self._order = np.argsort(distance.astype(np.uint16), kind="stable")
+        self._candidates = candidates
+        self.ids = candidates.ids[self._order]
+        self._distance = distance[self._order]
+        self._verdict = np.full(len(self.ids), -1, np.int8)  # -1 not asked, 0 failed, 1 passed
+        if before is not None:  # a wider read of the same query: keep what was asked
+            known = before._verdict >= 0
+            asked, verdict = before.ids[known], before._verdict[known]
+            by_id = np.argsort(asked)
+            asked, verdict = asked[by_id], verdict[by_id]
+            if len(asked):
+                at = np.minimum(np.searchsorted(asked, self.ids), len(asked) - 1)
+                hit = asked[at] == self.ids
+                self._verdict[hit] = verdict[at[hit]]
+
+    def next(self, depth: int) -> npt.NDArray[np.intp]:
+        """Positions to ask about next: none once ``depth`` passed, else as many
+        not yet asked as should make up the rest at the share seen so far, and
+        a quarter more, to the end of the last one's distance level."""
+        passed = int(np.count_nonzero(self._verdict == 1))
+        unasked = np.flatnonzero(self._verdict < 0)
+        if passed >= depth or not len(unasked):
+            return unasked[:0]
+        asked = len(self.ids) - len(unasked)
+        share = (passed + 1) / (asked + 1) if asked else 1.0
+        last = unasked[min(len(unasked), math.ceil(1.25 * (depth - passed) / share)) - 1]
+        level_end = int(np.searchsorted(self._distance, self._distance[last], side="right"))
+        return unasked[: int(np.searchsorted(unasked, level_end))]
+
+    def answer(self, positions: npt.NDArray[np.intp], passing: IdArray) -> None:
+        self._verdict[positions] = np.isin(self.ids[positions], passing)
+
+    def counts(self) -> tuple[int, int, bool]:
+        """How many candidates were asked about, how many passed, and whether all were asked."""
+        asked = int(np.count_nonzero(self._verdict >= 0))
+        return asked, int(np.count_nonzero(self._verdict == 1)), asked == len(self.ids)
+
+    def passed(self) -> Candidates:
+        return self._candidates.only(self._order[self._verdict == 1])
 
 
 def is_id_filter(where: object) -> bool:

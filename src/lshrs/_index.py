@@ -33,7 +33,8 @@ class Candidates:
     ids: IdArray
     signatures: ByteArray  # (n, signature_bytes)
 
-    def only(self, keep: npt.NDArray[np.bool_]) -> Candidates:
+    def only(self, keep: npt.NDArray[np.bool_] | npt.NDArray[np.intp]) -> Candidates:
+        """The candidates a mask keeps, or those at the given positions, in their order."""
         return Candidates(self.ids[keep], self.signatures[keep])
 
 
