@@ -87,7 +87,12 @@ async def run(size: int) -> dict[str, Any]:
         build = time.perf_counter() - started
         after = int((await client.info("memory"))["used_memory"])
         record_bytes = lsh.config.sketch_bits // 8 + 4
+        started = time.perf_counter()
         stats = await lsh.stats()
+        sampled = time.perf_counter() - started
+        started = time.perf_counter()
+        await lsh.stats(exact=True)
+        exact = time.perf_counter() - started
         rows = await breakdown(client, record_bytes)
         await lsh.close()
         await client.aclose()
@@ -97,6 +102,7 @@ async def run(size: int) -> dict[str, Any]:
         "vectors": len(data.base),
         "buckets": stats["partition_buckets"],
         "build_seconds": round(build, 1),
+        "stats_seconds": {"sampled": round(sampled, 3), "exact": round(exact, 3)},
         "used_memory_growth": after - before,
         "kinds": rows,
     }
@@ -107,7 +113,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"Command: `{result['command']}`; {result['dataset']}, {n:,} vectors, {result['buckets']:,} buckets; "
         f"build from memory {result['build_seconds']} s; Redis `used_memory` grew "
-        f"{result['used_memory_growth'] / n:.1f} B a vector.",
+        f"{result['used_memory_growth'] / n:.1f} B a vector. `stats()` took {result['stats_seconds']['sampled']} s "
+        f"(sampled buckets), `stats(exact=True)` {result['stats_seconds']['exact']} s (every bucket).",
         "",
         "| what | keys | B/vector in Redis | of which data | of which overhead |",
         "|---|---|---|---|---|",

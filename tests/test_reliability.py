@@ -259,3 +259,22 @@ def test_no_pickle_or_eval_in_the_package() -> None:
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
                 # Raw EVAL of a string built at run time; scripts go through register_script.
                 assert node.func.attr not in {"eval", "evalsha"}, (path, node.lineno)
+
+
+async def test_a_release_that_failed_is_retried_until_it_lands() -> None:
+    """Leases a failed write leaves behind are released in the background; a
+    release that meets a server that is down (a failover, a restart) is tried
+    again until it lands, instead of leaving the ids locked for the leases'
+    30 s, where the next write of them (a retry, a reconcile) would time out."""
+    with redis_server("--appendonly", "yes", "--appendfsync", "always") as server:
+        async with LSHRS(dim=DIM, redis_url=server.url, store=InMemoryStore(), prefix="rel", timeout=1.0) as lsh:
+            await lsh.index(np.arange(500), BASE[:500])
+            index = lsh._opened.sharded  # type: ignore[union-attr]
+            assert await index.lease(np.arange(3), b"cut", 30_000)  # a write's leases, then the write failed
+            server.executor.stop()
+            lsh._release_later(index, np.arange(3), b"cut")
+            await anyio.sleep(0.5)  # the first release fails: nothing answers
+            await restart(server)
+            started = time.monotonic()
+            await lsh.ingest(1, BASE[1] + 0.5)  # waits for the lease at most its 1 s timeout
+            assert time.monotonic() - started < 1.0

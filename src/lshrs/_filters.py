@@ -27,9 +27,13 @@ import numpy as np
 import numpy.typing as npt
 
 from ._index import Candidates
-from ._types import VectorStore
+from ._types import Rows, VectorStore
 
 IdArray = npt.NDArray[np.int64]
+
+#: A filter that at most this many times the rerank depth of rows pass is
+#: answered exactly from those rows (:func:`few_enough`), not from the index.
+PREFILTER_DEPTHS = 8
 
 #: Each round of a filtered query that lacks hits reads at least this many times more.
 WIDEN = 4
@@ -107,6 +111,23 @@ class Checks:
 
     def passed(self) -> Candidates:
         return self._candidates.only(self._order[self._verdict == 1])
+
+
+async def few_enough(where: object, store: VectorStore, most: int) -> Rows | None:
+    """The rows that pass ``where`` when at most ``most`` do and that is known
+    without reading the others: a set of ids, or a store that asks its
+    planner (``PostgresStore.passing_rows``). So selective a filter is
+    answered exactly from them; widening would read most of the index to
+    find as many (at 0.5% of 100k rows, 70 ms for recall@10 0.986)."""
+    if isinstance(where, (set, frozenset)):
+        if len(where) > most:
+            return None
+        return await store.fetch(np.sort(np.fromiter((int(i) for i in where), dtype=np.int64, count=len(where))))
+    reader = getattr(store, "passing_rows", None)
+    if callable(where) or reader is None:
+        return None
+    rows: Rows | None = await reader(where, most)
+    return rows
 
 
 def is_id_filter(where: object) -> bool:

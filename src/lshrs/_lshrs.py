@@ -410,7 +410,7 @@ class LSHRS:
             await index.release(ids, token)
 
     def _release_later(self, index: ShardedIndex, ids: npt.NDArray[np.int64], token: bytes) -> None:
-        task = asyncio.ensure_future(index.release(ids, token))
+        task = asyncio.ensure_future(_release_until_done(index, ids, token))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
         task.add_done_callback(lambda done: done.cancelled() or done.exception())  # expiry covers a failure
@@ -765,6 +765,12 @@ class LSHRS:
         if where is None:
             hits, _ = await self._search(opened, matrix, top_k, top_p, probes)
             return hits
+        if self._store is not None:
+            depth = self._depth(opened.sharded, top_k)
+            few = await _filters.few_enough(where, self._store, _filters.PREFILTER_DEPTHS * depth)
+            if few is not None:
+                few = few.only(await opened.sharded.held(few.ids))  # what the index holds: a deleted id stays out
+                return _scored(matrix, few, [few.ids] * len(matrix), top_k, top_p, pool=depth)
         records, found = await self._filtered(opened, matrix, probes, where, top_k)
         return await self._ranked(opened, matrix, records, found, top_k, top_p)
 
@@ -999,27 +1005,7 @@ class LSHRS:
         rows = await self._store.fetch(wanted) if len(wanted) else None
         if rows is None or not len(rows):  # the store has none of the candidates
             return [[] for _ in shortlists]
-        order = np.argsort(rows.ids, kind="stable")
-        sorted_ids = rows.ids[order]
-        # Norms only: a normalised copy of every fetched vector (16,000 of them
-        # for 64 coalesced queries) cost more than the scoring itself.
-        norms = np.sqrt(np.einsum("ij,ij->i", rows.vectors, rows.vectors))
-        norms[norms == 0] = 1.0  # a user's table may hold zero rows
-        results = []
-        for query, ids in zip(queries, shortlists):
-            at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-            rows_of = order[at[sorted_ids[at] == ids]]  # ids the store lacks are skipped
-            scores = (rows.vectors[rows_of] @ query) / (norms[rows_of] * np.linalg.norm(query))
-            keep = len(scores) if top_p is None else math.ceil(top_p * len(scores))
-            best = np.lexsort((rows.ids[rows_of], -scores))[: min(top_k, keep)]
-            texts = rows.texts
-            results.append(
-                [
-                    Hit(int(rows.ids[rows_of[i]]), float(scores[i]), texts[rows_of[i]] if texts is not None else None)
-                    for i in best
-                ]
-            )
-        return results
+        return _scored(queries, rows, shortlists, top_k, top_p)
 
     async def stats(self, *, exact: bool = False) -> dict[str, Any]:
         """Configuration, probes in force, vector and bucket counts, bucket size
@@ -1106,6 +1092,25 @@ async def _check_eviction(client: Client) -> None:
         )
 
 
+async def _release_until_done(index: ShardedIndex, ids: npt.NDArray[np.int64], token: bytes) -> None:
+    """Release leases a failed write left behind, retrying until the release
+    lands or the leases would have lapsed anyway. A write cut by a failover
+    leaves leases that reached the promoted replica; released once, against
+    the dead master, they held their ids for the full 30 s, and a reconcile
+    run after the failover could not write them."""
+    loop = asyncio.get_running_loop()
+    lapsed, pause = loop.time() + _LEASE_MS / 1000, 0.05
+    while True:
+        try:
+            await index.release(ids, token)
+            return
+        except RedisError:
+            if loop.time() + pause > lapsed:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 1.0)
+
+
 def _whole() -> anyio.CancelScope:
     """Shield a write to the store and the index from cancellation: once
     begun, both halves run (each bounded by the socket timeout), so a caller
@@ -1127,6 +1132,39 @@ def _cause(failed: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(error)
     consequences = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
     return next((error for error in leaves if not isinstance(error, consequences)), leaves[0])
+
+
+def _scored(
+    queries: FloatArray,
+    rows: Rows,
+    shortlists: list[npt.NDArray[np.int64]],
+    top_k: int,
+    top_p: float | None,
+    pool: int | None = None,
+) -> list[list[Hit]]:
+    """Hits by exact cosine over each query's shortlisted ``rows``; ``top_p``
+    keeps that share of the ``pool`` nearest (default: the whole shortlist)."""
+    order = np.argsort(rows.ids, kind="stable")
+    sorted_ids = rows.ids[order]
+    # Norms only: a normalised copy of every fetched vector (16,000 of them
+    # for 64 coalesced queries) cost more than the scoring itself.
+    norms = np.sqrt(np.einsum("ij,ij->i", rows.vectors, rows.vectors))
+    norms[norms == 0] = 1.0  # a user's table may hold zero rows
+    results = []
+    for query, ids in zip(queries, shortlists):
+        at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        rows_of = order[at[sorted_ids[at] == ids]]  # ids the store lacks are skipped
+        scores = (rows.vectors[rows_of] @ query) / (norms[rows_of] * np.linalg.norm(query))
+        keep = len(scores) if top_p is None else math.ceil(top_p * min(len(scores), pool or len(scores)))
+        best = np.lexsort((rows.ids[rows_of], -scores))[: min(top_k, keep)]
+        texts = rows.texts
+        results.append(
+            [
+                Hit(int(rows.ids[rows_of[i]]), float(scores[i]), texts[rows_of[i]] if texts is not None else None)
+                for i in best
+            ]
+        )
+    return results
 
 
 def default_rerank(size: int) -> int:
