@@ -75,10 +75,13 @@ async def test_postgres_filter_finds_what_exact_filtered_search_finds(
     table: tuple[str, str, str], lang: str, least: float, strategy: str
 ) -> None:
     dsn, name, url = table
-    if lang == "en" and name.startswith("filtered_h") and strategy == "index":
-        pytest.skip("hyperplane probing reaches only rows near the query: documented, no 1% promise")
     if strategy == "rows":
         least = 1.0  # exact
+    elif lang == "en" and name.startswith("filtered_h"):
+        # With hyperplanes and 1% passing, probing can run out of buckets near
+        # the query before 10 pass: those queries read the passing rows and
+        # rank them; the others keep what probing found (0.855 here).
+        least = 0.8
     keep = np.array([language(i) == lang for i in range(N)])
     truth = exact_filtered(QUERIES, keep, 10)
     async with LSHRS(dim=DIM, redis_url=url, prefix=name, store=PostgresStore(dsn, table=name)) as lsh:

@@ -765,14 +765,35 @@ class LSHRS:
         if where is None:
             hits, _ = await self._search(opened, matrix, top_k, top_p, probes)
             return hits
-        if self._store is not None:
-            depth = self._depth(opened.sharded, top_k)
-            few = await _filters.few_enough(where, self._store, _filters.PREFILTER_DEPTHS * depth)
-            if few is not None:
-                few = few.only(await opened.sharded.held(few.ids))  # what the index holds: a deleted id stays out
-                return _scored(matrix, few, [few.ids] * len(matrix), top_k, top_p, pool=depth)
+        depth = self._depth(opened.sharded, top_k)
+        exact = await self._exactly(opened, matrix, where, _filters.PREFILTER_DEPTHS * depth, top_k, top_p)
+        if exact is not None:
+            return exact
         records, found = await self._filtered(opened, matrix, probes, where, top_k)
-        return await self._ranked(opened, matrix, records, found, top_k, top_p)
+        hits = await self._ranked(opened, matrix, records, found, top_k, top_p)
+        short = [i for i, candidates in enumerate(found) if len(candidates.ids) < top_k]
+        if short:
+            # The buckets ran out before top_k passed (hyperplanes reach only
+            # rows near the query): the passing rows, if the store can list
+            # them and they are few enough to rank, answer these exactly.
+            exact = await self._exactly(opened, matrix[short], where, self._max_candidates, top_k, top_p)
+            for i, answer in zip(short, exact or []):
+                hits[i] = answer
+        return hits
+
+    async def _exactly(
+        self, opened: _Opened, matrix: FloatArray, where: Any, most: int, top_k: int, top_p: float | None
+    ) -> list[list[Hit]] | None:
+        """Hits ranked exactly over every row that passes ``where``, if at most
+        ``most`` do and the filter can list them (``_filters.few_enough``); the
+        ids the index does not hold stay out, as a deleted id must."""
+        if self._store is None:
+            return None
+        few = await _filters.few_enough(where, self._store, most)
+        if few is None:
+            return None
+        few = few.only(await opened.sharded.held(few.ids))
+        return _scored(matrix, few, [few.ids] * len(matrix), top_k, top_p, pool=self._depth(opened.sharded, top_k))
 
     def _check_options(self, top_k: int, top_p: float | None) -> None:
         check_top(top_k, top_p)
