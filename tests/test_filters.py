@@ -187,6 +187,7 @@ def test_a_filtered_query_widens_by_the_square_root_of_the_share_that_passes() -
     assert widening(400, 200, False, 1.0, 10) == pytest.approx(2**0.5)  # half: sqrt(2)
     assert widening(400, 40, False, 1.0, 10) == pytest.approx(4.0)  # a tenth: sqrt(10) = 3.2, rounded up
     assert widening(3000, 30, False, 1.0, 10) == pytest.approx(2**3.5)  # 1%: 10, rounded up to 11.3
+    assert widening(400, 0, False, 1.0, 10) == pytest.approx(2**4.5)  # none yet: a share below 1 in 401
     assert widening(400, 200, False, 4.0, 10) == 4.0  # already wider than the share asks
     assert widening(400, 5, True, 8.0, 10) == 8.0 * WIDEN  # all checked, too few passed
     assert widening(400, 50, False, 8.0, 10) == 8.0  # more to check first
@@ -282,3 +283,14 @@ async def test_postgres_passing_rows_gives_up_when_more_pass_than_it_may_read(
     monkeypatch.setattr(store, "_expected_rows", stale)
     assert await store.passing_rows(("lang = $1", "en"), 20) is None
     await store.close()
+
+
+async def test_an_id_filter_works_with_a_store_that_also_takes_conditions(table: tuple[str, str, str]) -> None:
+    """A callable is applied by lshrs, never handed to PostgreSQL as a
+    condition, and cannot be listed for the exact path: the index answers."""
+    dsn, name, url = table
+    async with LSHRS(dim=DIM, redis_url=url, prefix=name, store=PostgresStore(dsn, table=name)) as lsh:
+        hits = await lsh.query(QUERIES[3], top_k=10, where=lambda ids: ids % 10 == 1)  # the 'de' rows
+        assert len(hits) == 10 and all(language(h.id) == "de" for h in hits)
+        by_set = await lsh.query(QUERIES[3], top_k=10, where={i for i in range(N) if i % 10 == 1})
+        assert {h.id for h in by_set} == exact_filtered(QUERIES[3:4], np.arange(N) % 10 == 1, 10)[0]
