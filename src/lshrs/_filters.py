@@ -1,19 +1,20 @@
 """Filtered queries: which candidates may be hits.
 
 Two kinds of ``where=``. An id filter (a set of ids, or a callable that
-takes an id array and returns a boolean mask) is applied by lshrs to the
-candidates read from Redis, before they are ranked, so it works with any
-store or none. A store filter (a SQL condition for ``PostgresStore``, a
-SQLAlchemy expression for ``SQLAlchemyStore``) is evaluated by the store on
-the rows it fetches for the rerank, with bound parameters.
+takes an id array and returns a boolean mask) is applied by lshrs, so it
+works with any store or none. A store filter (a SQL condition for
+``PostgresStore``, a SQLAlchemy expression for ``SQLAlchemyStore``) is
+evaluated by the store, on candidate ids, with bound parameters.
 
-Candidates are checked nearest first by sketch distance, a chunk at a time
-(a store's condition in one id-only round trip a chunk), until as many pass
-as the rerank takes: the rerank depth goes to rows that pass, and a store is
-asked about a few hundred ids rather than every candidate. Post-filtering an approximate index still
-loses results when few rows pass, because a query's nearest passing rows lie
-farther out; so a filtered query reads more buckets (:func:`widening`) until
-no new candidates come in or it reaches ``MAX_WIDEN`` (pgvector 0.8 added
+A filter that few rows pass and that can list them (a set of ids, or a
+store that asks its planner) is answered exactly from those rows
+(:func:`few_enough`). Otherwise candidates are checked nearest first by
+sketch distance, a chunk at a time (:class:`Checks`), until as many pass as
+the rerank takes, so a store is asked about a few hundred ids rather than
+every candidate. Post-filtering an approximate index loses results when few
+rows pass, because a query's nearest passing rows lie farther out; so a
+filtered query reads more buckets (:func:`widening`) until no new
+candidates come in or it reaches ``MAX_WIDEN`` (pgvector 0.8 added
 iterative index scans for the same reason).
 """
 
