@@ -115,7 +115,7 @@ BREAKAGES = [
     ("a selective filter searches the index", "src/lshrs/_filters.py",
      "PREFILTER_DEPTHS = 8", "PREFILTER_DEPTHS = 0", "test_filters.py -k selective"),
     ("the exact filter path returns ids deleted from the index", "src/lshrs/_lshrs.py",
-     "                few = few.only(await opened.sharded.held(few.ids))", "                pass  # ",
+     "        few = few.only(await opened.sharded.held(few.ids))", "        pass  # ",
      "test_filters.py -k selective"),
     ("a filtered query short of top_k keeps its short list", "src/lshrs/_lshrs.py",
      "            for i, answer in zip(short, exact or []):", "            for i, answer in zip(short, []):",
