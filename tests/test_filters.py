@@ -222,8 +222,8 @@ def test_filter_checks_ask_nearest_first_by_whole_distance_levels() -> None:
 async def test_a_filtered_query_asks_about_a_few_hundred_candidates_not_all(redis_proc: Any) -> None:
     """Half the rows pass: the filter is asked about about twice the rerank
     depth, nearest first, not about every candidate the buckets hold; the
-    hits are those of a filter that saw every candidate (a set of the ids
-    that pass, asked about the same candidates)."""
+    same filter given as a set of ids (too many for the exact path) finds
+    the same hits."""
     url = f"redis://{redis_proc.host}:{redis_proc.port}/5"
     n = 20_000
     base = clustered(n + 10, DIM, seed=72)
