@@ -123,7 +123,7 @@ async def few_enough(where: object, store: VectorStore, most: int) -> Rows | Non
     if isinstance(where, (set, frozenset)):
         if len(where) > most:
             return None
-        return await store.fetch(np.sort(np.fromiter((int(i) for i in where), dtype=np.int64, count=len(where))))
+        return await store.fetch(np.sort(_id_array(where)))
     reader = getattr(store, "passing_rows", None)
     if callable(where) or reader is None:
         return None
@@ -145,8 +145,11 @@ def id_mask(where: Callable[[IdArray], Any] | Collection[int], ids: IdArray) -> 
                 f"got {mask.dtype} of shape {mask.shape}"
             )
         return mask
-    allowed = np.fromiter((int(i) for i in where), dtype=np.int64, count=len(where))
-    return np.isin(ids, allowed)
+    return np.isin(ids, _id_array(where))
+
+
+def _id_array(ids: Collection[int]) -> IdArray:
+    return np.fromiter((int(i) for i in ids), dtype=np.int64, count=len(ids))
 
 
 async def check(where: object, store: VectorStore | None) -> None:

@@ -765,35 +765,36 @@ class LSHRS:
         if where is None:
             hits, _ = await self._search(opened, matrix, top_k, top_p, probes)
             return hits
-        depth = self._depth(opened.sharded, top_k)
-        exact = await self._exactly(opened, matrix, where, _filters.PREFILTER_DEPTHS * depth, top_k, top_p)
+        depth = self._depth(opened.sharded, top_k) if self._store is not None else top_k
+        exact = await self._exactly(opened, matrix, where, _filters.PREFILTER_DEPTHS * depth, top_k, top_p, depth)
         if exact is not None:
             return exact
-        records, found = await self._filtered(opened, matrix, probes, where, top_k)
+        records, found = await self._filtered(opened, matrix, probes, where, top_k, depth)
         hits = await self._ranked(opened, matrix, records, found, top_k, top_p)
         short = [i for i, candidates in enumerate(found) if len(candidates.ids) < top_k]
         if short:
             # The buckets ran out before top_k passed (hyperplanes reach only
             # rows near the query): the passing rows, if the store can list
             # them and they are few enough to rank, answer these exactly.
-            exact = await self._exactly(opened, matrix[short], where, self._max_candidates, top_k, top_p)
+            exact = await self._exactly(opened, matrix[short], where, self._max_candidates, top_k, top_p, depth)
             for i, answer in zip(short, exact or []):
                 hits[i] = answer
         return hits
 
     async def _exactly(
-        self, opened: _Opened, matrix: FloatArray, where: Any, most: int, top_k: int, top_p: float | None
+        self, opened: _Opened, matrix: FloatArray, where: Any, most: int, top_k: int, top_p: float | None, depth: int
     ) -> list[list[Hit]] | None:
         """Hits ranked exactly over every row that passes ``where``, if at most
         ``most`` do and the filter can list them (``_filters.few_enough``); the
-        ids the index does not hold stay out, as a deleted id must."""
+        ids the index does not hold stay out, as a deleted id must. ``top_p``
+        keeps its share of the ``depth`` nearest, as on the index path."""
         if self._store is None:
             return None
         few = await _filters.few_enough(where, self._store, most)
         if few is None:
             return None
         few = few.only(await opened.sharded.held(few.ids))
-        return _scored(matrix, few, [few.ids] * len(matrix), top_k, top_p, pool=self._depth(opened.sharded, top_k))
+        return _scored(matrix, few, [few.ids] * len(matrix), top_k, top_p, pool=depth)
 
     def _check_options(self, top_k: int, top_p: float | None) -> None:
         check_top(top_k, top_p)
@@ -857,20 +858,19 @@ class LSHRS:
         return records, found
 
     async def _filtered(
-        self, opened: _Opened, matrix: FloatArray, probes: int, where: Any, top_k: int
+        self, opened: _Opened, matrix: FloatArray, probes: int, where: Any, top_k: int, depth: int
     ) -> tuple[npt.NDArray[np.uint8], list[Candidates]]:
         """The candidates of filtered queries that pass ``where``: enough of
         the nearest by sketch distance for the rerank, from as many buckets
         as the share that passes calls for (``_filters.widening``).
 
-        Candidates are checked nearest first, a chunk at a time, until the
-        rerank depth passes: a store's condition then gets a few hundred ids
+        Candidates are checked nearest first, a chunk at a time, until
+        ``depth`` (the rerank depth) pass: a store's condition then gets a few hundred ids
         a round trip, not every candidate (3,200 ids took 19 ms of a 57 ms
         query at 100k rows). The rerank sees exactly the passing candidates
         it would see were all of them checked."""
         family = opened.family
         assert family is not None
-        depth = self._depth(opened.sharded, top_k) if self._store is not None else top_k
         records, found = await self._candidates(opened, matrix, probes)
         checks = [_filters.Checks(c, family.distances(c.signatures, r), None) for c, r in zip(found, records)]
         scales, done = [1.0] * len(matrix), [False] * len(matrix)

@@ -136,8 +136,7 @@ class PostgresStore:
         index on the filtered column serves it): looking up 50,000 candidate
         ids one by one took 110-130 ms at 100k rows."""
         condition, params = _condition(where)
-        everything = f"SELECT {self._id_sql} FROM {self._table_sql} WHERE cardinality($1::bigint[]) >= 0"
-        everything += f" AND {self._vec_sql} IS NOT NULL AND ({condition})"
+        everything = f"SELECT {self._id_sql} FROM {self._table_sql}{self._passing_only(condition)}"
         async with self._planned_for_values() as conn:
             if await self._expected_rows(conn, everything, params) < len(ids):
                 records = await conn.fetch(everything, [], *params)
@@ -153,13 +152,18 @@ class PostgresStore:
         the planner expects more, or more come back (its statistics were
         stale); the query then searches the index."""
         condition, params = _condition(where)
-        query = self._select.format(vec=self._send())
-        query += f" WHERE cardinality($1::bigint[]) >= 0 AND {self._vec_sql} IS NOT NULL AND ({condition})"
+        query = self._select.format(vec=self._send()) + self._passing_only(condition)
         async with self._planned_for_values() as conn:
             if await self._expected_rows(conn, query, params) > most:
                 return None
             records = await conn.fetch(f"{query} LIMIT {int(most) + 1}", [], *params)
         return None if len(records) > most else self._rows(records)
+
+    def _passing_only(self, condition: str) -> str:
+        """Every row with a vector that ``condition`` keeps. The condition's
+        placeholders start at ``$2`` (``_condition``), so ``$1`` is taken by
+        an id array that every row passes."""
+        return f" WHERE cardinality($1::bigint[]) >= 0 AND {self._vec_sql} IS NOT NULL AND ({condition})"
 
     @contextlib.asynccontextmanager
     async def _planned_for_values(self) -> AsyncIterator[asyncpg.Connection]:
