@@ -98,7 +98,9 @@ def main() -> None:
         help="buckets read per query: multiples of bands (hyperplane) or sixteenths of the default (kmeans); "
         "the default and tune(0.95)'s choice are always added",
     )
-    parser.add_argument("--rerank", type=int, nargs="*", default=[256], help="candidates reranked exactly")
+    parser.add_argument(
+        "--rerank", type=int, nargs="*", default=[0], help="candidates reranked exactly (0: lshrs's default)"
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["faiss", "pgvector", "stores", "hyperplane"])
     parser.add_argument("--store-rows", type=int, default=100_000, help="rows per store table in the store comparison")
     parser.add_argument(

@@ -35,12 +35,12 @@ RESULTS = Path(__file__).parent / "results"
 PREFIX = "mem"
 #: Key suffix -> what the key holds.
 KINDS = {
-    "s": "id records (hash: id -> bucket + 512-bit sketch)",
+    "s": "id records (hash: id -> bucket + 32-byte code)",
     "b": "buckets (strings of 8-byte ids)",
     "l": "change log (last 4,096 written ids a shard)",
     "g": "change generation counters",
-    "cent": "partition (int8 centroids)",
-    "proj": "sketch projection (float32)",
+    "cent": "partition (int8 centroids) and codebooks",
+    "proj": "projection (float32; empty: codes need none)",
     "cfg": "configuration",
     "tune": "tuning",
 }
@@ -86,7 +86,7 @@ async def run(size: int) -> dict[str, Any]:
         await lsh.index(np.arange(len(data.base)), data.base)
         build = time.perf_counter() - started
         after = int((await client.info("memory"))["used_memory"])
-        record_bytes = lsh.config.sketch_bits // 8 + 4
+        record_bytes = 4 + (lsh.config.code_bytes or lsh.config.sketch_bits // 8)
         started = time.perf_counter()
         stats = await lsh.stats()
         sampled = time.perf_counter() - started

@@ -112,10 +112,11 @@ async def lshrs_runs(
                     prefix=prefix,
                     store=store,
                     probes=probes,
-                    rerank=rerank,
+                    rerank=rerank or None,
                     timeout=120,  # 64 queued queries wait on one Redis core: queueing, not a fault
                 ) as lsh:
-                    setting = f"{shape}, probes={probes}{label}, rerank={rerank}"
+                    depth = rerank or f"{family.default_rerank(len(data.base))} (default)"
+                    setting = f"{shape}, probes={probes}{label}, rerank={depth}"
                     points.append(await timed_point(lsh, setting, queries, truth))
     return points, builds
 

@@ -158,7 +158,7 @@ async def index_state(client: Any, lsh: LSHRS, leases: bool = False) -> dict[int
     expected: dict[bytes, set[int]] = {}
     config = lsh.config
     if config.hashing == "kmeans":  # one table; a record is a 4-byte bucket number, then a sketch
-        tables, width, size = 1, 4, 4 + config.sketch_bits // 8
+        tables, width, size = 1, 4, 4 + (config.code_bytes or config.sketch_bits // 8)
     else:
         tables, width = config.num_bands, (config.rows_per_band + 7) // 8
         size = tables * width
@@ -171,6 +171,13 @@ async def index_state(client: Any, lsh: LSHRS, leases: bool = False) -> dict[int
         actual.setdefault(suffix, set()).update(members)
     assert actual == expected
     return signatures
+
+
+def assert_found_itself(hits: list[Any], id_: int) -> None:
+    """A vector's own query without a store: the id comes first, scored by the
+    sketch's estimate, near 1 (codes estimate about 0.8 for a vector unlike
+    those they were fitted on; a stale sketch of a moved id, about -1)."""
+    assert hits and hits[0].id == id_ and not hits[0].exact and hits[0].score > 0.5, (id_, hits[:1])
 
 
 def clustered(n: int, dim: int, *, centers: int = 50, spread: float = 0.15, seed: int = 7) -> np.ndarray:

@@ -132,11 +132,13 @@ async def test_a_learned_index_refuses_to_train_on_too_few_vectors(make_lsh: Any
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda blob: blob[:-2], "stored centroids have"),
+        (lambda blob: blob[:-2], "stored codebooks have"),
+        (lambda blob: blob[:30], "stored centroids have"),
         (lambda blob: b"junk" + blob[4:], "not an lshrs partition"),
         (lambda blob: blob[:4] + (16).to_bytes(4, "little") + blob[8:], "16-d but the index is 32-d"),
+        (lambda blob: blob[: len(blob) - 16 - 4 * 32 * 256], "codebooks are missing"),
     ],
-    ids=["truncated", "not a partition", "other dimension"],
+    ids=["truncated", "partition truncated", "not a partition", "other dimension", "no codebooks"],
 )
 async def test_damaged_centroids_refuse_to_open(
     make_lsh: Any, raw_redis: Any, damage: Callable[[bytes], bytes], message: str

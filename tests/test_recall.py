@@ -163,7 +163,8 @@ def test_a_sketch_bit_is_the_side_of_its_hyperplane() -> None:
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     family = LearnedFamily(fit(unit, 16, seed=0, trained_for=400), make_projection(32, 512, 1))
     ahead, behind = family.records(vectors), family.records(-vectors)
-    assert (family.distances(behind, ahead[0])[0], family.distances(ahead, ahead[0])[0]) == (512, 0)
+    query = family.sketches(unit[:1])[0]
+    assert (family.distances(behind, query)[0], family.distances(ahead, query)[0]) == (512, 0)
     sketch = np.unpackbits(ahead[:, 4:], axis=1).astype(bool)
     assert (sketch == (vectors @ make_projection(32, 512, 1) > 0)).all()
 

@@ -53,10 +53,6 @@ def check_prefix(prefix: str) -> str:
 
 #: The hash families: learned k-means buckets (the default) and random hyperplanes.
 HASHINGS = ("kmeans", "hyperplane")
-#: SimHash bits kept per id by the learned family to pre-rank candidates:
-#: 256 bits capped recall@10 at 0.93 on real sentence embeddings, 512 reach
-#: 0.95 at 2.3% of the corpus read (benchmarks/partition.py).
-SKETCH_BITS = 512
 
 
 @dataclass(frozen=True)
@@ -64,9 +60,11 @@ class IndexConfig:
     """What two clients must agree on to share an index. Stored as JSON in Redis.
 
     ``num_bands`` and ``rows_per_band`` shape the hyperplane family (0 for
-    k-means); ``sketch_bits`` is the learned family's pre-ranking sketch (0
-    for hyperplanes, whose bands are their sketch). A configuration stored
-    before ``hashing`` existed is a hyperplane index."""
+    k-means); ``code_bytes`` is the learned family's pre-ranking sketch, a
+    product-quantised code (:mod:`._codes`; 0 for hyperplanes, whose bands
+    are their sketch). A learned index stored before codes existed has
+    ``sketch_bits`` of SimHash instead, and one stored before ``hashing``
+    existed is a hyperplane index."""
 
     dim: int
     num_bands: int
@@ -76,6 +74,7 @@ class IndexConfig:
     layout: int = LAYOUT_VERSION
     hashing: str = "hyperplane"
     sketch_bits: int = 0
+    code_bytes: int = 0
 
     def to_json(self) -> bytes:
         """The form stored under ``{prefix}:cfg``: plain JSON, never pickle."""

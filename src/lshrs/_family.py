@@ -2,27 +2,31 @@
 which buckets a query reads.
 
 A record is ``tables`` bucket values of ``key_bytes`` each, then (for the
-learned family) a SimHash sketch. The Redis scripts derive an id's bucket
-keys from the first ``tables * key_bytes`` bytes of its record and ignore
-the rest, so both families share the scripts, the change log and the
-signature cache unchanged. Candidates are pre-ranked by the Hamming distance
-of the bytes from ``sketch_offset`` on.
+learned family) a sketch: product-quantised codes (:mod:`._codes`), or the
+SimHash bits that learned indexes built by earlier versions keep. The Redis
+scripts derive an id's bucket keys from the first ``tables * key_bytes``
+bytes of its record and ignore the rest, so both families share the scripts,
+the change log and the signature cache unchanged. Candidates are pre-ranked
+by a distance between their records and the query's sketch.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from ._codes import ProductCodes
 from ._hashing import Bands, hamming, probe_keys, standardise
 from ._partition import Partition
 
 FloatArray = npt.NDArray[np.float32]
 ByteArray = npt.NDArray[np.uint8]
+#: Distances of records to a query: smaller is nearer.
+Distances = npt.NDArray[np.int64] | npt.NDArray[np.float32]
 
 #: Bytes of a learned bucket value: a big-endian uint32 centroid number.
 BUCKET_BYTES = 4
@@ -41,27 +45,37 @@ def banded_layout(bands: Bands) -> Layout:
     return Layout(bands.num_bands, bands.band_bytes, bands.signature_bytes)
 
 
-def learned_layout(sketch_bits: int) -> Layout:
-    return Layout(1, BUCKET_BYTES, BUCKET_BYTES + sketch_bits // 8)
+def learned_layout(sketch_bytes: int) -> Layout:
+    return Layout(1, BUCKET_BYTES, BUCKET_BYTES + sketch_bytes)
 
 
 class Family(Protocol):
     """A hash family: records for vectors, probe keys for queries."""
 
     layout: Layout
-    sketch_bits: int
 
-    def records(self, vectors: FloatArray, *, buckets: bool = True) -> ByteArray:
-        """(n, record_bytes) records of (n, dim) non-zero vectors; a query's
-        record needs only its sketch (``buckets=False`` may leave the rest 0)."""
+    def records(self, vectors: FloatArray) -> ByteArray:
+        """(n, record_bytes) records of (n, dim) non-zero vectors."""
+        ...
+
+    def sketches(self, unit_queries: FloatArray) -> npt.NDArray[Any]:
+        """Per (unit) query, what :meth:`distances` compares records with."""
         ...
 
     def plan(self, unit_queries: FloatArray, probes: int) -> list[bytes]:
         """Per query, the bucket suffixes (table byte + value) to read, best first."""
         ...
 
-    def distances(self, records: ByteArray, query_record: ByteArray) -> npt.NDArray[np.int64]:
-        """Hamming distance of the sketch part of each record to the query's."""
+    def distances(self, records: ByteArray, sketch: npt.NDArray[Any]) -> Distances:
+        """How far each record is from a query (one row of :meth:`sketches`)."""
+        ...
+
+    def cosines(self, distances: Distances) -> FloatArray:
+        """The cosines those distances estimate: the scores of a query without a store."""
+        ...
+
+    def default_rerank(self, size: int) -> int:
+        """Candidates reranked per 10 hits asked, for an index of ``size`` vectors."""
         ...
 
     def default_probes(self) -> int:
@@ -81,17 +95,25 @@ class HyperplaneFamily:
         self.bands = bands
         self._projection = standardise(projection)
         self.layout = banded_layout(bands)
-        self.sketch_bits = bands.num_bits
 
-    def records(self, vectors: FloatArray, *, buckets: bool = True) -> ByteArray:
+    def records(self, vectors: FloatArray) -> ByteArray:
         return self.bands.pack(vectors @ self._projection > 0)
+
+    def sketches(self, unit_queries: FloatArray) -> ByteArray:
+        return self.records(unit_queries)
 
     def plan(self, unit_queries: FloatArray, probes: int) -> list[bytes]:
         margins = unit_queries @ self._projection
         return [probe_keys(self.bands, m, probes) for m in margins]
 
-    def distances(self, records: ByteArray, query_record: ByteArray) -> npt.NDArray[np.int64]:
-        return hamming(records, query_record)
+    def distances(self, records: ByteArray, sketch: npt.NDArray[Any]) -> Distances:
+        return hamming(records, sketch)
+
+    def cosines(self, distances: Distances) -> FloatArray:
+        return simhash_cosines(distances, self.bands.num_bits)
+
+    def default_rerank(self, size: int) -> int:
+        return simhash_rerank(size)
 
     def default_probes(self) -> int:
         """Two more rows per band make a bucket about four times smaller for
@@ -108,24 +130,54 @@ class HyperplaneFamily:
 
 
 class LearnedFamily:
-    """One table of k-means buckets (:mod:`._partition`) plus a SimHash sketch
-    of ``sketch_bits`` for pre-ranking: the bucket says where the neighbours
-    are, the sketch says which of the bucket's ids to fetch."""
+    """One table of k-means buckets (:mod:`._partition`) plus a sketch for
+    pre-ranking: the bucket says where the neighbours are, the sketch says
+    which of the bucket's ids to fetch. The sketch is product-quantised codes
+    (:mod:`._codes`), or, in an index built before them, a SimHash of the
+    projection's bits."""
 
-    def __init__(self, partition: Partition, sketch: FloatArray) -> None:
+    def __init__(self, partition: Partition, sketch: ProductCodes | FloatArray) -> None:
         self.partition = partition
-        self._sketch = sketch
-        self.sketch_bits = sketch.shape[1]
-        self.layout = learned_layout(self.sketch_bits)
+        self._codes = sketch if isinstance(sketch, ProductCodes) else None
+        self._projection = None if isinstance(sketch, ProductCodes) else sketch
+        width = sketch.parts if isinstance(sketch, ProductCodes) else sketch.shape[1] // 8
+        self.layout = learned_layout(width)
 
-    def records(self, vectors: FloatArray, *, buckets: bool = True) -> ByteArray:
-        out = np.zeros((len(vectors), self.layout.record_bytes), np.uint8)
-        if buckets:
-            unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-            numbers = self.partition.assign(unit).astype(">u4")
-            out[:, :BUCKET_BYTES] = numbers.view(np.uint8).reshape(-1, BUCKET_BYTES)
-        out[:, BUCKET_BYTES:] = np.packbits(vectors @ self._sketch > 0, axis=1)
+    def records(self, vectors: FloatArray) -> ByteArray:
+        out = np.empty((len(vectors), self.layout.record_bytes), np.uint8)
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        numbers = self.partition.assign(unit).astype(">u4")
+        out[:, :BUCKET_BYTES] = numbers.view(np.uint8).reshape(-1, BUCKET_BYTES)
+        out[:, BUCKET_BYTES:] = self.sketches(unit) if self._codes is None else self._codes.encode(unit)
         return out
+
+    def sketches(self, unit_queries: FloatArray) -> npt.NDArray[Any]:
+        if self._codes is not None:
+            return self._codes.tables(unit_queries)
+        assert self._projection is not None
+        return np.packbits(unit_queries @ self._projection > 0, axis=1)
+
+    def distances(self, records: ByteArray, sketch: npt.NDArray[Any]) -> Distances:
+        if self._codes is not None:
+            return -self._codes.scores(records[:, BUCKET_BYTES:], sketch)
+        # The record's width is a multiple of 4, so its sketch is read as whole
+        # uint32 words, skipping the one word of bucket number.
+        words = np.ascontiguousarray(records).view(np.uint32)[:, 1:]
+        query = np.ascontiguousarray(sketch).view(np.uint32)
+        distance: npt.NDArray[np.int64] = np.bitwise_count(words ^ query).sum(axis=1, dtype=np.int64)
+        return distance
+
+    def cosines(self, distances: Distances) -> FloatArray:
+        if self._codes is not None:  # a sum of slices' dot products may stray past +-1
+            cosines: FloatArray = np.clip(-distances.astype(np.float32), -1.0, 1.0)
+            return cosines
+        assert self._projection is not None
+        return simhash_cosines(distances, self._projection.shape[1])
+
+    def default_rerank(self, size: int) -> int:
+        """Codes rank candidates better than a SimHash twice their size, so
+        half the rows are fetched for the same recall (:mod:`._codes`)."""
+        return simhash_rerank(size) // 2 if self._codes is not None else simhash_rerank(size)
 
     def plan(self, unit_queries: FloatArray, probes: int) -> list[bytes]:
         plans = []
@@ -135,14 +187,6 @@ class LearnedFamily:
             keys[:, 1:] = buckets.view(np.uint8).reshape(-1, BUCKET_BYTES)
             plans.append(keys.tobytes())
         return plans
-
-    def distances(self, records: ByteArray, query_record: ByteArray) -> npt.NDArray[np.int64]:
-        # Both widths are multiples of 4, so the sketch is read as whole uint32
-        # words, skipping the one word of bucket number.
-        words = np.ascontiguousarray(records).view(np.uint32)[:, 1:]
-        query = np.ascontiguousarray(query_record).view(np.uint32)[1:]
-        distance: npt.NDArray[np.int64] = np.bitwise_count(words ^ query).sum(axis=1, dtype=np.int64)
-        return distance
 
     def default_probes(self) -> int:
         """``2.5 * sqrt(buckets)``, at least 128: the share of buckets a query
@@ -163,3 +207,26 @@ class LearnedFamily:
 
 PROBE_FACTOR = 2.5
 PROBE_FLOOR = 128
+
+
+def simhash_cosines(distances: Distances, bits: int) -> FloatArray:
+    """The cosine a SimHash Hamming distance estimates: bits disagree with
+    probability theta / pi."""
+    cosines: FloatArray = np.cos(np.pi * distances.astype(np.float32) / bits)
+    return cosines
+
+
+def simhash_rerank(size: int) -> int:
+    """Candidates reranked per 10 hits asked when a SimHash pre-ranks them, by
+    index size: 512 below 50,000 vectors, 256 up to 250,000, then growing
+    with the index up to 1,024 at 1M.
+
+    The true neighbours must survive the sketch's Hamming ranking among ever
+    more candidates. Measured with real queries: at 10k, 0.940 with 256 and
+    0.955 with 512 (a small corpus has sparser neighbourhoods, and fetching
+    512 rows of a small table is cheap); at 100k, 0.969 with 256; at 1M
+    (generated base), 0.944 with 256 and 0.963 with 1,024 at the same probes
+    (benchmarks/results/minilm-1M.md)."""
+    if size < 50_000:
+        return 512
+    return round(256 * min(4.0, max(1.0, size / 250_000)))

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ._family import Distances
 from ._index import Candidates
 from ._types import Rows, VectorStore
 
@@ -71,9 +72,10 @@ class Checks:
     id, as the ranking breaks them) are known, whatever order Redis returned
     the ids in; a query is answered the same from run to run."""
 
-    def __init__(self, candidates: Candidates, distance: npt.NDArray[np.int64], before: Checks | None) -> None:
-        # A distance is at most the sketch's bits: a radix sort on 16 bits.
-        self._order = np.argsort(distance.astype(np.uint16), kind="stable")
+    def __init__(self, candidates: Candidates, distance: Distances, before: Checks | None) -> None:
+        # A Hamming distance is at most the sketch's bits: a radix sort on 16 bits.
+        key = distance.astype(np.uint16) if distance.dtype.kind == "i" else distance
+        self._order = np.argsort(key, kind="stable")
         self._candidates = candidates
         self.ids = candidates.ids[self._order]
         self._distance = distance[self._order]

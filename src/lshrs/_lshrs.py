@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import math
 import random
 import re
@@ -25,7 +24,8 @@ from redis.exceptions import RedisError
 from . import _filters, _progress, _scripts
 from ._admission import Admission, Call, check_timeout, deadline
 from ._coalesce import Coalescer
-from ._config import HASHINGS, SKETCH_BITS, IndexConfig, check_prefix, choose_bands, choose_rows
+from ._codes import ProductCodes, code_bytes, fit_codes
+from ._config import HASHINGS, IndexConfig, check_prefix, choose_bands, choose_rows
 from ._connect import check_client, connect
 from ._errors import IndexMissing
 from ._family import Family, HyperplaneFamily, Layout, LearnedFamily, banded_layout, learned_layout
@@ -186,7 +186,7 @@ class LSHRS:
             seed=seed if seed is not None else 0,
             shards=shards if shards is not None else 1,
             hashing=family,
-            sketch_bits=SKETCH_BITS if family == "kmeans" else 0,
+            code_bytes=code_bytes(dim) if family == "kmeans" else 0,
         )
         self._buckets = buckets
         self._prefix = check_prefix(prefix)
@@ -269,12 +269,16 @@ class LSHRS:
             family = None if blob is None else self._learned(blob, stored, sketch)
         return await self._with_probes(_Opened(stored, family, sketch, sharded, None))
 
-    def _learned(self, blob: bytes, config: IndexConfig, sketch: FloatArray) -> LearnedFamily:
+    def _learned(self, blob: bytes, config: IndexConfig, projection: FloatArray) -> LearnedFamily:
+        """The trained family: the partition, then the codebooks (or, in an
+        index built before codes, the projection's SimHash)."""
         try:
-            partition = Partition.from_bytes(blob, config.dim)
+            if not config.code_bytes:
+                return LearnedFamily(Partition.from_bytes(blob, config.dim), projection)
+            partition, books = Partition.split(blob, config.dim)
+            return LearnedFamily(partition, ProductCodes.from_bytes(books, config.dim, config.code_bytes))
         except ValueError as exc:
             raise ValueError(f"prefix {self._prefix!r}: {exc}; drop the index and build it again") from None
-        return LearnedFamily(partition, sketch)
 
     async def _with_probes(self, opened: _Opened) -> _Opened:
         """The probes in force: ``probes=``, else the saved tuning, else the family's default."""
@@ -362,7 +366,11 @@ class LSHRS:
         say(f"fitting {buckets:,} buckets on {len(sample):,} sampled vectors of {size:,}")
 
         def work() -> bytes:
-            return fit(sample, buckets, seed=config.seed, trained_for=size).to_bytes()
+            blob = fit(sample, buckets, seed=config.seed, trained_for=size).to_bytes()
+            if not config.code_bytes:
+                return blob
+            unit = sample / np.linalg.norm(sample, axis=1, keepdims=True)
+            return blob + fit_codes(unit, config.code_bytes, seed=config.seed).to_bytes()
 
         blob = await anyio.to_thread.run_sync(work)
         say(f"fitted {buckets:,} buckets in {asyncio.get_running_loop().time() - started:.1f} s")
@@ -370,12 +378,12 @@ class LSHRS:
 
     # -- writing -------------------------------------------------------------------
 
-    async def _records(self, family: Family, vectors: FloatArray, buckets: bool = True) -> npt.NDArray[np.uint8]:
+    async def _records(self, family: Family, vectors: FloatArray) -> npt.NDArray[np.uint8]:
         """The Redis records of a batch, in a worker thread when the batch is
         large enough to stall the event loop."""
         if len(vectors) >= _THREAD_ROWS:
-            return await anyio.to_thread.run_sync(functools.partial(family.records, vectors, buckets=buckets))
-        return family.records(vectors, buckets=buckets)
+            return await anyio.to_thread.run_sync(family.records, vectors)
+        return family.records(vectors)
 
     @contextlib.asynccontextmanager
     async def _leased(self, index: ShardedIndex, ids: npt.NDArray[np.int64]) -> AsyncIterator[None]:
@@ -765,7 +773,7 @@ class LSHRS:
         if where is None:
             hits, _ = await self._search(opened, matrix, top_k, top_p, probes)
             return hits
-        depth = self._depth(opened.sharded, top_k) if self._store is not None else top_k
+        depth = self._depth(opened, top_k) if self._store is not None else top_k
         exact = await self._exactly(opened, matrix, where, _filters.PREFILTER_DEPTHS * depth, top_k, top_p, depth)
         if exact is not None:
             return exact
@@ -825,13 +833,16 @@ class LSHRS:
             self._opened = opened = opened._replace(probes=probes)
         return opened
 
-    def _depth(self, index: ShardedIndex, top_k: int) -> int:
+    def _depth(self, opened: _Opened, top_k: int) -> int:
         """Candidates reranked exactly: ``rerank`` for the usual top 10, and
         as many more as a larger ``top_k`` needs (recall@100 fell to 0.78
         where recall@10 was 0.97 when 256 were reranked whatever was asked).
-        Left unset, it follows the index size that the query scripts just
-        reported (:func:`default_rerank`)."""
-        rerank = self._rerank if self._rerank is not None else default_rerank(index.reported_size())
+        Left unset, it follows the family and the index size that the query
+        scripts just reported (``Family.default_rerank``)."""
+        assert opened.family is not None
+        rerank = self._rerank
+        if rerank is None:
+            rerank = opened.family.default_rerank(opened.sharded.reported_size())
         return max(rerank, math.ceil(rerank * top_k / 10))
 
     async def _search(
@@ -848,12 +859,12 @@ class LSHRS:
         """The queries' sketch records and their candidates from ``probes`` buckets."""
         family, index = opened.family, opened.sharded
         assert family is not None
-        records = await self._records(family, matrix, buckets=False)
         unit = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
         if len(unit) >= _THREAD_QUERIES:
+            records = await anyio.to_thread.run_sync(family.sketches, unit)
             keys = await anyio.to_thread.run_sync(family.plan, unit, probes)
         else:
-            keys = family.plan(unit, probes)
+            records, keys = family.sketches(unit), family.plan(unit, probes)
         found = await together([index.candidates(k, self._max_candidates) for k in keys])
         return records, found
 
@@ -910,7 +921,7 @@ class LSHRS:
         cosine through the store (without one, the sketch's estimate)."""
         family = opened.family
         assert family is not None
-        depth = self._depth(opened.sharded, top_k) if self._store is not None else top_k
+        depth = self._depth(opened, top_k) if self._store is not None else top_k
         shortlists = []
         for candidates, record in zip(found, records):
             distance = family.distances(candidates.signatures, record)
@@ -919,9 +930,8 @@ class LSHRS:
             best = best[np.lexsort((candidates.ids[best], distance[best]))]
             shortlists.append((candidates.ids[best], distance[best]))
         if self._store is None:
-            bits = family.sketch_bits
             return [
-                [Hit(int(i), float(np.cos(np.pi * d / bits)), None, False) for i, d in zip(ids, dist)]
+                [Hit(int(i), float(c), None, False) for i, c in zip(ids, family.cosines(dist))]
                 for ids, dist in shortlists
             ]
         return await self._rerank_exact(matrix, [ids for ids, _ in shortlists], top_k, top_p)
@@ -1188,21 +1198,6 @@ def _scored(
     return results
 
 
-def default_rerank(size: int) -> int:
-    """Candidates reranked per 10 hits asked, by index size: 512 below 50,000
-    vectors, 256 up to 250,000, then growing with the index up to 1,024 at 1M.
-
-    The true neighbours must survive the sketch's Hamming ranking among ever
-    more candidates. Measured with real queries: at 10k, 0.940 with 256 and
-    0.955 with 512 (a small corpus has sparser neighbourhoods, and fetching
-    512 rows of a small table is cheap); at 100k, 0.969 with 256; at 1M
-    (generated base), 0.944 with 256 and 0.963 with 1,024 at the same probes
-    (benchmarks/results/minilm-1M.md)."""
-    if size < 50_000:
-        return 512
-    return round(256 * min(4.0, max(1.0, size / 250_000)))
-
-
 def _sketch_bits(config: IndexConfig) -> int:
     """Columns of the stored projection: the bands' bits, or the learned sketch's."""
     return config.sketch_bits if config.hashing == "kmeans" else config.num_bands * config.rows_per_band
@@ -1210,7 +1205,7 @@ def _sketch_bits(config: IndexConfig) -> int:
 
 def _layout(config: IndexConfig) -> Layout:
     if config.hashing == "kmeans":
-        return learned_layout(config.sketch_bits)
+        return learned_layout(config.code_bytes or config.sketch_bits // 8)
     return banded_layout(Bands(config.num_bands, config.rows_per_band))
 
 

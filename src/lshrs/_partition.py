@@ -127,6 +127,15 @@ class Partition:
     def from_bytes(cls, raw: bytes, dim: int) -> Partition:
         """Refuses a blob that is not a partition of ``dim``-d space, rather
         than mis-hash with it."""
+        partition, rest = cls.split(raw, dim)
+        if rest:
+            raise ValueError(f"the stored centroids have {len(raw)} bytes, expected {len(raw) - len(rest)}")
+        return partition
+
+    @classmethod
+    def split(cls, raw: bytes, dim: int) -> tuple[Partition, bytes]:
+        """The partition at the front of ``raw``, and the bytes after it (the
+        index's codebooks, stored in the same key so one write adopts both)."""
         if len(raw) < _HEADER:
             raise ValueError("the stored centroids are truncated")
         magic, stored_dim, coarse, fine, trained_for = np.frombuffer(raw[:_HEADER], "<u4").tolist()
@@ -137,18 +146,18 @@ class Partition:
         rows = coarse + fine
         body = 2 * dim * rows if magic == _MAGIC_FLOAT16 else (4 + dim) * rows
         expected = _HEADER + 4 * (coarse + 1) + body
-        if len(raw) != expected or not 0 < coarse <= fine:
+        if len(raw) < expected or not 0 < coarse <= fine:
             raise ValueError(f"the stored centroids have {len(raw)} bytes, expected {expected}")
         at = _HEADER + 4 * (coarse + 1)
         starts = np.frombuffer(raw[_HEADER:at], "<u4").astype(np.int64)
         if starts[0] != 0 or starts[-1] != fine or (np.diff(starts) <= 0).any():
             raise ValueError("the stored centroids have a damaged group table")
         if magic == _MAGIC_FLOAT16:
-            vectors = np.frombuffer(raw[at:], "<f2").astype(np.float32).reshape(rows, dim)
+            vectors = np.frombuffer(raw[at:expected], "<f2").astype(np.float32).reshape(rows, dim)
         else:
             scales = np.frombuffer(raw[at : at + 4 * rows], "<f4")
-            vectors = np.frombuffer(raw[at + 4 * rows :], np.int8).reshape(rows, dim) * scales[:, None]
-        return cls(vectors[:coarse], vectors[coarse:], starts, trained_for)
+            vectors = np.frombuffer(raw[at + 4 * rows : expected], np.int8).reshape(rows, dim) * scales[:, None]
+        return cls(vectors[:coarse], vectors[coarse:], starts, trained_for), raw[expected:]
 
 
 #: Up to this many buckets a query scores every fine centroid.
