@@ -35,10 +35,11 @@ RESULTS = Path(__file__).parent / "results"
 PREFIX = "mem"
 #: Key suffix -> what the key holds.
 KINDS = {
-    "s": "id records (hash: id -> bucket + 32-byte code)",
+    "s": "id records (hashes of about 32: id -> bucket + 32-byte code)",
     "b": "buckets (strings of 8-byte ids)",
     "l": "change log (last 4,096 written ids a shard)",
     "g": "change generation counters",
+    "n": "id counts",
     "cent": "partition (int8 centroids) and codebooks",
     "proj": "projection (float32; empty: codes need none)",
     "cfg": "configuration",
@@ -49,7 +50,7 @@ _BATCH = 1000
 
 def kind_of(key: bytes) -> str:
     suffix = key.split(b"}:", 1)[1]
-    return "b" if suffix.startswith(b"b") else suffix.decode()
+    return suffix[:1].decode() if suffix[:1] in (b"b", b"s") else suffix.decode()
 
 
 async def breakdown(client: Redis, record_bytes: int) -> dict[str, dict[str, int]]:

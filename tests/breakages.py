@@ -132,6 +132,21 @@ BREAKAGES = [
      "test_partition.py"),
     ("a build cut short leaves its store's rows open", "src/lshrs/_lshrs.py",
      "                if close is not None:", "                if False:", "test_reconcile.py -k resumed"),
+    ("reconcile leaves a grouped shard's id count off", "src/lshrs/_lshrs.py",
+     "        await index.recount()\n", "", "test_reconcile.py -k repairs_exactly"),
+    ("an upsert does not count the ids it adds", "src/lshrs/_scripts.py",
+     "counted(added)\nreturn #logged", "return #logged", "test_codes.py -k new_learned"),
+    ("the scripts group records unlike numpy", "src/lshrs/_scripts.py",
+     "  h = (h * 10368889) % 16777216", "  h = (h * 10368887) % 16777216", "test_codes.py -k new_learned"),
+    ("codes name each slice's farthest centroid", "src/lshrs/_codes.py",
+     "np.argmax(slices[j] @ scorers[j], axis=1)", "np.argmin(slices[j] @ scorers[j], axis=1)",
+     "test_codes.py -k closely"),
+    ("a learned index reranks as deep as a SimHash one", "src/lshrs/_family.py",
+     "simhash_rerank(size) // 2 if self._codes", "simhash_rerank(size) if self._codes",
+     "test_core.py -k rerank_depth"),
+    ("a cold grouped query's script returns no records", "src/lshrs/_scripts.py",
+     "  for i = 1, #ids do sigs[i] = redis.call('HGET', record_key(ids[i]), ids[i]) end",
+     "  ids = {}", "test_core.py -k one_round_trip"),
 ]  # fmt: skip
 
 

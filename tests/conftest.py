@@ -7,6 +7,7 @@ Every test that takes ``redis_url`` runs twice: on a single Redis and on a
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from lshrs import LSHRS
+from lshrs._index import group_of
 from servers import postgres, redis_cluster
 
 redis_proc = factories.redis_proc(port=None)
@@ -135,11 +137,20 @@ async def index_state(client: Any, lsh: LSHRS, leases: bool = False) -> dict[int
     signatures: dict[int, bytes] = {}
     buckets: dict[tuple[bytes, int], set[int]] = {}
     logs: list[set[int]] = []
+    held: Counter[int] = Counter()  # records a shard holds
+    counted: dict[int, int] = {}  # what a grouped shard's id count says
+    group_of_id: dict[int, int] = {}
     async for key in client.scan_iter(match=f"{{{lsh.prefix}:*}}:*", count=1000):
         tag, kind = key.split(b"}:", 1)
-        if kind == b"s":
+        shard = int(tag.rsplit(b":", 1)[1])
+        if kind == b"s" or kind.startswith(b"s:"):  # one record hash a shard, or its record groups
             for id_, sig in (await client.hgetall(key)).items():
                 signatures[int.from_bytes(id_, "little", signed=True)] = sig
+                held[shard] += 1
+                if kind != b"s":
+                    group_of_id[int.from_bytes(id_, "little", signed=True)] = int(kind[2:])
+        elif kind == b"n":
+            counted[shard] = int(await client.get(key))
         elif kind == b"g":  # the shard's generation counter, not an id's data
             assert int(await client.get(key)) >= 0
         elif kind == b"k":  # write leases: none may outlive the write that took them
@@ -153,6 +164,14 @@ async def index_state(client: Any, lsh: LSHRS, leases: bool = False) -> dict[int
             assert len(members) == len(set(members)), f"an id appears twice in bucket {key!r}"
             buckets[(kind[1:], int(tag.rsplit(b":", 1)[1]))] = set(members)
     assert all(buckets.values()), "an empty bucket was left behind"
+    groups = (await lsh._ready()).sharded.groups
+    if groups:  # every record in the group its id names, and each shard's count right
+        ids = np.array(sorted(group_of_id), dtype=np.int64)
+        assert len(group_of_id) == len(signatures), "a grouped index holds a record outside its groups"
+        assert group_of(ids, groups).tolist() == [group_of_id[i] for i in ids.tolist()]
+        assert {s: c for s, c in counted.items() if c} == dict(held), "a shard's id count is off"
+    else:
+        assert not group_of_id and not counted, "records in groups, or a count, in a one-hash layout"
     for logged in logs:
         assert logged <= set(signatures), f"the change log names deleted ids {logged - set(signatures)}"
     expected: dict[bytes, set[int]] = {}

@@ -55,16 +55,19 @@ def test_a_code_is_each_slice_s_nearest_centroid(codes: ProductCodes) -> None:
 
 
 def test_codes_pad_a_dimension_that_does_not_divide_and_fit_few_rows() -> None:
-    """50-d vectors in 32 bytes (slices of 2, the last padded with zeros),
-    fitted on fewer rows than a slice has centroids."""
+    """50-d vectors in 25 bytes (slices of 2; 32 would leave 7 slices of
+    padding only), fitted on fewer rows than a slice has centroids; 100-d in
+    25 slices of 4, 385-d in 30 of 13, the last one padded."""
     unit = UNIT[:100, :50] if DIM >= 50 else clustered(100, 50, seed=3)
     unit = unit / np.linalg.norm(unit, axis=1, keepdims=True)
     codes = fit_codes(unit, code_bytes(50), seed=0)
-    assert codes.codebooks.shape == (32, 256, 2)
+    assert codes.codebooks.shape == (25, 256, 2)
     encoded = codes.encode(unit)
     own = np.array([codes.scores(encoded[i : i + 1], codes.tables(unit[i : i + 1])[0])[0] for i in range(100)])
     assert np.abs(own - 1.0).max() < 0.05  # 100 rows, 256 centroids a slice: nearly exact
-    assert code_bytes(8) == 8 and code_bytes(384) == 32
+    assert [code_bytes(d) for d in (8, 48, 100, 384, 385, 768)] == [8, 24, 25, 32, 30, 32]
+    padded = fit_codes(clustered(300, 385, seed=2), code_bytes(385), seed=0)
+    assert padded.codebooks.shape == (30, 256, 13) and padded.encode(clustered(5, 385)).shape == (5, 30)
 
 
 def test_stored_codebooks_round_trip_and_refuse_what_does_not_fit(codes: ProductCodes) -> None:
@@ -106,8 +109,8 @@ async def test_a_learned_index_of_an_earlier_version_keeps_its_simhash(
 
 async def test_a_new_learned_index_keeps_codes(make_lsh: Any, raw_redis: Any) -> None:
     lsh = await make_lsh(dim=DIM, prefix="coded", hashing="kmeans")
-    assert (lsh.config.code_bytes, lsh.config.sketch_bits) == (32, 0)
+    assert (lsh.config.code_bytes, lsh.config.sketch_bits) == (24, 0)  # 48-d: 24 slices of 2
     await lsh.index(np.arange(1000), BASE[:1000])
     records = await index_state(raw_redis, lsh)
-    assert len(records) == 1000 and {len(r) for r in records.values()} == {4 + 32}
+    assert len(records) == 1000 and {len(r) for r in records.values()} == {4 + 24}
     assert await raw_redis.get("{coded}:proj") == b""  # codes need no projection

@@ -63,8 +63,10 @@ async def test_reconcile_repairs_exactly_the_difference(
 
         # Redis loses data: records of 20 ids, and 6 whole bucket keys.
         lost_records = set(range(100, 120))
+        index = (await lsh._ready()).sharded
         for i in lost_records:
-            await raw_redis.hdel(f"{{rec:{i % shards}}}:s", i.to_bytes(8, "little", signed=True))
+            key = index.record_keys(i % shards, np.array([i]))[0]  # the shard's record hash, or the id's group
+            assert await raw_redis.hdel(key, i.to_bytes(8, "little", signed=True)) == 1
         lost_buckets = rng.sample(await bucket_keys(raw_redis, "rec"), 6)
         emptied: set[int] = set()
         for key in lost_buckets:

@@ -40,14 +40,16 @@ CODE_BYTES = 32
 #: larger sample moved recall by less than the noise, and a fit of 1M
 #: vectors' codes stays near a second.
 _FIT_ROWS = 16_384
-_ITERATIONS = 10
+_ITERATIONS = 8
 #: Rows encoded at once: bounds the (rows x 256) score matrix of a slice.
-_CHUNK = 8192
+_CHUNK = 4096
 
 
 def code_bytes(dim: int) -> int:
-    """Bytes of a code for ``dim``-d vectors: one a dimension up to ``CODE_BYTES``."""
-    return min(CODE_BYTES, dim)
+    """Bytes of a code for ``dim``-d vectors: ``CODE_BYTES`` slices of equal
+    width, fewer where the last ones would be padding only (50-d: 25 slices
+    of 2)."""
+    return math.ceil(dim / math.ceil(dim / CODE_BYTES))
 
 
 @dataclass(frozen=True)
@@ -61,30 +63,20 @@ class ProductCodes:
     def parts(self) -> int:
         return int(self.codebooks.shape[0])
 
-    def _slices(self, unit: FloatArray) -> FloatArray:
-        """(parts, n, width) slices of (n, dim) rows, zero-padded to whole slices."""
-        parts, _, width = self.codebooks.shape
-        padded = np.zeros((len(unit), parts * width), np.float32)
-        padded[:, : self.dim] = unit
-        slices: FloatArray = np.ascontiguousarray(padded.reshape(len(unit), parts, width).transpose(1, 0, 2))
-        return slices
-
     def encode(self, unit: FloatArray) -> ByteArray:
         """(n, parts) codes of (n, dim) unit rows: each slice's nearest centroid."""
         out = np.empty((len(unit), self.parts), np.uint8)
-        half_norms = 0.5 * np.einsum("pkw,pkw->pk", self.codebooks, self.codebooks)
+        scorers = _scorers(self.codebooks)
         for lo in range(0, len(unit), _CHUNK):
-            slices = self._slices(unit[lo : lo + _CHUNK])
+            slices = _slices(unit[lo : lo + _CHUNK], self.parts, ones=True)
             for j in range(self.parts):
-                # argmin |x - c|^2 = argmax x.c - |c|^2 / 2
-                scores = slices[j] @ self.codebooks[j].T
-                scores -= half_norms[j]
-                out[lo : lo + _CHUNK, j] = np.argmax(scores, axis=1)
+                out[lo : lo + _CHUNK, j] = np.argmax(slices[j] @ scorers[j], axis=1)
         return out
 
     def tables(self, unit_queries: FloatArray) -> FloatArray:
         """(n, parts, 256): each query slice's dot product with each centroid."""
-        tables: FloatArray = np.einsum("pnw,pkw->npk", self._slices(unit_queries), self.codebooks)
+        slices = _slices(unit_queries, self.parts)
+        tables: FloatArray = np.einsum("pnw,pkw->npk", slices, self.codebooks)
         return tables
 
     def scores(self, codes: ByteArray, table: FloatArray) -> FloatArray:
@@ -131,8 +123,7 @@ def fit_codes(unit: FloatArray, parts: int, *, seed: int = 0) -> ProductCodes:
         unit = unit[rng.choice(len(unit), _FIT_ROWS, replace=False)]
     dim = unit.shape[1]
     width = math.ceil(dim / parts)
-    empty = ProductCodes(np.zeros((parts, CENTROIDS, width), np.float32), dim)
-    slices = empty._slices(unit)
+    slices = _slices(unit, parts, ones=True)
     books = np.zeros((parts, CENTROIDS, width), np.float32)
     count = min(CENTROIDS, len(unit))
     for j in range(parts):
@@ -142,19 +133,42 @@ def fit_codes(unit: FloatArray, parts: int, *, seed: int = 0) -> ProductCodes:
     return ProductCodes(books, dim)
 
 
+def _slices(rows: FloatArray, parts: int, ones: bool = False) -> FloatArray:
+    """(parts, n, width) slices of (n, dim) rows, zero-padded to whole
+    slices; with ``ones``, each slice gains a last column of 1 (:func:`_scorers`)."""
+    width = math.ceil(rows.shape[1] / parts)
+    padded = np.zeros((len(rows), parts * width), np.float32)
+    padded[:, : rows.shape[1]] = rows
+    shaped = padded.reshape(len(rows), parts, width)
+    if ones:
+        shaped = np.concatenate([shaped, np.ones((len(rows), parts, 1), np.float32)], axis=2)
+    slices: FloatArray = np.ascontiguousarray(shaped.transpose(1, 0, 2))
+    return slices
+
+
+def _scorers(books: FloatArray) -> FloatArray:
+    """(parts, width + 1, 256): a slice with its column of 1 times these
+    scores ``x.c - |c|^2 / 2`` for each centroid, whose argmax is the nearest
+    centroid; one matrix product, no second pass (a third less time)."""
+    parts, count, width = books.shape
+    scorers = np.empty((parts, width + 1, count), np.float32)
+    scorers[:, :width, :] = books.transpose(0, 2, 1)
+    scorers[:, width, :] = -0.5 * np.einsum("pkw,pkw->pk", books, books)
+    return scorers
+
+
 def _kmeans(rows: FloatArray, k: int, rng: np.random.Generator) -> FloatArray:
-    """Euclidean Lloyd iterations from ``k`` distinct rows; an emptied centroid
-    is reseeded with a random row."""
-    centroids: FloatArray = rows[rng.choice(len(rows), k, replace=False)].copy()
+    """Euclidean Lloyd iterations from ``k`` distinct rows (each with its
+    column of 1); an emptied centroid is reseeded with a random row."""
+    points = rows[:, :-1]
+    centroids: FloatArray = points[rng.choice(len(rows), k, replace=False)].copy()
     for _ in range(_ITERATIONS):
-        scores = rows @ centroids.T
-        scores -= 0.5 * np.einsum("kw,kw->k", centroids, centroids)
-        label = np.argmax(scores, axis=1)
+        label = np.argmax(rows @ _scorers(centroids[None])[0], axis=1)
         counts = np.bincount(label, minlength=k)
         filled = counts > 0
-        for w in range(rows.shape[1]):
-            centroids[filled, w] = np.bincount(label, weights=rows[:, w], minlength=k)[filled] / counts[filled]
+        for w in range(points.shape[1]):
+            centroids[filled, w] = np.bincount(label, weights=points[:, w], minlength=k)[filled] / counts[filled]
         empty = np.flatnonzero(~filled)
         if len(empty):
-            centroids[empty] = rows[rng.choice(len(rows), len(empty), replace=False)]
+            centroids[empty] = points[rng.choice(len(rows), len(empty), replace=False)]
     return centroids

@@ -39,14 +39,15 @@ class Layout:
     tables: int
     key_bytes: int
     record_bytes: int
+    grouped: bool = False  # records in small hashes (``_index.groups_for``) rather than one a shard
 
 
 def banded_layout(bands: Bands) -> Layout:
     return Layout(bands.num_bands, bands.band_bytes, bands.signature_bytes)
 
 
-def learned_layout(sketch_bytes: int) -> Layout:
-    return Layout(1, BUCKET_BYTES, BUCKET_BYTES + sketch_bytes)
+def learned_layout(sketch_bytes: int, grouped: bool = False) -> Layout:
+    return Layout(1, BUCKET_BYTES, BUCKET_BYTES + sketch_bytes, grouped)
 
 
 class Family(Protocol):
@@ -140,8 +141,10 @@ class LearnedFamily:
         self.partition = partition
         self._codes = sketch if isinstance(sketch, ProductCodes) else None
         self._projection = None if isinstance(sketch, ProductCodes) else sketch
-        width = sketch.parts if isinstance(sketch, ProductCodes) else sketch.shape[1] // 8
-        self.layout = learned_layout(width)
+        if isinstance(sketch, ProductCodes):  # records of 36 bytes fit Redis's compact listpacks
+            self.layout = learned_layout(sketch.parts, grouped=True)
+        else:
+            self.layout = learned_layout(sketch.shape[1] // 8)
 
     def records(self, vectors: FloatArray) -> ByteArray:
         out = np.empty((len(vectors), self.layout.record_bytes), np.uint8)

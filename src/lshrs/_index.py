@@ -4,7 +4,8 @@ and read it. Knows nothing of vectors; it moves ids and packed signatures."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+import math
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -87,6 +88,9 @@ class ShardedIndex:
         self._prefix = prefix
         self._shards = shards
         self._layout = layout
+        # 0: one record hash a shard. A grouped layout learns its group count
+        # with the partition (``use_groups``); until then it holds no records.
+        self.groups = 0
         self._upsert = client.register_script(_scripts.UPSERT)
         self._delete = client.register_script(_scripts.DELETE)
         self._query = client.register_script(_scripts.QUERY)
@@ -96,14 +100,33 @@ class ShardedIndex:
         self._strays = client.register_script(_scripts.STRAYS)
         self._held = client.register_script(_scripts.HELD)
         self._compact = client.register_script(_scripts.COMPACT)
+        self._recount = client.register_script(_scripts.RECOUNT)
+
+    def use_groups(self, trained_for: int) -> None:
+        """Size a grouped layout's record groups for the vectors its
+        partition was fitted for (every client derives the same count)."""
+        if self._layout.grouped:
+            self.groups = groups_for(trained_for, self._shards)
 
     def signature_key(self, shard: int) -> str:
+        """The shard's record hash, or the stem of its record groups' keys."""
         return f"{{{self._prefix}:{shard}}}:s"
 
+    def record_keys(self, shard: int, ids: IdArray) -> list[str]:
+        """The key holding each id's record (``_scripts._RECORD_KEY``)."""
+        stem = self.signature_key(shard)
+        if not self.groups:
+            return [stem] * len(ids)
+        return [f"{stem}:{g}" for g in group_of(ids, self.groups).tolist()]
+
+    def _group_keys(self, shard: int) -> list[str]:
+        stem = self.signature_key(shard)
+        return [f"{stem}:{g}" for g in range(self.groups)] if self.groups else [stem]
+
     def script_keys(self, shard: int) -> list[str]:
-        """The signature hash, the generation counter and the change log of a shard."""
+        """The record hash, the generation counter, the change log and the id count of a shard."""
         tag = f"{{{self._prefix}:{shard}}}"
-        return [self.signature_key(shard), f"{tag}:g", f"{tag}:l"]
+        return [self.signature_key(shard), f"{tag}:g", f"{tag}:l", f"{tag}:n"]
 
     def _signature_rows(self, packed: bytes) -> ByteArray:
         """Concatenated signatures as one (n, signature_bytes) array, no copy."""
@@ -116,7 +139,7 @@ class ShardedIndex:
         return np.mod(ids, self._shards)
 
     def _static_args(self, shard: int) -> list[Any]:
-        return [self.bucket_base(shard), self._layout.key_bytes, self._layout.tables]
+        return [self.bucket_base(shard), self._layout.key_bytes, self._layout.tables, self.groups]
 
     def _chunks(self, ids: IdArray) -> list[tuple[int, npt.NDArray[np.intp]]]:
         """Rows of ``ids`` by shard, at most ``WRITE_CHUNK`` a chunk."""
@@ -201,7 +224,10 @@ class ShardedIndex:
         """Which ``ids`` have a record (``_scripts.HELD``)."""
         chunks = self._chunks(ids)
         replies = await asyncio.gather(
-            *(self._held(keys=[self.signature_key(s)], args=[ids[rows].astype("<i8").tobytes()]) for s, rows in chunks)
+            *(
+                self._held(keys=[self.signature_key(s)], args=[ids[rows].astype("<i8").tobytes(), self.groups])
+                for s, rows in chunks
+            )
         )
         out = np.zeros(len(ids), dtype=bool)
         for (_, rows), reply in zip(chunks, replies):
@@ -209,12 +235,37 @@ class ShardedIndex:
         return out
 
     async def indexed_ids(self) -> IdArray:
-        """Every id with a record, read with HSCAN (no blocking HKEYS on a large shard)."""
+        """Every id with a record."""
         found: list[bytes] = []
         for shard in range(self._shards):
-            async for field, _ in self._client.hscan_iter(self.signature_key(shard), count=2000):
-                found.append(field)
+            async for ids, _ in self._record_batches(shard, 10_000):
+                found.append(ids)
         return parse_ids(b"".join(found))
+
+    async def _record_batches(self, shard: int, batch: int) -> AsyncIterator[tuple[bytes, bytes]]:
+        """A shard's (ids, records), each concatenated, about ``batch`` at a
+        time: HSCAN of one record hash (no blocking HGETALL of a large one), or
+        HGETALL of its record groups, pipelined."""
+        if not self.groups:
+            ids: list[bytes] = []
+            records: list[bytes] = []
+            async for id_, record in self._client.hscan_iter(self.signature_key(shard), count=batch):
+                ids.append(id_)
+                records.append(record)
+                if len(ids) == batch:
+                    yield b"".join(ids), b"".join(records)
+                    ids, records = [], []
+            if ids:
+                yield b"".join(ids), b"".join(records)
+            return
+        keys = self._group_keys(shard)
+        step = max(1, batch // RECORDS_PER_GROUP)
+        for start in range(0, len(keys), step):
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys[start : start + step]:
+                pipe.hgetall(key)
+            groups = await pipe.execute()
+            yield b"".join(i for g in groups for i in g), b"".join(r for g in groups for r in g.values())
 
     async def remove_strays(self) -> int:
         """Remove bucket entries no record names (``_scripts.STRAYS``), shard by
@@ -224,7 +275,7 @@ class ShardedIndex:
             base = self.bucket_base(shard)
             keys = await self._bucket_keys(shard)
             for start in range(0, len(keys), WRITE_CHUNK):
-                args = [base, self._layout.key_bytes, *keys[start : start + WRITE_CHUNK]]
+                args = [base, self._layout.key_bytes, self.groups, *keys[start : start + WRITE_CHUNK]]
                 removed += int(await self._write(self._strays, [self.signature_key(shard)], args))
         return removed
 
@@ -237,6 +288,13 @@ class ShardedIndex:
             keys = await self._bucket_keys(shard)
             chunks = (keys[start : start + WRITE_CHUNK] for start in range(0, len(keys), WRITE_CHUNK))
             await together([self._write(self._compact, [self.signature_key(shard)], c) for c in chunks])
+
+    async def recount(self) -> None:
+        """Set each grouped shard's id count to the records it holds (``_scripts.RECOUNT``)."""
+        if self.groups:
+            await together(
+                [self._write(self._recount, self.script_keys(s), [self.groups]) for s in range(self._shards)]
+            )
 
     async def _bucket_keys(self, shard: int) -> list[bytes]:
         return [key async for key in self._client.scan_iter(match=self.bucket_base(shard) + b"*", count=1000)]
@@ -269,6 +327,7 @@ class ShardedIndex:
             probe_keys,
             -1 if known is None else known,
             cap,
+            self.groups,
         ]
         reply = await self._query(keys=self.script_keys(shard), args=args)
         generation, size, buckets, changed, covered = reply[:5]
@@ -284,7 +343,7 @@ class ShardedIndex:
         signatures, missing = self._cache.lookup(shard, ids)
         if not missing.any():
             return Candidates(ids, signatures)
-        fetched = await self._client.hmget(self.signature_key(shard), [packed_id(i) for i in ids[missing]])
+        fetched = await self._fetch_records(shard, ids[missing])
         # An id deleted since the bucket read has no signature any more: drop it.
         present = np.array([sig is not None for sig in fetched], dtype=bool)
         rows = np.flatnonzero(missing)[present]
@@ -294,6 +353,18 @@ class ShardedIndex:
         keep = ~missing
         keep[rows] = True
         return Candidates(ids[keep], signatures[keep])
+
+    async def _fetch_records(self, shard: int, ids: IdArray) -> list[bytes | None]:
+        """The records of ``ids`` (None: no record), in one round trip."""
+        fields = [packed_id(i) for i in ids]
+        if not self.groups:
+            return [
+                r if isinstance(r, bytes) else None for r in await self._client.hmget(self.signature_key(shard), fields)
+            ]
+        pipe = self._client.pipeline(transaction=False)
+        for key, field in zip(self.record_keys(shard, ids), fields):
+            pipe.hget(key, field)
+        return list(await pipe.execute())
 
     def reported_size(self) -> int:
         """Ids in the index as the query scripts last reported them (each
@@ -308,18 +379,10 @@ class ShardedIndex:
             # Generation first: a write during the scan is logged after it, and
             # the next query evicts it from what this scan cached.
             generation = await self._client.get(self.script_keys(shard)[1])
-            self._cache.reset(shard, int(generation or 0), await self._client.hlen(self.signature_key(shard)))
-            ids: list[bytes] = []
-            signatures: list[bytes] = []
-            async for id_, signature in self._client.hscan_iter(self.signature_key(shard), count=batch):
-                ids.append(id_)
-                signatures.append(signature)
-                if len(ids) == batch:
-                    self._cache.add(shard, parse_ids(b"".join(ids)), self._signature_rows(b"".join(signatures)))
-                    loaded, ids, signatures = loaded + batch, [], []
-            if ids:
-                self._cache.add(shard, parse_ids(b"".join(ids)), self._signature_rows(b"".join(signatures)))
-                loaded += len(ids)
+            self._cache.reset(shard, int(generation or 0), (await self._shard_sizes())[shard])
+            async for ids, records in self._record_batches(shard, batch):
+                self._cache.add(shard, parse_ids(ids), self._signature_rows(records))
+                loaded += len(ids) // 8
         return loaded
 
     async def centroids(self) -> bytes | None:
@@ -366,7 +429,21 @@ class ShardedIndex:
         for shard in range(self._shards):
             keys += [*self.script_keys(shard), self.lease_key(shard)]
         used = await asyncio.gather(*(self._client.memory_usage(key) for key in keys))
-        return sum(int(u or 0) for u in used)
+        return sum(int(u or 0) for u in used) + await self._group_memory()
+
+    async def _group_memory(self) -> int:
+        """Bytes of the record groups, from ``MEMORY USAGE`` of up to
+        ``GROUP_SAMPLE`` of them a shard, scaled to all."""
+        total = 0
+        for shard in range(self._shards if self.groups else 0):
+            keys = self._group_keys(shard)
+            picked = np.random.default_rng().permutation(len(keys))[:GROUP_SAMPLE]
+            pipe = self._client.pipeline(transaction=False)
+            for at in picked.tolist():
+                pipe.memory_usage(keys[at])
+            used = [int(u or 0) for u in await pipe.execute()]
+            total += round(sum(used) * len(keys) / max(1, len(picked)))
+        return total
 
     async def sample_ids(self, count: int) -> IdArray:
         """About ``count`` distinct random ids, from each shard in proportion to its size."""
@@ -375,14 +452,24 @@ class ShardedIndex:
         if not total:
             return np.empty(0, np.int64)
         picked = await asyncio.gather(
-            *(
-                self._client.hrandfield(self.signature_key(s), -(-count * size // total))
-                for s, size in enumerate(sizes)
-                if size
-            )
+            *(self._random_fields(s, -(-count * size // total)) for s, size in enumerate(sizes) if size)
         )
-        ids = parse_ids(b"".join(i for shard in picked for i in shard or [] if isinstance(i, bytes)))
+        ids = parse_ids(b"".join(i for shard in picked for i in shard if isinstance(i, bytes)))
         return np.sort(np.random.default_rng().permutation(ids)[:count])
+
+    async def _random_fields(self, shard: int, count: int) -> list[bytes]:
+        """About ``count`` distinct random ids of a shard: HRANDFIELD of its
+        record hash, or of as many random record groups, a few from each."""
+        if not self.groups:
+            fields = await self._client.hrandfield(self.signature_key(shard), count)
+            return [f for f in fields or [] if isinstance(f, bytes)]
+        keys = self._group_keys(shard)
+        picked = np.random.default_rng().permutation(len(keys))[:count]
+        each = -(-count // max(1, len(picked)))
+        pipe = self._client.pipeline(transaction=False)
+        for at in picked.tolist():
+            pipe.hrandfield(keys[at], each)
+        return [field for fields in await pipe.execute() for field in fields or []]
 
     async def saved_tuning(self) -> bytes | None:
         return _bytes(await self._client.get(tuning_key(self._prefix)))
@@ -396,11 +483,40 @@ class ShardedIndex:
         await self._client.set(tuning_key(self._prefix), tuning)
 
     async def _shard_sizes(self) -> list[int]:
-        """Ids in each shard: the length of its signature hash."""
-        return list(await asyncio.gather(*(self._client.hlen(self.signature_key(s)) for s in range(self._shards))))
+        """Ids in each shard: the length of its record hash, or its id count."""
+        if not self._layout.grouped:
+            return list(await asyncio.gather(*(self._client.hlen(self.signature_key(s)) for s in range(self._shards))))
+        counts = await asyncio.gather(*(self._client.get(self.script_keys(s)[3]) for s in range(self._shards)))
+        return [int(c or 0) for c in counts]
 
     async def count(self) -> int:
         return sum(await self._shard_sizes())
+
+
+def groups_for(trained_for: int, shards: int) -> int:
+    """Record groups a shard: a power of two giving about ``RECORDS_PER_GROUP``
+    records each at the size the partition was fitted for, so an index can
+    grow to four times that (when ``stats()`` calls it outgrown) before a
+    group passes Redis's default listpack limit of 128 entries."""
+    wanted = max(1.0, trained_for / (RECORDS_PER_GROUP * shards))
+    return 1 << math.ceil(math.log2(wanted))
+
+
+def group_of(ids: IdArray, groups: int) -> npt.NDArray[np.int64]:
+    """Each id's record group, as ``_scripts._RECORD_KEY`` computes it."""
+    b = ids.astype("<i8").view(np.uint8).reshape(-1, 8).astype(np.int64)
+    h = b[:, 0] + 256 * b[:, 1] + 65536 * b[:, 2]
+    h = (h * 40503 + b[:, 3] + 256 * b[:, 4] + 65536 * b[:, 5]) % _MIX
+    h = (h * 40503 + b[:, 6] + 256 * b[:, 7]) % _MIX
+    h = (h * 10368889) % _MIX
+    group: npt.NDArray[np.int64] = (h * groups) // _MIX
+    return group
+
+
+RECORDS_PER_GROUP = 32
+#: Record groups whose ``MEMORY USAGE`` ``stats()`` reads, at most, a shard.
+GROUP_SAMPLE = 1_000
+_MIX = 1 << 24
 
 
 def packed_id(id_: int | np.integer[Any]) -> bytes:

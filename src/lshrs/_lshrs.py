@@ -266,19 +266,23 @@ class LSHRS:
             family = HyperplaneFamily(Bands(stored.num_bands, stored.rows_per_band), sketch)
         else:
             blob = await sharded.centroids()
-            family = None if blob is None else self._learned(blob, stored, sketch)
+            family = None if blob is None else self._learned(blob, stored, sketch, sharded)
         return await self._with_probes(_Opened(stored, family, sketch, sharded, None))
 
-    def _learned(self, blob: bytes, config: IndexConfig, projection: FloatArray) -> LearnedFamily:
+    def _learned(self, blob: bytes, config: IndexConfig, projection: FloatArray, index: ShardedIndex) -> LearnedFamily:
         """The trained family: the partition, then the codebooks (or, in an
-        index built before codes, the projection's SimHash)."""
+        index built before codes, the projection's SimHash). Sizes the
+        index's record groups from the partition."""
         try:
             if not config.code_bytes:
-                return LearnedFamily(Partition.from_bytes(blob, config.dim), projection)
-            partition, books = Partition.split(blob, config.dim)
-            return LearnedFamily(partition, ProductCodes.from_bytes(books, config.dim, config.code_bytes))
+                family = LearnedFamily(Partition.from_bytes(blob, config.dim), projection)
+            else:
+                partition, books = Partition.split(blob, config.dim)
+                family = LearnedFamily(partition, ProductCodes.from_bytes(books, config.dim, config.code_bytes))
         except ValueError as exc:
             raise ValueError(f"prefix {self._prefix!r}: {exc}; drop the index and build it again") from None
+        index.use_groups(family.partition.trained_for)
+        return family
 
     async def _with_probes(self, opened: _Opened) -> _Opened:
         """The probes in force: ``probes=``, else the saved tuning, else the family's default."""
@@ -338,7 +342,8 @@ class LSHRS:
             blob = await opened.sharded.centroids()
             if blob is None:
                 blob = await opened.sharded.save_centroids(await self._fit(opened.config, batch, report))
-            trained = await self._with_probes(opened._replace(family=self._learned(blob, opened.config, opened.sketch)))
+            family = self._learned(blob, opened.config, opened.sketch, opened.sharded)
+            trained = await self._with_probes(opened._replace(family=family))
             self._opened = trained
             return trained
 
@@ -614,6 +619,7 @@ class LSHRS:
                         gone = gone[~np.isin(gone, (await store.fetch(gone)).ids)]
                     removed = await index.delete(gone)
         strays = await index.remove_strays()
+        await index.recount()
         added, updated, unchanged, repaired = (int(c) for c in counts)
         return Reconciled(added, removed, updated, unchanged, repaired, strays)
 
@@ -1204,8 +1210,10 @@ def _sketch_bits(config: IndexConfig) -> int:
 
 
 def _layout(config: IndexConfig) -> Layout:
+    if config.hashing == "kmeans" and config.code_bytes:
+        return learned_layout(config.code_bytes, grouped=True)
     if config.hashing == "kmeans":
-        return learned_layout(config.code_bytes or config.sketch_bits // 8)
+        return learned_layout(config.sketch_bits // 8)
     return banded_layout(Bands(config.num_bands, config.rows_per_band))
 
 
