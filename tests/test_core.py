@@ -618,3 +618,17 @@ async def test_warm_in_batches_loads_every_signature(make_lsh: Any, raw_redis: A
         assert (await reader.query(vector, top_k=1))[0].id == i
     if backend == "redis":
         assert "cmdstat_hmget" not in await raw_redis.info("commandstats")
+
+
+async def test_a_reader_opened_before_the_build_finds_what_another_client_built(make_lsh: Any) -> None:
+    """A learned index is trained by its first write; a client that opened
+    the prefix before that adopts the partition at its next query, instead of
+    answering [] until it is reopened."""
+    reader = await make_lsh()
+    assert await reader.query(np.ones(32, np.float32)) == []  # empty, and (learned) untrained
+    base = clustered(600, 32)
+    writer = await make_lsh()
+    await writer.index(np.arange(600), base)
+    hits = await reader.query(base[5], top_k=1)
+    assert hits and hits[0].id == 5
+    assert await reader.count() == 600

@@ -379,7 +379,7 @@ class ShardedIndex:
             # Generation first: a write during the scan is logged after it, and
             # the next query evicts it from what this scan cached.
             generation = await self._client.get(self.script_keys(shard)[1])
-            self._cache.reset(shard, int(generation or 0), (await self._shard_sizes())[shard])
+            self._cache.reset(shard, int(generation or 0), await self._shard_size(shard))
             async for ids, records in self._record_batches(shard, batch):
                 self._cache.add(shard, parse_ids(ids), self._signature_rows(records))
                 loaded += len(ids) // 8
@@ -483,11 +483,13 @@ class ShardedIndex:
         await self._client.set(tuning_key(self._prefix), tuning)
 
     async def _shard_sizes(self) -> list[int]:
-        """Ids in each shard: the length of its record hash, or its id count."""
+        return list(await asyncio.gather(*(self._shard_size(s) for s in range(self._shards))))
+
+    async def _shard_size(self, shard: int) -> int:
+        """Ids in a shard: the length of its record hash, or its id count."""
         if not self._layout.grouped:
-            return list(await asyncio.gather(*(self._client.hlen(self.signature_key(s)) for s in range(self._shards))))
-        counts = await asyncio.gather(*(self._client.get(self.script_keys(s)[3]) for s in range(self._shards)))
-        return [int(c or 0) for c in counts]
+            return int(await self._client.hlen(self.signature_key(shard)))
+        return int(await self._client.get(self.script_keys(shard)[3]) or 0)
 
     async def count(self) -> int:
         return sum(await self._shard_sizes())

@@ -327,11 +327,14 @@ class LSHRS:
 
     # -- training ------------------------------------------------------------------
 
-    async def _trained(self, batch: FloatArray | None = None, report: ProgressCallback | None = None) -> _Opened:
+    async def _trained(
+        self, batch: FloatArray | None = None, report: ProgressCallback | None = None, fit: bool = True
+    ) -> _Opened:
         """The open index with a hash family: a learned index not trained yet
-        is fitted now, on ``batch`` if it is large enough, else on a random
-        sample of the store. Clients that train at once all adopt the first
-        partition stored."""
+        adopts the partition another client stored since this one opened, or
+        (``fit``) fits one now, on ``batch`` if it is large enough, else on a
+        random sample of the store. Clients that train at once all adopt the
+        first partition stored."""
         opened = await self._ready()
         if opened.family is not None:
             return opened
@@ -340,6 +343,8 @@ class LSHRS:
             if opened.family is not None:
                 return opened
             blob = await opened.sharded.centroids()
+            if blob is None and not fit:
+                return opened
             if blob is None:
                 blob = await opened.sharded.save_centroids(await self._fit(opened.config, batch, report))
             family = self._learned(blob, opened.config, opened.sketch, opened.sharded)
@@ -771,6 +776,8 @@ class LSHRS:
         await _filters.check(where, self._store)
         opened = await self._refreshed(await self._ready())
         matrix = as_vectors(vectors, opened.config.dim)
+        if opened.family is None:  # trained by another client since this one opened?
+            opened = await self._trained(fit=False)
         if opened.family is None or opened.probes is None or not len(matrix):  # nothing to find, or to ask
             return [[] for _ in matrix]
         # A query that asks for more neighbours reads more buckets: recall@100
