@@ -74,9 +74,12 @@ def test_stored_codebooks_round_trip_and_refuse_what_does_not_fit(codes: Product
     blob = codes.to_bytes()
     assert len(blob) == 16 + 4 * 16 * 256 * 3
     again = ProductCodes.from_bytes(blob, DIM, 16)
-    assert np.array_equal(again.codebooks, codes.codebooks)
+    assert np.array_equal(again.codebooks, codes.codebooks) and again.codebooks.dtype == np.float32
+    assert again.dim == DIM and again.to_bytes() == blob
     with pytest.raises(ValueError, match="code 48-d vectors in 16 bytes, the index 64-d in 16"):
         ProductCodes.from_bytes(blob, 64, 16)
+    with pytest.raises(ValueError, match="the index 47-d in 16"):  # slices of 3 either way: the dimension decides
+        ProductCodes.from_bytes(blob, 47, 16)
     with pytest.raises(ValueError, match="the index 48-d in 32"):
         ProductCodes.from_bytes(blob, DIM, 32)
     with pytest.raises(ValueError, match="have 49163 bytes, expected 49168"):
