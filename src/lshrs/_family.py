@@ -139,12 +139,12 @@ class LearnedFamily:
 
     def __init__(self, partition: Partition, sketch: ProductCodes | FloatArray) -> None:
         self.partition = partition
-        self._codes = sketch if isinstance(sketch, ProductCodes) else None
-        self._projection = None if isinstance(sketch, ProductCodes) else sketch
+        self._codes: ProductCodes | None = None
+        self._projection: FloatArray | None = None
         if isinstance(sketch, ProductCodes):  # records of 36 bytes fit Redis's compact listpacks
-            self.layout = learned_layout(sketch.parts, grouped=True)
+            self._codes, self.layout = sketch, learned_layout(sketch.parts, grouped=True)
         else:
-            self.layout = learned_layout(sketch.shape[1] // 8)
+            self._projection, self.layout = sketch, learned_layout(sketch.shape[1] // 8)
 
     def records(self, vectors: FloatArray) -> ByteArray:
         out = np.empty((len(vectors), self.layout.record_bytes), np.uint8)
@@ -229,7 +229,8 @@ def simhash_rerank(size: int) -> int:
     0.955 with 512 (a small corpus has sparser neighbourhoods, and fetching
     512 rows of a small table is cheap); at 100k, 0.969 with 256; at 1M
     (generated base), 0.944 with 256 and 0.963 with 1,024 at the same probes
-    (benchmarks/results/minilm-1M.md)."""
+    (the learned index's run before codes, ``benchmarks/results/minilm-1M.md``
+    in git history)."""
     if size < 50_000:
         return 512
     return round(256 * min(4.0, max(1.0, size / 250_000)))
