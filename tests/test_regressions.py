@@ -263,3 +263,19 @@ async def test_a_write_that_fails_leaves_nothing_running_behind_it(make_lsh: Any
     before = await records()
     await anyio.sleep(0.5)
     assert await records() == before
+
+
+async def test_a_cold_query_answers_without_an_id_whose_record_was_lost(make_lsh: Any, raw_redis: Any) -> None:
+    """Redis lost an id's record but not its bucket entry (a failover between
+    two writes' replication): a reader with a cold cache must answer without
+    that id, not fail every query near it until ``reconcile()`` runs."""
+    base = clustered(600, DIM, seed=12)
+    writer = await make_lsh()
+    await writer.index(np.arange(600), base)
+    index = (await writer._ready()).sharded
+    shard = 5 % writer.config.shards
+    assert await raw_redis.hdel(index.record_keys(shard, np.array([5]))[0], (5).to_bytes(8, "little", signed=True))
+    reader = await make_lsh()  # a cold cache: the query script returns the records
+    hits = await reader.query(base[5], top_k=5)
+    assert len(hits) == 5 and 5 not in {h.id for h in hits}
+    assert (await reader.query(base[6], top_k=1))[0].id == 6
