@@ -7,12 +7,14 @@ Every test that takes ``redis_url`` runs twice: on a single Redis and on a
 from __future__ import annotations
 
 import itertools
+import os
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import Phase, settings
 from pytest_redis import factories
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -22,6 +24,12 @@ from lshrs._index import group_of
 from servers import postgres, redis_cluster
 
 redis_proc = factories.redis_proc(port=None)
+
+# tests/breakages.py only needs a property test to fail, not its smallest
+# failing case: shrinking one took 3.5 of CI's minutes.
+settings.register_profile("no-shrink", phases=[Phase.explicit, Phase.reuse, Phase.generate])
+if os.environ.get("LSHRS_NO_SHRINK"):
+    settings.load_profile("no-shrink")
 
 #: The id a deleted id's change-log entries are overwritten with.
 TOMBSTONE = -(2**63)

@@ -18,6 +18,7 @@ import redis.exceptions
 
 from conftest import clustered, index_state
 from lshrs import LSHRS
+from lshrs._index import packed_id
 from lshrs.adapters import InMemoryStore, PostgresStore
 from servers import postgres, redis_server
 
@@ -278,3 +279,24 @@ async def test_a_release_that_failed_is_retried_until_it_lands() -> None:
             started = time.monotonic()
             await lsh.ingest(1, BASE[1] + 0.5)  # waits for the lease at most its 1 s timeout
             assert time.monotonic() - started < 1.0
+
+
+async def test_a_reconcile_waits_out_a_lease_that_an_ingest_gives_up_on(redis_url: str, raw_redis: Any) -> None:
+    """A lease nobody will release (its client crashed, or a failover kept the
+    lease and lost the release) holds its id until it lapses. An ingest has a
+    deadline and fails at it; a reconcile, the repair to run after such a
+    failure, waits for the lapse instead of failing on the client's timeout."""
+    async with LSHRS(dim=DIM, redis_url=redis_url, store=InMemoryStore(), prefix="orphan", timeout=0.5) as lsh:
+        await lsh.index(np.arange(1000), BASE[:1000])
+        index = lsh._opened.sharded  # type: ignore[union-attr]
+        orphan = np.array([7])
+        lapses_ms = int(time.time() * 1000) + 2500
+        await raw_redis.hset(index.lease_key(int(index.shard_of(orphan)[0])), packed_id(7), f"{lapses_ms}:gone")
+        with pytest.raises(TimeoutError):  # the id stays held past the call's deadline
+            await lsh.ingest(7, BASE[7] + 0.5)
+        started = time.monotonic()
+        report = await lsh.reconcile()
+        assert time.monotonic() - started > 1.0, "the reconcile did not wait for the lease"
+        assert (report.added, report.removed, report.unchanged) == (0, 0, 1000)
+        await lsh.ingest(7, BASE[7] + 0.5)  # lapsed: writable again
+        assert set(await index_state(raw_redis, lsh)) == set(range(1000))

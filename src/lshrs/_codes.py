@@ -41,8 +41,9 @@ CODE_BYTES = 32
 #: vectors' codes stays near a second.
 _FIT_ROWS = 16_384
 _ITERATIONS = 8
-#: Rows encoded at once: bounds the (rows x 256) score matrix of a slice.
-_CHUNK = 4096
+#: Rows encoded at once: bounds the (rows x 256) score matrix of a slice;
+#: 2,048 keeps it in cache (0.53 s a 100k rows, against 0.61 at 4,096).
+_CHUNK = 2048
 
 
 def code_bytes(dim: int) -> int:

@@ -396,16 +396,24 @@ class LSHRS:
         return family.records(vectors)
 
     @contextlib.asynccontextmanager
-    async def _leased(self, index: ShardedIndex, ids: npt.NDArray[np.int64]) -> AsyncIterator[None]:
+    async def _leased(
+        self, index: ShardedIndex, ids: npt.NDArray[np.int64], *, bulk: bool = False
+    ) -> AsyncIterator[None]:
         """Hold the write leases of ``ids`` (``_scripts.LEASE``) while a write
         touches both a store lshrs owns and the index; without such a store
-        there is one system to write and nothing to serialise."""
+        there is one system to write and nothing to serialise.
+
+        A ``bulk`` write (a build or a reconcile, which have no deadline) waits
+        out a lease until it lapses: one left by a crashed client, or one whose
+        release a failover lost (the promoted replica got the LEASE, not the
+        RELEASE), must delay a repair, not fail it."""
         if not isinstance(self._store, WritableStore):
             yield
             return
         token = secrets.token_hex(8).encode()
         loop = asyncio.get_running_loop()
-        patience = self._timeout if self._timeout is not None else _LEASE_MS / 1000
+        lapse = _LEASE_MS / 1000 + 1.0
+        patience = lapse if bulk or self._timeout is None else self._timeout
         deadline, pause = loop.time() + patience, 0.001
         try:
             while not await index.lease(ids, token, _LEASE_MS):
@@ -493,7 +501,7 @@ class LSHRS:
                 yield Rows(id_array[start:stop], matrix[start:stop], None if texts is None else texts[start:stop])
 
         async def write(rows: Rows, records: npt.NDArray[np.uint8]) -> None:
-            async with self._leased(opened.sharded, rows.ids):
+            async with self._leased(opened.sharded, rows.ids, bulk=True):
                 with _whole():
                     if isinstance(store, WritableStore):
                         await store.put(rows.ids, rows.vectors, rows.texts)
@@ -608,7 +616,7 @@ class LSHRS:
         async def write(rows: Rows, records: npt.NDArray[np.uint8]) -> None:
             nonlocal counts
             listed.append(rows.ids)
-            async with self._leased(index, rows.ids):
+            async with self._leased(index, rows.ids, bulk=True):
                 with _whole():
                     keep = await self._still_stored(store, rows.ids)
                     counts += await index.repair(rows.ids[keep], records[keep])
@@ -618,7 +626,7 @@ class LSHRS:
         gone = np.setdiff1d(await index.indexed_ids(), stored)
         removed = 0
         if len(gone):
-            async with self._leased(index, gone):
+            async with self._leased(index, gone, bulk=True):
                 with _whole():
                     if isinstance(store, WritableStore):  # unless written since the pass
                         gone = gone[~np.isin(gone, (await store.fetch(gone)).ids)]
@@ -642,7 +650,7 @@ class LSHRS:
         """Index rows read from the store. An owned store may have lost some of
         them to a delete since they were read: under the lease, only the ids it
         still holds are written, or the index would name a vector it lacks."""
-        async with self._leased(index, rows.ids):
+        async with self._leased(index, rows.ids, bulk=True):
             with _whole():
                 still = await self._still_stored(store, rows.ids)
                 await index.upsert(rows.ids[still], records[still])

