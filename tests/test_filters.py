@@ -294,3 +294,45 @@ async def test_an_id_filter_works_with_a_store_that_also_takes_conditions(table:
         assert len(hits) == 10 and all(language(h.id) == "de" for h in hits)
         by_set = await lsh.query(QUERIES[3], top_k=10, where={i for i in range(N) if i % 10 == 1})
         assert {h.id for h in by_set} == exact_filtered(QUERIES[3:4], np.arange(N) % 10 == 1, 10)[0]
+
+
+@pytest.mark.parametrize("hashing", ["kmeans", "hyperplane"])
+async def test_a_widening_query_reads_each_bucket_once(
+    redis_proc: Any, hashing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2% of the rows pass: the query widens several times, and each round
+    reads only the buckets the rounds before it did not; the hits still
+    pass and match exact filtered search."""
+    from lshrs._index import ShardedIndex
+
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/6"
+    n = 20_000
+    base = clustered(n + 10, DIM, seed=73)
+    read: list[bytes] = []
+    original = ShardedIndex.candidates
+
+    async def reading(self: ShardedIndex, probe_keys: bytes, cap: int) -> Any:
+        width = self.probe_key_width
+        read.extend(probe_keys[at : at + width] for at in range(0, len(probe_keys), width))
+        return await original(self, probe_keys, cap)
+
+    monkeypatch.setattr(ShardedIndex, "candidates", reading)
+    keep = np.arange(n) % 50 == 0
+    options: dict[str, Any] = {"hashing": hashing, "rerank": 64, "store": InMemoryStore()}
+    async with LSHRS(dim=DIM, redis_url=url, prefix=f"once-{hashing}", **options) as lsh:
+        await lsh.drop()
+        await lsh.index(np.arange(n), base[:n])
+        rounds, found = [], []
+        for query in base[n:]:
+            read.clear()
+            hits = await lsh.query(query, top_k=10, where=lambda ids: ids % 50 == 0)
+            assert len(read) == len(set(read)), "a bucket was read twice"
+            rounds.append(len(read))
+            found.append({h.id for h in hits})
+            assert all(h.id % 50 == 0 for h in hits)
+        assert min(rounds) > lsh._opened.probes  # type: ignore[union-attr]  # every query widened
+        unit = base / np.linalg.norm(base, axis=1, keepdims=True)
+        passing = np.flatnonzero(keep)
+        truth = [set(passing[np.argsort(-(unit[passing] @ q))[:10]].tolist()) for q in unit[n:]]
+        assert np.mean([len(f & t) / 10 for f, t in zip(found, truth)]) >= 0.9
+        await lsh.drop()

@@ -76,7 +76,7 @@ class Checks:
         # A Hamming distance is at most the sketch's bits: a radix sort on 16 bits.
         key = distance.astype(np.uint16) if distance.dtype.kind == "i" else distance
         self._order = np.argsort(key, kind="stable")
-        self._candidates = candidates
+        self.candidates = candidates
         self.ids = candidates.ids[self._order]
         self._distance = distance[self._order]
         self._verdict = np.full(len(self.ids), -1, np.int8)  # -1 not asked, 0 failed, 1 passed
@@ -113,7 +113,7 @@ class Checks:
         return asked, int(np.count_nonzero(self._verdict == 1)), asked == len(self.ids)
 
     def passed(self) -> Candidates:
-        return self._candidates.only(self._order[self._verdict == 1])
+        return self.candidates.only(self._order[self._verdict == 1])
 
 
 async def few_enough(where: object, store: VectorStore, most: int) -> Rows | None:

@@ -38,6 +38,13 @@ class Candidates:
         """The candidates a mask keeps, or those at the given positions, in their order."""
         return Candidates(self.ids[keep], self.signatures[keep])
 
+    def plus(self, more: Candidates) -> Candidates:
+        """These and ``more``, each id once (banded buckets name an id in
+        several tables)."""
+        ids = np.concatenate([self.ids, more.ids])
+        _, first = np.unique(ids, return_index=True)
+        return Candidates(ids[first], np.concatenate([self.signatures, more.signatures])[first])
+
 
 def meta_keys(prefix: str) -> tuple[str, str]:
     """Configuration and projection keys; one hash tag, so one script sees both."""
@@ -303,10 +310,18 @@ class ShardedIndex:
         """Remove every bucket membership and the signature; returns how many existed."""
         return await self._per_shard(ids, self._delete)
 
+    @property
+    def probe_key_width(self) -> int:
+        """Bytes of one bucket suffix in a plan: the table byte, then the key."""
+        return 1 + self._layout.key_bytes
+
     async def candidates(self, probe_keys: bytes, cap: int) -> Candidates:
         """Ids in the probed buckets (``probe_keys``: fixed-width bucket suffixes,
         concatenated) with their signatures: one script per shard,
-        all shards at once; a second round trip only for signatures not cached."""
+        all shards at once; a second round trip only for signatures not cached.
+        No buckets, no round trip."""
+        if not probe_keys:
+            return Candidates(np.empty(0, np.int64), np.empty((0, self._layout.record_bytes), np.uint8))
         found = await together([self._shard_candidates(s, probe_keys, cap) for s in range(self._shards)])
         return Candidates(np.concatenate([c.ids for c in found]), np.concatenate([c.signatures for c in found]))
 
@@ -323,7 +338,7 @@ class ShardedIndex:
         args: list[bytes | int] = [
             self.bucket_base(shard),
             int(cold),
-            1 + self._layout.key_bytes,
+            self.probe_key_width,
             probe_keys,
             -1 if known is None else known,
             cap,

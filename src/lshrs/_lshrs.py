@@ -875,9 +875,12 @@ class LSHRS:
         return hits, [len(candidates.ids) for candidates in found]
 
     async def _candidates(
-        self, opened: _Opened, matrix: FloatArray, probes: int
+        self, opened: _Opened, matrix: FloatArray, probes: int, unread: Sequence[tuple[set[bytes], int]] | None = None
     ) -> tuple[npt.NDArray[np.uint8], list[Candidates]]:
-        """The queries' sketch records and their candidates from ``probes`` buckets."""
+        """The queries' sketch records and their candidates from ``probes``
+        buckets. With ``unread`` (a query's bucket suffixes read before, which
+        gains those read now, and how many more candidates it may take), only
+        from the buckets not read yet."""
         family, index = opened.family, opened.sharded
         assert family is not None
         unit = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
@@ -886,7 +889,11 @@ class LSHRS:
             keys = await anyio.to_thread.run_sync(family.plan, unit, probes)
         else:
             records, keys = family.sketches(unit), family.plan(unit, probes)
-        found = await together([index.candidates(k, self._max_candidates) for k in keys])
+        caps = [self._max_candidates] * len(keys)
+        if unread is not None:
+            keys = [_unread(k, seen, index.probe_key_width) for k, (seen, _) in zip(keys, unread)]
+            caps = [cap for _, cap in unread]
+        found = await together([index.candidates(k, cap) for k, cap in zip(keys, caps)])
         return records, found
 
     async def _filtered(
@@ -903,7 +910,8 @@ class LSHRS:
         it would see were all of them checked."""
         family = opened.family
         assert family is not None
-        records, found = await self._candidates(opened, matrix, probes)
+        read: list[set[bytes]] = [set() for _ in matrix]  # each query's buckets read so far
+        records, found = await self._candidates(opened, matrix, probes, [(seen, self._max_candidates) for seen in read])
         checks = [_filters.Checks(c, family.distances(c.signatures, r), None) for c, r in zip(found, records)]
         scales, done = [1.0] * len(matrix), [False] * len(matrix)
         while True:
@@ -920,8 +928,13 @@ class LSHRS:
                     wider[i] = want
             for scale in sorted(set(wider.values())):
                 again = [i for i, want in wider.items() if want == scale]
-                _, more = await self._candidates(opened, matrix[again], math.ceil(probes * scale))
-                for i, candidates in zip(again, more):
+                # Only the buckets not read yet: a round at 10% passing read
+                # each query's nearest buckets up to five times over.
+                wider_probes = math.ceil(probes * scale)
+                room = [(read[i], self._max_candidates - len(checks[i].ids)) for i in again]
+                _, more = await self._candidates(opened, matrix[again], wider_probes, room)
+                for i, fresh in zip(again, more):
+                    candidates = checks[i].candidates.plus(fresh)
                     # No new candidates, or the cap reached: reading more cannot help.
                     done[i] = len(candidates.ids) <= len(checks[i].ids) or len(candidates.ids) >= self._max_candidates
                     distance = family.distances(candidates.signatures, records[i])
@@ -1161,6 +1174,13 @@ async def _release_until_done(index: ShardedIndex, ids: npt.NDArray[np.int64], t
                 raise
             await asyncio.sleep(pause)
             pause = min(2 * pause, 1.0)
+
+
+def _unread(plan: bytes, read: set[bytes], width: int) -> bytes:
+    """The bucket suffixes of ``plan`` not in ``read``, which gains them."""
+    fresh = [key for key in (plan[at : at + width] for at in range(0, len(plan), width)) if key not in read]
+    read.update(fresh)
+    return b"".join(fresh)
 
 
 def _whole() -> anyio.CancelScope:
