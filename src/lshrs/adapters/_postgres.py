@@ -134,16 +134,19 @@ class PostgresStore:
         in one round trip of ids only. Where the planner expects fewer rows to
         pass than there are ``ids``, every passing id is read instead (an
         index on the filtered column serves it): looking up 50,000 candidate
-        ids one by one took 110-130 ms at 100k rows."""
+        ids one by one took 110-130 ms at 100k rows. The lookup by ids needs
+        no plan for the values (the primary key serves it whatever they
+        are), so it runs outside the transaction that forces one: three round
+        trips fewer a call."""
         condition, params = _condition(where)
         everything = f"SELECT {self._id_sql} FROM {self._table_sql}{self._passing_only(condition)}"
-        async with self._planned_for_values() as conn:
-            if await self._expected_rows(conn, everything, params) < len(ids):
+        if await self._expected_rows(everything, params) < len(ids):
+            async with self._planned_for_values() as conn:
                 records = await conn.fetch(everything, [], *params)
-                found = np.fromiter((r[0] for r in records), dtype=np.int64, count=len(records))
-                return np.intersect1d(ids, found)
-            query = f"SELECT {self._id_sql} FROM {self._table_sql}{self._where_ids} AND ({condition})"
-            records = await conn.fetch(query, ids.tolist(), *params)
+            found = np.fromiter((r[0] for r in records), dtype=np.int64, count=len(records))
+            return np.intersect1d(ids, found)
+        query = f"SELECT {self._id_sql} FROM {self._table_sql}{self._where_ids} AND ({condition})"
+        records = await (await self._ready()).fetch(query, ids.tolist(), *params)
         return np.fromiter((r[0] for r in records), dtype=np.int64, count=len(records))
 
     async def passing_rows(self, where: Any, most: int) -> Rows | None:
@@ -153,9 +156,9 @@ class PostgresStore:
         stale); the query then searches the index."""
         condition, params = _condition(where)
         query = self._select.format(vec=self._send()) + self._passing_only(condition)
+        if await self._expected_rows(query, params) > most:
+            return None
         async with self._planned_for_values() as conn:
-            if await self._expected_rows(conn, query, params) > most:
-                return None
             records = await conn.fetch(f"{query} LIMIT {int(most) + 1}", [], *params)
         return None if len(records) > most else self._rows(records)
 
@@ -176,14 +179,16 @@ class PostgresStore:
             await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
             yield conn
 
-    async def _expected_rows(self, conn: asyncpg.Connection, query: str, params: tuple[Any, ...]) -> float:
-        """The planner's row estimate for ``query``, kept per condition and values."""
+    async def _expected_rows(self, query: str, params: tuple[Any, ...]) -> float:
+        """The planner's row estimate for ``query``, kept per condition and
+        values: a filter used again costs no round trip to decide its path."""
         key = (query, params)
         try:
             return self._estimates[key]
         except (KeyError, TypeError):  # not seen, or unhashable values: ask
             pass
-        plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}", [], *params)
+        async with self._planned_for_values() as conn:
+            plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}", [], *params)
         rows = float(json.loads(plan)[0]["Plan"]["Plan Rows"])
         with contextlib.suppress(TypeError):
             if len(self._estimates) >= 1024:
