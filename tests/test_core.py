@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from typing import Any
 
 import numpy as np
@@ -264,6 +265,45 @@ async def test_queries_take_one_round_trip_cold_or_warm(make_lsh: Any, raw_redis
         stats = await raw_redis.info("commandstats")
         assert stats["cmdstat_evalsha"]["calls"] == 5
         assert "cmdstat_hmget" not in stats and "cmdstat_hget" not in stats
+
+
+async def test_a_client_queries_its_own_build_warm_unless_another_wrote_meanwhile(
+    make_lsh: Any, redis_url: str, shards: int, hashing: str
+) -> None:
+    """The records a build cached stay cached: its client's first query sends
+    the warm script (bucket ids only). A build that another client wrote
+    into between two of its batches must not vouch for its cached records:
+    the first query then reads them afresh and finds the other's write."""
+    base = clustered(3000, 32, seed=5)
+    builder = await make_lsh(batch_size=500)
+    await builder.index(np.arange(3000), base)
+    index = (await builder._ready()).sharded
+    cold: list[int] = []
+    query = index._query
+
+    async def spied(keys: Any, args: Any) -> Any:
+        cold.append(int(args[1]))
+        return await query(keys=keys, args=args)
+
+    index._query = spied  # type: ignore[method-assign]
+    assert_found_itself(await builder.query(base[7], top_k=1), 7)
+    assert cold and not any(cold), "the first query after the client's own build ran cold"
+
+    moved = -base[100]
+
+    def another_client_writes() -> None:
+        async def write() -> None:
+            options = {"expected_size": 10_000, "shards": shards, "hashing": hashing}
+            async with LSHRS(dim=32, redis_url=redis_url, prefix="raced", **options) as other:
+                await other.ingest(100, moved)
+
+        thread = threading.Thread(target=lambda: asyncio.run(write()))
+        thread.start()
+        thread.join()  # the builder's event loop waits: its next batch comes after this write
+
+    raced = await make_lsh(batch_size=500, prefix="raced")
+    await raced.index(np.arange(3000), base, progress=lambda done, _: done == 500 and another_client_writes())
+    assert_found_itself(await raced.query(moved, top_k=1), 100)
 
 
 async def test_warm_loads_every_signature_and_still_follows_writes(make_lsh: Any) -> None:

@@ -12,6 +12,9 @@ only cost a refetch, never a wrong answer.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import numpy as np
 import numpy.typing as npt
 
@@ -96,6 +99,50 @@ class _Shard:
         self.recent.evict(ids)
 
 
+@dataclass
+class _Span:
+    """One shard's part of a :class:`WriteChain`."""
+
+    logged: int = 0  # ids its scripts logged, each one step of the generation
+    first: int | None = None  # the generation before its earliest script
+    last: int = 0  # the generation after its latest script
+    size: int = 0  # the shard's ids after that script
+    cached: int = 0  # entries it put in the cache
+
+    @property
+    def unbroken(self) -> bool:
+        """Every step of the generation from ``first`` to ``last`` was its own."""
+        return self.first is not None and self.last - self.first == self.logged
+
+
+class WriteChain:
+    """What one write (a build, an ingest) did to the shards whose cache had
+    no generation when it began, and which it emptied then. Where nobody
+    else wrote to such a shard between its first and last script, the
+    entries it cached are current as of its last one, and the cache claims
+    that generation: the client's first queries after its own build run warm
+    instead of dropping the shard at the first reply (a 198-probe read: 11.7
+    ms cold, 3.9 warm)."""
+
+    def __init__(self, shards: Iterable[int]) -> None:
+        self.spans = {shard: _Span() for shard in shards}
+
+    def scripted(self, shard: int, logged: int, generation: int, size: int) -> None:
+        """A script's reply: ``logged`` ids, leaving the shard at ``generation`` with ``size`` ids."""
+        span = self.spans.get(shard)
+        if span is None:
+            return
+        span.logged += logged
+        before = generation - logged
+        span.first = before if span.first is None else min(span.first, before)
+        if generation >= span.last:
+            span.last, span.size = generation, size
+
+    def cached(self, shard: int, count: int) -> None:
+        if shard in self.spans:
+            self.spans[shard].cached += count
+
+
 class SignatureCache:
     """At most ``capacity`` signatures per shard. A full shard keeps what it
     holds and admits no more: queries land on random ids, so any fixed subset
@@ -143,13 +190,34 @@ class SignatureCache:
         """Forget the shard, now at ``generation``: what is added next is current."""
         self._shards[shard] = _Shard(self._width, generation, shard_size)
 
-    def add(self, shard: int, ids: IdArray, signatures: ByteArray) -> None:
+    def add(self, shard: int, ids: IdArray, signatures: ByteArray) -> int:
+        """Cache what fits; returns how many entries that was."""
         if self._capacity <= 0 or not len(ids):
-            return
+            return 0
         cached = self._shards[shard]
         room = self._capacity - len(cached)
-        if room > 0:
-            cached.pending.append((ids[:room].copy(), signatures[:room].copy()))
+        if room <= 0:
+            return 0
+        cached.pending.append((ids[:room].copy(), signatures[:room].copy()))
+        return min(room, len(ids))
+
+    def begin(self) -> WriteChain:
+        """A write's chain over the shards with no generation, emptied now:
+        what they held was never checked against Redis, and a query's first
+        reply would drop it anyway."""
+        fresh = [shard for shard, cached in enumerate(self._shards) if cached.generation is None]
+        for shard in fresh:
+            self._shards[shard] = _Shard(self._width)
+        return WriteChain(fresh)
+
+    def claim(self, chain: WriteChain) -> None:
+        """Claim each unbroken span's last generation for a shard that still
+        holds only that write's entries (no query reply, no other write in
+        this process added any since it began)."""
+        for shard, span in chain.spans.items():
+            cached = self._shards[shard]
+            if span.unbroken and cached.generation is None and len(cached) == span.cached:
+                cached.generation, cached.shard_size = span.last, span.size
 
     def indexed(self) -> int:
         """Ids in the index, as the shards' latest query replies reported them."""

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from . import _scripts
-from ._cache import SignatureCache
+from ._cache import SignatureCache, WriteChain
 from ._family import Layout
 
 Client = Redis | RedisCluster
@@ -165,7 +165,9 @@ class ShardedIndex:
         ]
         return sum(int(r) for r in await together(calls))
 
-    def _record_calls(self, script: Any, ids: IdArray, signatures: ByteArray) -> list[Any]:
+    def _record_calls(
+        self, script: Any, ids: IdArray, signatures: ByteArray, chunks: Sequence[tuple[int, IdArray]] | None = None
+    ) -> list[Any]:
         """``script`` over ``ids`` and their records in chunks, two blobs a
         chunk (``_scripts._RECORDS``), not yet awaited."""
         return [
@@ -174,14 +176,16 @@ class ShardedIndex:
                 self.script_keys(shard),
                 [*self._static_args(shard), ids[chunk].astype("<i8").tobytes(), signatures[chunk].tobytes()],
             )
-            for shard, chunk in self._chunks(ids)
+            for shard, chunk in (self._chunks(ids) if chunks is None else chunks)
         ]
 
-    def _cache_records(self, ids: IdArray, signatures: ByteArray) -> None:
+    def _cache_records(self, ids: IdArray, signatures: ByteArray, chain: WriteChain | None = None) -> None:
         shard_of = self.shard_of(ids)
         for shard in range(self._shards):
             rows = shard_of == shard
-            self._cache.add(shard, ids[rows], signatures[rows])
+            added = self._cache.add(shard, ids[rows], signatures[rows])
+            if chain is not None:
+                chain.cached(shard, added)
 
     def lease_key(self, shard: int) -> str:
         return f"{{{self._prefix}:{shard}}}:k"
@@ -212,10 +216,23 @@ class ShardedIndex:
         async with self._writes_in_flight:
             return await script(keys=keys, args=args)
 
-    async def upsert(self, ids: IdArray, signatures: ByteArray) -> int:
+    def begin_writes(self) -> WriteChain:
+        """Start a write whose replies may let the cache claim a generation (:class:`WriteChain`)."""
+        return self._cache.begin()
+
+    def end_writes(self, chain: WriteChain) -> None:
+        self._cache.claim(chain)
+
+    async def upsert(self, ids: IdArray, signatures: ByteArray, chain: WriteChain | None = None) -> int:
         """Insert or replace; returns how many ids changed (same record: no-op)."""
-        changed = sum(int(r) for r in await together(self._record_calls(self._upsert, ids, signatures)))
-        self._cache_records(ids, signatures)
+        chunks = self._chunks(ids)
+        replies = await together(self._record_calls(self._upsert, ids, signatures, chunks))
+        changed = 0
+        for (shard, _), (logged, generation, size) in zip(chunks, replies):
+            changed += int(logged)
+            if chain is not None:
+                chain.scripted(shard, int(logged), int(generation), int(size))
+        self._cache_records(ids, signatures, chain)
         return changed
 
     async def repair(self, ids: IdArray, signatures: ByteArray) -> npt.NDArray[np.int64]:

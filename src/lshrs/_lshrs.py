@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from . import _filters, _progress, _scripts
 from ._admission import Admission, Call, check_timeout, deadline
+from ._cache import WriteChain
 from ._coalesce import Coalescer
 from ._codes import ProductCodes, code_bytes, fit_codes
 from ._config import HASHINGS, IndexConfig, check_prefix, choose_bands, choose_rows
@@ -494,6 +495,7 @@ class LSHRS:
         check_batch(id_array, matrix, texts)
         opened = await self._refreshed(await self._trained(matrix, report))
         store = self._store
+        chain = opened.sharded.begin_writes()
 
         async def batches() -> AsyncIterator[Rows]:
             for start in range(0, len(id_array), self._batch_size):
@@ -505,27 +507,33 @@ class LSHRS:
                 with _whole():
                     if isinstance(store, WritableStore):
                         await store.put(rows.ids, rows.vectors, rows.texts)
-                    await opened.sharded.upsert(rows.ids, records)
+                    await opened.sharded.upsert(rows.ids, records, chain)
 
         if len(id_array) > self._batch_size:
-            return await self._stream(batches(), len(id_array), opened, write, report, resume)
-        # One batch (an ingest): nothing to overlap, and no task between the
-        # shielded write and the caller, so a write that completed returns.
-        rows, records = await self._hashed(opened, Rows(id_array, matrix, texts), resume)
-        if len(rows):
-            await write(rows, records)
-        if report:
-            report(len(id_array), len(id_array))
-        return len(id_array)
+            done = await self._stream(batches(), len(id_array), opened, write, report, resume)
+        else:
+            # One batch (an ingest): nothing to overlap, and no task between the
+            # shielded write and the caller, so a write that completed returns.
+            rows, records = await self._hashed(opened, Rows(id_array, matrix, texts), resume)
+            if len(rows):
+                await write(rows, records)
+            if report:
+                report(len(id_array), len(id_array))
+            done = len(id_array)
+        opened.sharded.end_writes(chain)
+        return done
 
     async def _index_store(self, report: ProgressCallback | None, resume: bool) -> int:
         store = self._require_store("index() with no arguments")
         opened = await self._trained(None, report)
+        chain = opened.sharded.begin_writes()
 
         async def write(rows: Rows, records: npt.NDArray[np.uint8]) -> None:
-            await self._write_read_rows(store, opened.sharded, rows, records)
+            await self._write_read_rows(store, opened.sharded, rows, records, chain)
 
-        return await self._stream(store.batches(self._batch_size), await store.count(), opened, write, report, resume)
+        done = await self._stream(store.batches(self._batch_size), await store.count(), opened, write, report, resume)
+        opened.sharded.end_writes(chain)
+        return done
 
     async def _stream(
         self,
@@ -645,7 +653,7 @@ class LSHRS:
         return np.ones(len(ids), dtype=bool)
 
     async def _write_read_rows(
-        self, store: VectorStore, index: ShardedIndex, rows: Rows, records: npt.NDArray[np.uint8]
+        self, store: VectorStore, index: ShardedIndex, rows: Rows, records: npt.NDArray[np.uint8], chain: WriteChain
     ) -> None:
         """Index rows read from the store. An owned store may have lost some of
         them to a delete since they were read: under the lease, only the ids it
@@ -653,7 +661,7 @@ class LSHRS:
         async with self._leased(index, rows.ids, bulk=True):
             with _whole():
                 still = await self._still_stored(store, rows.ids)
-                await index.upsert(rows.ids[still], records[still])
+                await index.upsert(rows.ids[still], records[still], chain)
 
     async def ingest(
         self, id: int, vector: Any = None, *, text: str | None = None, timeout: float | None = None

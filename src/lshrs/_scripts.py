@@ -103,7 +103,8 @@ end
 # id count. ARGV: bucket key base, bytes per band, bands, groups, then ids and
 # records (_RECORDS). An id's record is written last: it is the mark that the
 # id is fully in. A replaced id leaves only the buckets of bands whose value
-# changed.
+# changed. Returns {ids logged, the generation after, the shard's ids}: the
+# writer's cache learns whether its scripts alone moved the generation.
 UPSERT = (
     _RECORD_KEY
     + _REMOVE
@@ -138,7 +139,7 @@ for id, sig in records(ARGV[5], ARGV[6]) do
 end
 log_changes(logged)
 counted(added)
-return #logged
+return {#logged, tonumber(redis.call('GET', KEYS[2]) or '0'), size()}
 """
 )
 
