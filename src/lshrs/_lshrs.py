@@ -471,7 +471,7 @@ class LSHRS:
         if not isinstance(resume, bool):
             raise TypeError(f"resume must be True or False, got {resume!r}")
         with deadline(timeout, "index()"), _progress.reporting(self._progress_of(progress), "index") as report:
-            return await self._index(ids, vectors, texts, report, resume)
+            return await self._index(ids, vectors, texts, report, resume, bulk=True)
 
     def _progress_of(self, progress: object) -> _progress.Setting:
         """A call's progress setting: its own ``progress=``, else the client's."""
@@ -484,7 +484,12 @@ class LSHRS:
         texts: Sequence[str | None] | None,
         report: ProgressCallback | None,
         resume: bool,
+        *,
+        bulk: bool,
     ) -> int:
+        """Write ``ids`` to the store (if lshrs owns it) and the index; ``bulk``
+        (``index()``, no deadline) waits out a held lease (``_leased``), an
+        ingest only up to its timeout."""
         config = (await self._ready()).config
         if ids is None and vectors is None:
             return await self._index_store(report, resume)
@@ -503,7 +508,7 @@ class LSHRS:
                 yield Rows(id_array[start:stop], matrix[start:stop], None if texts is None else texts[start:stop])
 
         async def write(rows: Rows, records: npt.NDArray[np.uint8]) -> None:
-            async with self._leased(opened.sharded, rows.ids, bulk=True):
+            async with self._leased(opened.sharded, rows.ids, bulk=bulk):
                 with _whole():
                     if isinstance(store, WritableStore):
                         await store.put(rows.ids, rows.vectors, rows.texts)
@@ -680,7 +685,7 @@ class LSHRS:
                 vector = await self._stored_vector(self._store, ids[0], vector)
             elif vector is None:
                 raise TypeError("ingest() needs the vector: lshrs writes this store (or there is none)")
-            await self._index(ids, vector, None if text is None else [text], None, False)
+            await self._index(ids, vector, None if text is None else [text], None, False, bulk=False)
 
     async def _stored_vector(self, store: VectorStore, id_: int, given: Any) -> FloatArray:
         rows = await store.fetch(np.array([id_], dtype=np.int64))
