@@ -1,7 +1,8 @@
 """Break the code on purpose, one way at a time, and check that the test
 guarding it fails: ``nox -s breakages``. Each breakage once passed the whole
-suite (issue 16's audit) or guards a promise the README makes. The source
-file is restored after each run, also when the run is interrupted.
+suite (issue 16's audit) or guards a promise the README makes. Breakages
+are made in copies of ``src/``, two at a time (``LSHRS_BREAKAGE_WORKERS``),
+so the checkout itself is never modified.
 
 Exits non-zero if any breakage survives its test.
 """
@@ -9,8 +10,12 @@ Exits non-zero if any breakage survives its test.
 from __future__ import annotations
 
 import os
+import queue
+import shutil
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,28 +176,44 @@ BREAKAGES = [
 
 
 def main() -> int:
-    survived = []
-    for name, path, text, broken, tests in BREAKAGES:
-        source = ROOT / path
-        original = source.read_text()
-        if text not in original:
-            print(f"{name}: the text to break is gone from {path}: update tests/breakages.py")
-            survived.append(name)
-            continue
-        source.write_text(original.replace(text, broken, 1))
-        try:
-            command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
-            command += [f"tests/{tests.split()[0]}", *tests.split()[1:]]
-            env = {**os.environ, "LSHRS_NO_SHRINK": "1"}  # a failure is enough; shrinking it is slow
-            run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-        finally:
-            source.write_text(original)
-        verdict = "caught" if run.returncode == 1 else "SURVIVED" if run.returncode == 0 else f"error {run.returncode}"
-        print(f"{verdict:9} {name}  ({tests})", flush=True)
-        if run.returncode != 1:
-            survived.append(name)
-    print(f"{len(BREAKAGES) - len(survived)} of {len(BREAKAGES)} breakages caught")
-    return 1 if survived else 0
+    workers = int(os.environ.get("LSHRS_BREAKAGE_WORKERS", "2"))
+    with tempfile.TemporaryDirectory(prefix="lshrs-breakages-") as scratch:
+        # Each worker breaks its own copy of src/, imported ahead of the
+        # installed package through PYTHONPATH: two breakages run at once
+        # (most of a test's time is waiting on servers) and the checkout is
+        # never modified.
+        copies: queue.Queue[Path] = queue.Queue()
+        for worker in range(workers):
+            copy = Path(scratch) / str(worker)
+            shutil.copytree(ROOT / "src", copy / "src")
+            copies.put(copy)
+
+        def check(breakage: tuple[str, str, str, str, str]) -> bool:
+            name, path, text, broken, tests = breakage
+            original = (ROOT / path).read_text()
+            if text not in original:
+                print(f"{name}: the text to break is gone from {path}: update tests/breakages.py", flush=True)
+                return False
+            copy = copies.get()
+            try:
+                (copy / path).write_text(original.replace(text, broken, 1))
+                command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+                command += [f"tests/{tests.split()[0]}", *tests.split()[1:]]
+                # A failure is enough; shrinking a property test's failure is slow.
+                env = {**os.environ, "LSHRS_NO_SHRINK": "1", "PYTHONPATH": str(copy / "src")}
+                run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+            finally:
+                (copy / path).write_text(original)
+                copies.put(copy)
+            code = run.returncode
+            verdict = "caught" if code == 1 else "SURVIVED" if code == 0 else f"error {code}"
+            print(f"{verdict:9} {name}  ({tests})", flush=True)
+            return code == 1
+
+        with ThreadPoolExecutor(workers) as pool:
+            caught = list(pool.map(check, BREAKAGES))
+    print(f"{sum(caught)} of {len(BREAKAGES)} breakages caught")
+    return 0 if all(caught) else 1
 
 
 if __name__ == "__main__":
