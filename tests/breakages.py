@@ -172,6 +172,14 @@ BREAKAGES = [
     ("a cold query fails on a bucket id without a record", "src/lshrs/_scripts.py",
      "    if sig then kept[#kept + 1] = ids[i]; sigs[#sigs + 1] = sig end",
      "    kept[#kept + 1] = ids[i]; sigs[#sigs + 1] = sig", "test_regressions.py -k record_was_lost"),
+    ("a large partition opens groups by the wrong rule", "src/lshrs/_partition.py",
+     "probes * len(self.coarse) / self.buckets)", "probes * len(self.coarse) * self.buckets)",
+     "test_partition.py -k best_children"),
+    ("the memory store's id array misses a moved row", "src/lshrs/adapters/_memory.py",
+     "                    self._row_at[moved] = row", "                    pass",
+     "test_stores.py -k order_asked"),
+    ("a learned index reads the square root's buckets past 256", "src/lshrs/_family.py",
+     "            PROBE_CEILING,\n", "", "test_partition.py -k between_128_and_256"),
 ]  # fmt: skip
 
 

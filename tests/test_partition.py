@@ -33,6 +33,8 @@ def test_a_stored_partition_is_int8_and_assigns_as_fitted(fitted: Partition) -> 
     rows = np.arange(len(UNIT))
     lost = fitted_scores[rows, fitted.assign(UNIT)] - fitted_scores[rows, stored.assign(UNIT)]
     assert lost.max() <= 0.005
+    with pytest.raises(ValueError, match=f"have {len(blob) + 1} bytes, expected {len(blob)}"):
+        Partition.from_bytes(blob + b"\0", DIM)  # what a longer key holds is not a partition
 
 
 def test_a_float16_partition_of_an_earlier_version_still_opens(fitted: Partition) -> None:
@@ -49,3 +51,51 @@ def test_a_float16_partition_of_an_earlier_version_still_opens(fitted: Partition
     assert (old.assign(UNIT) == fitted.assign(UNIT)).mean() >= 0.99
     with pytest.raises(ValueError, match="expected"):
         Partition.from_bytes(blob[:-1], DIM)
+
+
+@pytest.mark.parametrize(
+    ("min_opened", "probes", "groups"),
+    [
+        (1, 20, 6),  # ceil(4 * 20 probes * 16 groups / 251 buckets) groups opened
+        (8, 4, 8),  # too few wanted: the floor
+        (1, 100, 16),  # more wanted than there are: every group
+    ],
+)
+def test_a_large_partition_probes_the_best_children_of_its_nearest_groups(
+    fitted: Partition, monkeypatch: pytest.MonkeyPatch, min_opened: int, probes: int, groups: int
+) -> None:
+    """Past ``FLAT_PROBE`` buckets a query scores only the children of its
+    nearest coarse groups (the path of every index of more than 262,144
+    vectors, which no other test reaches)."""
+    from lshrs import _partition
+
+    monkeypatch.setattr(_partition, "FLAT_PROBE", 0)
+    monkeypatch.setattr(_partition, "_MIN_OPENED", min_opened)
+    assert len(fitted.coarse) == 16 and fitted.buckets == 251
+    queries = clustered(40, DIM, centers=40, seed=12)
+    narrower = 0
+    for query, probed in zip(queries, fitted.probe_many(queries, probes)):
+        nearest_groups = np.argsort(-(fitted.coarse @ query), kind="stable")[:groups]
+        children = np.concatenate([np.arange(fitted.starts[g], fitted.starts[g + 1]) for g in nearest_groups])
+        scores = fitted.fine[children] @ query
+        expected = children[np.argsort(-scores, kind="stable")[:probes]]
+        assert probed.tolist() == expected.tolist()
+        flat = np.argsort(-(fitted.fine @ query), kind="stable")[:probes]
+        narrower += set(flat.tolist()) != set(expected.tolist())
+    # Opening fewer groups than all must change some answers, or this test
+    # could not tell how many were opened.
+    assert (narrower > 0) == (groups < len(fitted.coarse))
+
+
+@pytest.mark.parametrize(
+    ("buckets", "probes"),
+    [(100, 100), (625, 128), (3_125, 140), (6_253, 198), (10_000, 250), (20_000, 256), (65_536, 256)],
+)
+def test_a_learned_index_reads_between_128_and_256_buckets_by_default(buckets: int, probes: int) -> None:
+    """``2.5 * sqrt(K)`` within [128, 256], never more buckets than there are."""
+    from lshrs._codes import ProductCodes
+    from lshrs._family import LearnedFamily
+
+    partition = Partition(np.ones((1, 4), np.float32), np.ones((buckets, 4), np.float32), np.array([0, buckets]), 0)
+    family = LearnedFamily(partition, ProductCodes(np.zeros((2, 256, 2), np.float32), 4))
+    assert family.default_probes() == probes

@@ -169,6 +169,27 @@ async def test_store_fetch_skips_missing_ids(store: VectorStore, single_redis_ur
     await lsh.close()
 
 
+@pytest.mark.parametrize("scale", [1, 10**12], ids=["dense ids", "sparse ids"])
+async def test_the_memory_store_finds_rows_by_id_in_the_order_asked(scale: int) -> None:
+    """Dense ids are looked up in an array, sparse ones in a dict: the same
+    rows, in the order asked, after replacements and removals moved rows."""
+    store = InMemoryStore()
+    ids = np.arange(200, dtype=np.int64) * scale
+    expected = {int(i): BASE[k] + (1.0 if k >= 100 else 0.0) for k, i in enumerate(ids)}
+    await store.put(ids[:150], BASE[:150], texts=TEXTS[:150])
+    await store.put(ids[100:], BASE[100:200] + 1.0, texts=TEXTS[100:200])  # 50 replaced, 50 added
+    await store.remove(ids[[0, 120]])  # the last rows move into their places
+    assert (store._row_at is None) == (scale > 1) and len(store) == 198
+    asked = np.array([ids[199], -5, ids[0], ids[120], ids[7], 3 * 10**13 + 1, ids[7]], np.int64)
+    rows = await store.fetch(asked)
+    assert rows.ids.tolist() == [ids[199], ids[7], ids[7]]
+    assert rows.texts == [TEXTS[199], TEXTS[7], TEXTS[7]]
+    np.testing.assert_array_equal(rows.vectors, [expected[int(i)] for i in rows.ids])
+    every = await store.fetch(ids)
+    assert every.ids.tolist() == [int(i) for i in ids if i not in (ids[0], ids[120])]
+    np.testing.assert_array_equal(every.vectors, [expected[int(i)] for i in every.ids])
+
+
 async def test_read_only_stores_skip_and_count_null_vectors(table_store: VectorStore, single_redis_url: str) -> None:
     store = table_store
     assert not isinstance(store, WritableStore)
