@@ -3,9 +3,10 @@
 Random hyperplanes ignore where the data lies; sentence embeddings are
 clustered, so buckets cut along the data put true neighbours together far
 more often (DESIGN 3b: 4-6x fewer candidates at equal recall). A bucket is a
-fine centroid; fine centroids are grouped under coarse ones, so assigning an
-id and planning a query scan about ``2 * sqrt(K)`` centroids instead of all
-``K`` (a k-means tree as in FLANN, two levels deep). Pure numpy, no I/O.
+fine centroid; fine centroids are grouped under ``sqrt(K)`` coarse ones, so
+assigning an id scores about ``3 * sqrt(K)`` centroids and planning a query
+the children of 48 groups, instead of all ``K`` (a k-means tree as in FLANN,
+two levels deep). Pure numpy, no I/O.
 
 Stored in Redis as one blob, little-endian: a header of five uint32 (magic,
 dim, coarse count, fine count, vectors it was sized for), the fine-group
