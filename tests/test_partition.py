@@ -61,30 +61,34 @@ def test_a_float16_partition_of_an_earlier_version_still_opens(fitted: Partition
         (1, 100, 16),  # more wanted than there are: every group
     ],
 )
+@pytest.mark.parametrize("form", ["fitted", "stored"])
 def test_a_large_partition_probes_the_best_children_of_its_nearest_groups(
-    fitted: Partition, monkeypatch: pytest.MonkeyPatch, min_opened: int, probes: int, groups: int
+    fitted: Partition, monkeypatch: pytest.MonkeyPatch, form: str, min_opened: int, probes: int, groups: int
 ) -> None:
     """Past ``FLAT_PROBE`` buckets a query scores only the children of its
     nearest coarse groups (the path of every index of more than 262,144
-    vectors, which no other test reaches)."""
+    vectors, which no other test reaches), as float32 rows when fitted and
+    as int8 rows with their scales once stored."""
     from lshrs import _partition
 
     monkeypatch.setattr(_partition, "FLAT_PROBE", 0)
     monkeypatch.setattr(_partition, "_MIN_OPENED", min_opened)
-    assert len(fitted.coarse) == 16 and fitted.buckets == 251
+    partition = fitted if form == "fitted" else Partition.from_bytes(fitted.to_bytes(), DIM)
+    assert partition.fine_rows.dtype == (np.float32 if form == "fitted" else np.int8)
+    assert len(partition.coarse) == 16 and partition.buckets == 251
     queries = clustered(40, DIM, centers=40, seed=12)
     narrower = 0
-    for query, probed in zip(queries, fitted.probe_many(queries, probes)):
-        nearest_groups = np.argsort(-(fitted.coarse @ query), kind="stable")[:groups]
-        children = np.concatenate([np.arange(fitted.starts[g], fitted.starts[g + 1]) for g in nearest_groups])
-        scores = fitted.fine[children] @ query
+    for query, probed in zip(queries, partition.probe_many(queries, probes)):
+        nearest_groups = np.argsort(-(partition.coarse @ query), kind="stable")[:groups]
+        children = np.concatenate([np.arange(partition.starts[g], partition.starts[g + 1]) for g in nearest_groups])
+        scores = partition.fine[children] @ query
         expected = children[np.argsort(-scores, kind="stable")[:probes]]
         assert probed.tolist() == expected.tolist()
-        flat = np.argsort(-(fitted.fine @ query), kind="stable")[:probes]
+        flat = np.argsort(-(partition.fine @ query), kind="stable")[:probes]
         narrower += set(flat.tolist()) != set(expected.tolist())
     # Opening fewer groups than all must change some answers, or this test
     # could not tell how many were opened.
-    assert (narrower > 0) == (groups < len(fitted.coarse))
+    assert (narrower > 0) == (groups < len(partition.coarse))
 
 
 @pytest.mark.parametrize(

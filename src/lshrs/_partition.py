@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -41,20 +42,44 @@ _CHUNK = 8192
 @dataclass(frozen=True)
 class Partition:
     """``coarse[i]`` owns the fine centroids ``fine[starts[i]:starts[i + 1]]``;
-    a bucket is the index of a fine centroid."""
+    a bucket is the index of a fine centroid.
+
+    The fine centroids are kept as they are stored, int8 rows times a scale
+    each (``fine_scales``; None for float32 rows, as fitted): a query or an
+    assignment scores them a group at a time, cast as it goes, so it reads a
+    quarter of the bytes from memory (planning a 1M query's 48 groups: 1.7
+    against 2.7 ms) and a client holds 24 MB of them at 1M, not 96."""
 
     coarse: FloatArray
-    fine: FloatArray
+    fine_rows: npt.NDArray[np.int8] | FloatArray
     starts: npt.NDArray[np.int64]
     trained_for: int  # vectors the bucket count was chosen for: stats() compares the index with it
+    fine_scales: FloatArray | None = None
 
     @property
     def buckets(self) -> int:
-        return len(self.fine)
+        return len(self.fine_rows)
 
     @property
     def dim(self) -> int:
-        return int(self.fine.shape[1])
+        return int(self.fine_rows.shape[1])
+
+    @cached_property
+    def fine(self) -> FloatArray:
+        """The fine centroids as float32 rows: what a small partition scores
+        all at once, and what is stored."""
+        rows = self.fine_rows.astype(np.float32, copy=False)
+        if self.fine_scales is None:
+            return rows
+        scaled: FloatArray = rows * self.fine_scales[:, None]
+        return scaled
+
+    def _fine_scores(self, queries: FloatArray, begin: int, end: int) -> FloatArray:
+        """Scores of ``queries`` (rows, or one vector) against fine centroids
+        ``begin:end``, read as stored: the scale multiplies the scores, not
+        the rows."""
+        scores: FloatArray = queries @ self.fine_rows[begin:end].astype(np.float32, copy=False).T
+        return scores if self.fine_scales is None else scores * self.fine_scales[begin:end]
 
     def assign(self, unit: FloatArray) -> IntArray:
         """The bucket of each (unit) row: its nearest fine centroid under its
@@ -73,7 +98,7 @@ class Partition:
             for g, lo, hi in zip(groups.tolist(), bounds[:-1], bounds[1:]):
                 rows = order[lo:hi]
                 begin, end = int(self.starts[g]), int(self.starts[g + 1])
-                scores = unit[rows] @ self.fine[begin:end].T
+                scores = self._fine_scores(unit[rows], begin, end)
                 at = np.argmax(scores, axis=1)
                 score = scores[np.arange(len(rows)), at]
                 better = score > best[rows]
@@ -99,7 +124,7 @@ class Partition:
         # Each group's children are one contiguous run: scoring runs in place
         # costs a third of gathering them first (0.3 against 1 ms at 100k).
         firsts, lasts = self.starts[groups], self.starts[groups + 1]
-        scores = np.concatenate([self.fine[a:b] @ unit_query for a, b in zip(firsts.tolist(), lasts.tolist())])
+        scores = np.concatenate([self._fine_scores(unit_query, a, b) for a, b in zip(firsts.tolist(), lasts.tolist())])
         best = _best(scores, probes)
         # Position in the concatenated scores -> bucket number.
         offsets = np.concatenate([[0], np.cumsum(lasts - firsts)])
@@ -155,10 +180,11 @@ class Partition:
             raise ValueError("the stored centroids have a damaged group table")
         if magic == _MAGIC_FLOAT16:
             vectors = np.frombuffer(raw[at:expected], "<f2").astype(np.float32).reshape(rows, dim)
-        else:
-            scales = np.frombuffer(raw[at : at + 4 * rows], "<f4")
-            vectors = np.frombuffer(raw[at + 4 * rows : expected], np.int8).reshape(rows, dim) * scales[:, None]
-        return cls(vectors[:coarse], vectors[coarse:], starts, trained_for), raw[expected:]
+            return cls(vectors[:coarse], vectors[coarse:], starts, trained_for), raw[expected:]
+        scales = np.frombuffer(raw[at : at + 4 * rows], "<f4").astype(np.float32)
+        quantized = np.frombuffer(raw[at + 4 * rows : expected], np.int8).reshape(rows, dim)
+        coarse_rows: FloatArray = quantized[:coarse] * scales[:coarse, None]
+        return cls(coarse_rows, quantized[coarse:], starts, trained_for, scales[coarse:]), raw[expected:]
 
 
 #: Up to this many buckets a query scores every fine centroid.
