@@ -209,7 +209,7 @@ def choose_buckets(count: int) -> int:
 
 BUCKET_SIZE = 16
 #: At most 65,536 buckets (reached at 1M vectors): the partition then takes
-#: 25 MB of Redis at 384-d (100 MB as float32 in each client); past it
+#: 25 MB of Redis at 384-d and as much in each client (int8 rows); past it
 #: buckets grow instead (about 100 ids at 6.4M).
 MAX_BUCKETS = 65_536
 
