@@ -198,7 +198,7 @@ class LearnedFamily:
         10k; README, Performance). Past 256, a bucket of 16 ids holds about as
         many true neighbours however large the index: at 1M (62,508 buckets,
         300 real queries) 256 probes gave recall@10 0.964, as did the 625 of
-        the square root, at 1.2x the queries a second (docs/benchmarks.md)."""
+        the square root, with 1.2x the queries a second (docs/benchmarks.md)."""
         return min(
             self.partition.buckets,
             PROBE_CEILING,

@@ -47,8 +47,8 @@ class Partition:
     The fine centroids are kept as they are stored, int8 rows times a scale
     each (``fine_scales``; None for float32 rows, as fitted): a query or an
     assignment scores them a group at a time, cast as it goes, so it reads a
-    quarter of the bytes from memory (planning a 1M query's 48 groups: 1.7
-    against 2.7 ms) and a client holds 24 MB of them at 1M, not 96."""
+    quarter of the bytes from memory (planning a 1M query's 48 groups: 2.1
+    against 3.2 ms) and a client holds 24 MB of them at 1M, not 96."""
 
     coarse: FloatArray
     fine_rows: npt.NDArray[np.int8] | FloatArray
