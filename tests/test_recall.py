@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,41 @@ def test_hamming_counts_differing_bits_at_every_signature_width(width: int) -> N
     expected = np.unpackbits(signatures ^ query, axis=1).sum(axis=1)
     assert hamming(signatures, query).tolist() == expected.tolist()
     assert hamming(signatures, query)[7] == 2
+
+
+@pytest.mark.parametrize(
+    ("num_bands", "rows", "asked"),
+    [(3, 4, 1), (3, 4, 2), (3, 4, 7), (3, 4, 20), (3, 4, 48), (16, 8, 1), (16, 8, 100), (16, 8, 700)],
+)
+def test_probe_keys_are_the_likeliest_buckets_in_order(num_bands: int, rows: int, asked: int) -> None:
+    """Against a brute force over every bucket of every band: a neighbour at
+    cosine 0.5 lands on the far side of hyperplane i with probability
+    Phi(-z_i), z_i = 0.5 / sqrt(0.75) * |margin_i|; the probes are the
+    buckets it most likely lands in, likeliest first."""
+    bands = Bands(num_bands, rows)
+    margins = np.random.default_rng(5).standard_normal(bands.num_bits).astype(np.float32)
+    z = np.abs(margins.reshape(num_bands, rows)) * 0.5 / math.sqrt(0.75)
+    log_flip = np.log(0.5 * np.vectorize(math.erfc)(z / math.sqrt(2)))  # log Phi(-z)
+    log_keep = np.log(0.5 * np.vectorize(math.erfc)(-z / math.sqrt(2)))  # log Phi(z)
+    own = margins.reshape(num_bands, rows) > 0
+    subsets = ((np.arange(1 << rows)[:, None] >> np.arange(rows)) & 1).astype(bool)  # every set of bits to flip
+    weights = 1 << np.arange(8 * bands.band_bytes - 1, 8 * bands.band_bytes - 1 - rows, -1)  # big-endian bits
+    likely = []
+    for band in range(num_bands):
+        costs = -np.where(subsets, log_flip[band], log_keep[band]).sum(axis=1)
+        values = ((own[band] ^ subsets) * weights).sum(axis=1)
+        likely += [(float(c), band, int(v)) for c, v in zip(costs, values)]
+    likely.sort()
+    keys = np.frombuffer(probe_keys(bands, margins, asked), np.uint8).reshape(-1, 2)
+    assert [(int(b), int(v)) for b, v in keys] == [(band, value) for _, band, value in likely[:asked]]
+
+
+def test_standardised_columns_have_length_sqrt_dim() -> None:
+    """Margins are read as standard normal scores (:func:`probe_keys`)."""
+    projection = make_projection(40, 24, 3)
+    standard = standardise(projection)
+    np.testing.assert_allclose(np.linalg.norm(standard, axis=0), math.sqrt(40), rtol=1e-5)
+    assert ((standard > 0) == (projection > 0)).all()
 
 
 def test_prober_caps_at_every_nameable_bucket() -> None:
