@@ -184,6 +184,8 @@ BREAKAGES = [
     ("a stored partition scores a group without its rows' scales", "src/lshrs/_partition.py",
      "        return scores if self.fine_scales is None else scores * self.fine_scales[begin:end]",
      "        return scores", "test_partition.py -k best_children"),
+    ("a batch of queries scores each group for the wrong rows", "src/lshrs/_partition.py",
+     "unit_queries[at // per_query]", "unit_queries[at % per_query]", "test_core.py -k flat_size"),
     ("the hyperplane prober scales margins by 1/odds", "src/lshrs/_hashing.py",
      "rows)) * _NEIGHBOUR_ODDS, _MAX_Z)", "rows)) / _NEIGHBOUR_ODDS, _MAX_Z)",
      "test_recall.py -k likeliest"),

@@ -552,6 +552,37 @@ async def test_stats_says_when_a_learned_index_outgrew_its_buckets(make_lsh: Any
     assert 0 < stats["largest_bucket"] < 1201
 
 
+async def test_a_learned_index_past_the_flat_size_answers_through_its_tree(
+    make_lsh: Any, hashing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``FLAT_PROBE`` buckets (262,144 vectors by default) a query scores
+    only the children of its nearest coarse groups. Forced on a small index,
+    so the path that plans every query of a large one reads real Redis: with
+    every group opened it must read the very buckets the flat path reads;
+    with one group opened it reads fewer, and finds less."""
+    from lshrs import _partition
+
+    if hashing != "kmeans":
+        pytest.skip("the tree is the learned family's")
+    base, queries = clustered(4000, 32, seed=1), clustered(4060, 32, seed=2)[-60:]
+    lsh = await make_lsh(store=InMemoryStore(), probes=24)
+    await lsh.index(np.arange(len(base)), base)
+    flat = await lsh.query_many(queries, top_k=10)
+    monkeypatch.setattr(_partition, "FLAT_PROBE", 0)
+    monkeypatch.setattr(_partition, "_MIN_OPENED", 10**6)
+    assert await lsh.query_many(queries, top_k=10) == flat
+    monkeypatch.setattr(_partition, "_MIN_OPENED", 1)
+    monkeypatch.setattr(_partition, "_OPEN_FACTOR", 0.0)
+    narrow = await lsh.query_many(queries, top_k=10)
+    truth = brute_force(base, queries, 10)
+
+    def recall_of(results: list[list[Hit]]) -> float:
+        return float(np.mean([len({h.id for h in hits} & set(row)) / 10 for hits, row in zip(results, truth)]))
+
+    assert recall_of(flat) >= 0.9
+    assert recall_of(narrow) < recall_of(flat) - 0.05, (recall_of(narrow), recall_of(flat))
+
+
 async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """stats() reads a sample of bucket keys unless exact=True; a sample that
     covers every bucket is exact, a smaller one extrapolates the bucket count

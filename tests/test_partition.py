@@ -68,7 +68,8 @@ def test_a_large_partition_probes_the_best_children_of_its_nearest_groups(
     """Past ``FLAT_PROBE`` buckets a query scores only the children of its
     nearest coarse groups (the path of every index of more than 262,144
     vectors, which no other test reaches), as float32 rows when fitted and
-    as int8 rows with their scales once stored."""
+    as int8 rows with their scales once stored; a batch of queries finds
+    what each query finds alone."""
     from lshrs import _partition
 
     monkeypatch.setattr(_partition, "FLAT_PROBE", 0)
@@ -83,7 +84,9 @@ def test_a_large_partition_probes_the_best_children_of_its_nearest_groups(
         children = np.concatenate([np.arange(partition.starts[g], partition.starts[g + 1]) for g in nearest_groups])
         scores = partition.fine[children] @ query
         expected = children[np.argsort(-scores, kind="stable")[:probes]]
-        assert probed.tolist() == expected.tolist()
+        assert probed.tolist() == expected.tolist()  # scored in a batch, group by group
+        assert partition.probe(query, probes).tolist() == expected.tolist()  # alone
+        assert partition.probe_many(query[None, :], probes)[0].tolist() == expected.tolist()  # a batch of one
         flat = np.argsort(-(partition.fine @ query), kind="stable")[:probes]
         narrower += set(flat.tolist()) != set(expected.tolist())
     # Opening fewer groups than all must change some answers, or this test
