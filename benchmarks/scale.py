@@ -86,6 +86,7 @@ async def scale_run(url: str, size: int, sample: int, batch: int = 100_000) -> d
         "bands": config.num_bands,
         "rows": config.rows_per_band,
         "hashing": config.hashing,
+        "shape": f"kmeans K={stats['partition_buckets']}" if config.hashing == "kmeans" else None,
         "buckets": stats.get("partition_buckets"),
         "largest_bucket": stats["largest_bucket"],
         "build_s": round(seconds, 1),
