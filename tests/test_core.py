@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import threading
 from typing import Any
@@ -703,3 +704,93 @@ async def test_a_reader_opened_before_the_build_finds_what_another_client_built(
     hits = await reader.query(base[5], top_k=1)
     assert hits and hits[0].id == 5
     assert await reader.count() == 600
+
+
+async def test_hits_are_cosines_best_first_and_ties_go_to_the_smaller_id(make_lsh: Any) -> None:
+    """A hit's score is the cosine whatever the query's length; hits come
+    best first, and equal scores (one vector under three ids) list the
+    smaller id first: reranked through a store, and ranked by sketch
+    without one."""
+    base = clustered(600, 32)
+    axis = np.zeros(32, np.float32)
+    axis[0] = 1.0  # dot products with it are exact, so the three ties are exact
+    base[[5, 300, 400]] = axis
+    with_store = await make_lsh(store=InMemoryStore())
+    await with_store.index(np.arange(600), base)
+    hits = await with_store.query(3.0 * axis, top_k=20)
+    assert [h.id for h in hits[:3]] == [5, 300, 400]
+    assert [h.score for h in hits[:3]] == [1.0, 1.0, 1.0]
+    cosines = base @ axis  # base rows are unit length
+    assert [h.score for h in hits] == pytest.approx([float(cosines[h.id]) for h in hits], abs=1e-5)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    sketched = await make_lsh(prefix="sketched")
+    await sketched.index(np.arange(600), base)
+    estimates = await sketched.query(axis, top_k=20)
+    assert [h.id for h in estimates[:3]] == [5, 300, 400]
+    ranked = [(-h.score, h.id) for h in estimates]
+    assert len(estimates) == 20 and ranked == sorted(ranked)
+
+
+async def test_query_takes_exactly_one_vector(make_lsh: Any) -> None:
+    lsh = await make_lsh(store=InMemoryStore())
+    await lsh.index(np.arange(300), clustered(300, 32))
+    for bad in (np.empty((0, 32), np.float32), clustered(2, 32)):
+        with pytest.raises(ValueError, match="query\\(\\) takes one vector"):
+            await lsh.query(bad)
+
+
+async def test_deleting_an_id_twice_in_one_call_counts_it_once(make_lsh: Any) -> None:
+    lsh = await make_lsh(store=InMemoryStore())
+    await lsh.index(np.arange(300), clustered(300, 32))
+    assert await lsh.delete([7, 7, 9, 7, 12345]) == 2
+    assert await lsh.count() == 298
+
+
+async def test_a_filter_answered_exactly_keeps_top_p_of_the_rerank_depth(make_lsh: Any) -> None:
+    """When few enough rows pass ``where`` they are ranked exactly, and
+    ``top_p`` keeps its share of the rerank depth's nearest, as on the
+    index path, not of every passing row."""
+    base = clustered(600, 32)
+    lsh = await make_lsh(store=InMemoryStore(), rerank=16)
+    await lsh.index(np.arange(600), base)
+    passing = set(range(0, 600, 3))  # 200 rows: fewer than 8 x the depth of 160 (rerank 16 x 100 / 10)
+    query = base[9]
+    hits = await lsh.query(query, top_k=100, top_p=0.5, where=passing)
+    ids = np.array(sorted(passing))
+    exact = ids[np.argsort(-(base[ids] @ query), kind="stable")]
+    assert [h.id for h in hits] == exact[: math.ceil(0.5 * 160)].tolist()
+
+
+async def test_a_query_for_more_hits_reads_more_buckets(make_lsh: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``probes * sqrt(top_k / 10)`` buckets, never fewer than ``probes``:
+    recall@100 trailed recall@10 when every query read the same buckets."""
+    base = clustered(600, 32)
+    lsh = await make_lsh(store=InMemoryStore(), probes=8)
+    await lsh.index(np.arange(600), base)
+    family = (await lsh._ready()).family
+    asked: list[int] = []
+    plan = family.plan
+    monkeypatch.setattr(family, "plan", lambda unit, probes: asked.append(probes) or plan(unit, probes))
+    for top_k in (1, 10, 40, 100):
+        await lsh.query(base[0], top_k=top_k)
+    assert asked == [8, 8, 16, 26]
+
+
+async def test_tune_stops_once_its_queries_read_the_whole_index(make_lsh: Any) -> None:
+    """A target that reading every id cannot reach (a rerank too shallow for
+    it) ends the ladder at the first setting that reads them all."""
+    lsh = await make_lsh(store=InMemoryStore(), rerank=10)
+    await lsh.index(np.arange(400), clustered(400, 32))
+    tuning = await lsh.tune(1.0, sample=50)
+    assert tuning.recall < 1.0
+    assert tuning.curve[-1].candidates >= 400 and all(point.candidates < 400 for point in tuning.curve[:-1])
+    assert tuning.probes == tuning.curve[-1].probes
+
+
+async def test_tune_on_stored_vectors_leaves_each_one_out_of_its_own_truth(make_lsh: Any) -> None:
+    """A sampled vector finds itself first; tune() asks for one hit more and
+    drops it, so easy data can reach a recall above 9 in 10."""
+    lsh = await make_lsh(store=InMemoryStore())
+    await lsh.index(np.arange(600), clustered(600, 32))
+    tuning = await lsh.tune(0.97, sample=50)
+    assert tuning.recall >= 0.97, tuning
