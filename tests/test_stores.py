@@ -325,3 +325,27 @@ async def test_a_large_postgres_table_is_sampled_by_pages(postgres_dsn: str) -> 
         assert len(set(sorted_.ids.tolist())) == 10_000
     finally:
         await store.close()
+
+
+async def test_a_row_zeroed_in_the_table_after_its_build_scores_zero(postgres_dsn: str, single_redis_url: str) -> None:
+    """The table is the user's: a row set to all zeros after it was indexed
+    is still fetched for the rerank, and scores 0 (no cosine to divide by),
+    not NaN; the other hits keep their exact cosines."""
+    vectors = clustered(400, DIM, seed=5)
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("CREATE TABLE zeroed (id bigint PRIMARY KEY, embedding bytea)")
+    await conn.copy_records_to_table("zeroed", records=[(i, v.astype("<f4").tobytes()) for i, v in enumerate(vectors)])
+    store = PostgresStore(postgres_dsn, table="zeroed")
+    lsh = LSHRS(dim=DIM, redis_url=single_redis_url, store=store)
+    try:
+        await lsh.index()
+        await conn.execute("UPDATE zeroed SET embedding = $1 WHERE id = 7", np.zeros(DIM, "<f4").tobytes())
+        hits = await lsh.query(vectors[7], top_k=400)
+        scores = {h.id: h.score for h in hits}
+        assert scores[7] == 0.0
+        others = [i for i in scores if i != 7]
+        assert [scores[i] for i in others] == pytest.approx((vectors[others] @ vectors[7]).tolist(), abs=1e-5)
+    finally:
+        await conn.close()
+        await lsh.close()
+        await store.close()
