@@ -106,3 +106,13 @@ def test_a_learned_index_reads_between_128_and_256_buckets_by_default(buckets: i
     partition = Partition(np.ones((1, 4), np.float32), np.ones((buckets, 4), np.float32), np.array([0, buckets]), 0)
     family = LearnedFamily(partition, ProductCodes(np.zeros((2, 256, 2), np.float32), 4))
     assert family.default_probes() == probes
+
+
+def test_large_indexes_get_at_most_131072_buckets_fitted_on_4_rows_each() -> None:
+    """16 ids a bucket up to 2.1M vectors, then 131,072 buckets; the fit reads
+    262,144 rows, or 4 a bucket where that is more (6.4M: 524,288)."""
+    from lshrs._lshrs import _train_rows
+    from lshrs._partition import choose_buckets
+
+    assert [choose_buckets(n) for n in (1_000_000, 2_000_000, 6_400_000)] == [62_500, 125_000, 131_072]
+    assert [_train_rows(k) for k in (6_250, 62_500, 131_072)] == [262_144, 262_144, 524_288]

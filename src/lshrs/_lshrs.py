@@ -58,9 +58,12 @@ class _Opened(NamedTuple):
 MIN_TRAIN = 256
 #: Rows a partition is fitted on, at most: 8 a bucket (16 a bucket measured
 #: 0.006 higher candidate recall at 100k than 4, at twice the fitting time),
-#: and never more than this, so a 1M fit stays in seconds.
+#: and no more than ``_TRAIN_ROWS`` unless that leaves fewer than
+#: ``_TRAIN_LEAST`` a bucket, so a 1M fit stays in seconds and the 131,072
+#: buckets of a 6.4M index still learn from 4 rows each.
 _TRAIN_ROWS = 262_144
 _TRAIN_PER_BUCKET = 8
+_TRAIN_LEAST = 4
 #: A learned index holding this many times the vectors its buckets were
 #: sized for has outgrown them (``stats()`` says so).
 OUTGROWN = 4
@@ -359,7 +362,7 @@ class LSHRS:
         if batch is not None and batch_rows >= MIN_TRAIN and batch_rows >= (count or 0):
             sample, size = batch, batch_rows
         elif self._store is not None and count is not None and count >= max(MIN_TRAIN, batch_rows):
-            rows = await sample_store(self._store, min(count, _TRAIN_ROWS))
+            rows = await sample_store(self._store, min(count, _train_rows(self._buckets or choose_buckets(count))))
             sample, size = as_vectors(rows.vectors, config.dim, what="the training sample"), count
         else:
             have = max(batch_rows, count or 0)
@@ -369,7 +372,7 @@ class LSHRS:
                 "or open the index with hashing='hyperplane', which needs no training"
             )
         buckets = self._buckets or choose_buckets(size)
-        keep = min(_TRAIN_ROWS, _TRAIN_PER_BUCKET * buckets)
+        keep = min(_train_rows(buckets), _TRAIN_PER_BUCKET * buckets)
         if len(sample) > keep:
             sample = sample[np.random.default_rng(config.seed).choice(len(sample), keep, replace=False)]
         started = asyncio.get_running_loop().time()
@@ -1201,6 +1204,11 @@ def _whole() -> anyio.CancelScope:
     begun, both halves run (each bounded by the socket timeout), so a caller
     that gives up never leaves an id in one and not the other."""
     return anyio.CancelScope(shield=True)
+
+
+def _train_rows(buckets: int) -> int:
+    """The most rows a partition of ``buckets`` is fitted on."""
+    return max(_TRAIN_ROWS, _TRAIN_LEAST * buckets)
 
 
 def _cause(failed: BaseExceptionGroup[BaseException]) -> BaseException:
