@@ -571,6 +571,8 @@ async def test_a_learned_index_past_the_flat_size_answers_through_its_tree(
     flat = await lsh.query_many(queries, top_k=10)
     monkeypatch.setattr(_partition, "FLAT_PROBE", 0)
     monkeypatch.setattr(_partition, "_MIN_OPENED", 10**6)
+    sieved = await lsh.query_many(queries, top_k=10)
+    monkeypatch.setattr(_partition, "_SHORTLIST", 10**6)  # every child scored exactly
     assert await lsh.query_many(queries, top_k=10) == flat
     monkeypatch.setattr(_partition, "_MIN_OPENED", 1)
     monkeypatch.setattr(_partition, "_OPEN_FACTOR", 0.0)
@@ -581,7 +583,39 @@ async def test_a_learned_index_past_the_flat_size_answers_through_its_tree(
         return float(np.mean([len({h.id for h in hits} & set(row)) / 10 for hits, row in zip(results, truth)]))
 
     assert recall_of(flat) >= 0.9
+    assert recall_of(sieved) >= recall_of(flat) - 0.02, (recall_of(sieved), recall_of(flat))
     assert recall_of(narrow) < recall_of(flat) - 0.05, (recall_of(narrow), recall_of(flat))
+
+
+async def test_a_client_builds_a_large_partitions_sieve_off_the_event_loop(
+    make_lsh: Any, hashing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large partition's sieve takes about a second to build (131,072
+    buckets): the client that trains it and one that opens it later each
+    build it in a worker thread as they adopt the partition, not in the
+    event loop inside their first query."""
+    import threading
+
+    from lshrs import _partition
+
+    if hashing != "kmeans":
+        pytest.skip("the sieve is the learned family's")
+    built: list[threading.Thread] = []
+    original = _partition.Sieve.of
+
+    def recording(partition: _partition.Partition) -> _partition.Sieve:
+        built.append(threading.current_thread())
+        return original(partition)
+
+    monkeypatch.setattr(_partition, "FLAT_PROBE", 0)
+    monkeypatch.setattr(_partition.Sieve, "of", recording)
+    base = clustered(2000, 32, seed=1)
+    trainer = await make_lsh(prefix="sieved")
+    await trainer.index(np.arange(len(base)), base)
+    reader = await make_lsh(prefix="sieved")
+    assert len(built) == 2 and threading.main_thread() not in built
+    await reader.query(base[0])
+    assert len(built) == 2
 
 
 async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:

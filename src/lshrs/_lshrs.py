@@ -270,13 +270,22 @@ class LSHRS:
             family = HyperplaneFamily(Bands(stored.num_bands, stored.rows_per_band), sketch)
         else:
             blob = await sharded.centroids()
-            family = None if blob is None else self._learned(blob, stored, sketch, sharded)
+            family = None if blob is None else await self._adopted(blob, stored, sketch, sharded)
         return await self._with_probes(_Opened(stored, family, sketch, sharded, None))
 
-    def _learned(self, blob: bytes, config: IndexConfig, projection: FloatArray, index: ShardedIndex) -> LearnedFamily:
+    async def _adopted(
+        self, blob: bytes, config: IndexConfig, projection: FloatArray, index: ShardedIndex
+    ) -> LearnedFamily:
+        """The trained family, decoded and prepared in a worker thread (a
+        large partition's sieve takes about a second to build); then the
+        index's record groups are sized from it."""
+        family = await anyio.to_thread.run_sync(self._learned, blob, config, projection)
+        index.use_groups(family.partition.trained_for)
+        return family
+
+    def _learned(self, blob: bytes, config: IndexConfig, projection: FloatArray) -> LearnedFamily:
         """The trained family: the partition, then the codebooks (or, in an
-        index built before codes, the projection's SimHash). Sizes the
-        index's record groups from the partition."""
+        index built before codes, the projection's SimHash)."""
         try:
             if not config.code_bytes:
                 family = LearnedFamily(Partition.from_bytes(blob, config.dim), projection)
@@ -285,7 +294,7 @@ class LSHRS:
                 family = LearnedFamily(partition, ProductCodes.from_bytes(books, config.dim, config.code_bytes))
         except ValueError as exc:
             raise ValueError(f"prefix {self._prefix!r}: {exc}; drop the index and build it again") from None
-        index.use_groups(family.partition.trained_for)
+        family.partition.prepare()
         return family
 
     async def _with_probes(self, opened: _Opened) -> _Opened:
@@ -351,7 +360,7 @@ class LSHRS:
                 return opened
             if blob is None:
                 blob = await opened.sharded.save_centroids(await self._fit(opened.config, batch, report))
-            family = self._learned(blob, opened.config, opened.sketch, opened.sharded)
+            family = await self._adopted(blob, opened.config, opened.sketch, opened.sharded)
             trained = await self._with_probes(opened._replace(family=family))
             self._opened = trained
             return trained

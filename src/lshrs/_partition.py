@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -77,10 +78,22 @@ class Partition:
 
     def _fine_scores(self, queries: FloatArray, begin: int, end: int) -> FloatArray:
         """Scores of ``queries`` (rows, or one vector) against fine centroids
-        ``begin:end``, read as stored: the scale multiplies the scores, not
-        the rows."""
-        scores: FloatArray = queries @ self.fine_rows[begin:end].astype(np.float32, copy=False).T
-        return scores if self.fine_scales is None else scores * self.fine_scales[begin:end]
+        ``begin:end``, read as stored."""
+        return _scaled(
+            queries, self.fine_rows[begin:end], None if self.fine_scales is None else self.fine_scales[begin:end]
+        )
+
+    @cached_property
+    def sieve(self) -> Sieve:
+        """The first pass a large partition plans with (:class:`Sieve`)."""
+        return Sieve.of(self)
+
+    def prepare(self) -> None:
+        """Build :attr:`sieve` now if planning will use it: about a second at
+        131,072 buckets, so a client does it in a worker thread when it
+        adopts the partition, not inside the first query."""
+        if self.buckets > FLAT_PROBE:
+            _ = self.sieve
 
     def assign(self, unit: FloatArray) -> IntArray:
         """The bucket of each (unit) row: its nearest fine centroid under its
@@ -113,10 +126,12 @@ class Partition:
         if self.buckets <= FLAT_PROBE:
             return _best(self.fine @ unit_query, probes)
         groups = self._opened(self.coarse @ unit_query, probes)
+        query, score, count = self._first_pass(unit_query, groups.shape[-1], probes)
         # Each group's children are one contiguous run: scoring runs in place
         # costs a third of gathering them first (0.3 against 1 ms at 100k).
-        scored = [self._fine_scores(unit_query, int(self.starts[g]), int(self.starts[g + 1])) for g in groups.tolist()]
-        return self._buckets(groups, scored, probes)
+        scored = [score(query, int(self.starts[g]), int(self.starts[g + 1])) for g in groups.tolist()]
+        found = self._buckets(groups, scored, count)
+        return found if count == probes else self._rescored(unit_query, found, probes)
 
     def probe_many(self, unit_queries: FloatArray, probes: int) -> list[IntArray]:
         """:meth:`probe` of each row, as one batch: the centroids are scored
@@ -137,6 +152,7 @@ class Partition:
             return [_best(row, probes) for row in unit_queries @ self.fine.T]
         groups = self._opened(unit_queries @ self.coarse.T, probes)
         per_query = groups.shape[1]
+        queries, score, count = self._first_pass(unit_queries, per_query, probes)
         # One entry a (query, opened group) pair, in that order; visited group
         # by group so each group's rows are cast and scored once.
         pairs = groups.ravel()
@@ -146,13 +162,32 @@ class Partition:
         for lo, hi in itertools.pairwise(cuts):
             at = order[lo:hi]
             g = int(pairs[at[0]])
-            rows = self._fine_scores(unit_queries[at // per_query], int(self.starts[g]), int(self.starts[g + 1]))
+            rows = score(queries[at // per_query], int(self.starts[g]), int(self.starts[g + 1]))
             for pair, row in zip(at.tolist(), rows):
                 scored[pair] = row
-        return [
-            self._buckets(opened, scored[q * per_query : (q + 1) * per_query], probes)
-            for q, opened in enumerate(groups)
+        found = [
+            self._buckets(opened, scored[q * per_query : (q + 1) * per_query], count) for q, opened in enumerate(groups)
         ]
+        return found if count == probes else [self._rescored(q, f, probes) for q, f in zip(unit_queries, found)]
+
+    def _first_pass(
+        self, unit_queries: FloatArray, opened: int, probes: int
+    ) -> tuple[FloatArray, Callable[[FloatArray, int, int], FloatArray], int]:
+        """What the opened groups' children are scored with: the queries, the
+        scoring, and how many buckets to keep. The children themselves where
+        they are few; else the sieve's rows, keeping ``_SHORTLIST`` times
+        the probes for :meth:`_rescored` (decided by sizes, not by a row's
+        groups, so a batch decides as each row alone would)."""
+        if _SHORTLIST * probes * len(self.coarse) >= opened * self.buckets:
+            return unit_queries, self._fine_scores, probes
+        return unit_queries @ self.sieve.basis, self.sieve.scores, _SHORTLIST * probes
+
+    def _rescored(self, unit_query: FloatArray, shortlist: IntArray, probes: int) -> IntArray:
+        """The ``probes`` buckets of ``shortlist`` most similar to the query, by
+        their exact scores, best first."""
+        scales = None if self.fine_scales is None else self.fine_scales[shortlist]
+        best: IntArray = shortlist[_best(_scaled(unit_query, self.fine_rows[shortlist], scales), probes)]
+        return best
 
     def _opened(self, coarse_scores: FloatArray, probes: int) -> IntArray:
         """The coarse groups to open (of one query, or each row's), in
@@ -178,9 +213,7 @@ class Partition:
 
     def to_bytes(self) -> bytes:
         header = np.array([_MAGIC, self.dim, len(self.coarse), self.buckets, self.trained_for], "<u4").tobytes()
-        rows = np.concatenate([self.coarse, self.fine])
-        scales = np.maximum(np.abs(rows).max(axis=1), 1e-30).astype(np.float32) / 127
-        quantized = np.round(rows / scales[:, None]).astype(np.int8)
+        quantized, scales = _quantized(np.concatenate([self.coarse, self.fine]))
         starts = self.starts.astype("<u4").tobytes()
         blob: bytes = header + starts + scales.astype("<f4").tobytes() + quantized.tobytes()
         return blob
@@ -233,6 +266,49 @@ _MIN_OPENED = 48
 _OPEN_FACTOR = 4.0
 #: Coarse groups whose children compete for a row when it is assigned.
 _ASSIGN_GROUPS = 2
+#: Buckets a sieved query keeps for exact scoring, per probe. At 1M (300
+#: real queries, 256 probes) the sieve's 1,024 held 99.7% of the buckets the
+#: exact plan reads, and the share of true top-10 neighbours in them was
+#: 0.968 against 0.969; with 512 kept, 97.7% and 0.965.
+_SHORTLIST = 4
+#: The sieve keeps this share of the dimensions (128 of 384).
+_SIEVE_SHARE = 1 / 3
+#: Fine centroids the sieve's axes are fitted on, at most.
+_SIEVE_SAMPLE = 16_384
+
+
+class Sieve(NamedTuple):
+    """The fine centroids on their principal axes, a third of them, as int8
+    rows with a scale each: a first pass over a large query's opened
+    groups that reads a third of the bytes of the centroids themselves,
+    keeping the best few times ``probes`` for exact scoring. A query's
+    opened groups (4.6 MB of int8 rows at 1M) come from memory, not cache,
+    between queries: planning took 2.3 ms of a lone query at 1M, 1.4 ms
+    sieved, with the query 0.4-0.5 ms faster end to end and recall@10
+    0.967 against 0.968 (300 real queries)."""
+
+    basis: FloatArray  # dim x reduced, orthonormal columns
+    rows: npt.NDArray[np.int8]
+    scales: FloatArray
+
+    @classmethod
+    def of(cls, partition: Partition) -> Sieve:
+        step = max(1, partition.buckets // _SIEVE_SAMPLE)
+        sample = _dense(partition, range(0, partition.buckets, step))
+        _, axes = np.linalg.eigh((sample.T @ sample).astype(np.float64))  # ascending eigenvalues
+        kept = max(1, round(partition.dim * _SIEVE_SHARE))
+        basis = np.ascontiguousarray(axes[:, ::-1][:, :kept], np.float32)
+        reduced = np.concatenate(
+            [
+                _dense(partition, range(lo, min(lo + _CHUNK, partition.buckets))) @ basis
+                for lo in range(0, partition.buckets, _CHUNK)
+            ]
+        )
+        rows, scales = _quantized(reduced)
+        return cls(basis, rows, scales)
+
+    def scores(self, reduced_queries: FloatArray, begin: int, end: int) -> FloatArray:
+        return _scaled(reduced_queries, self.rows[begin:end], self.scales[begin:end])
 
 
 def choose_buckets(count: int) -> int:
@@ -313,6 +389,27 @@ def _top_columns(scores: FloatArray, count: int) -> IntArray:
         tops[:, column] = np.argmax(scores, axis=1)
         scores[rows, tops[:, column]] = -np.inf
     return tops
+
+
+def _scaled(queries: FloatArray, rows: npt.NDArray[np.int8] | FloatArray, scales: FloatArray | None) -> FloatArray:
+    """Scores of ``queries`` against ``rows`` times their ``scales``: the
+    scale multiplies the scores, not the rows."""
+    scores: FloatArray = queries @ rows.astype(np.float32, copy=False).T
+    return scores if scales is None else scores * scales
+
+
+def _quantized(rows: FloatArray) -> tuple[npt.NDArray[np.int8], FloatArray]:
+    """``rows`` as int8 times a float32 scale each."""
+    scales = (np.maximum(np.abs(rows).max(axis=1), 1e-30) / 127).astype(np.float32)
+    return np.round(rows / scales[:, None]).astype(np.int8), scales
+
+
+def _dense(partition: Partition, positions: range) -> FloatArray:
+    """Fine centroids ``positions`` as float32 rows, without keeping every
+    row as float32 (200 MB at 131,072 buckets)."""
+    picked = slice(positions.start, positions.stop, positions.step)
+    rows = partition.fine_rows[picked].astype(np.float32)
+    return rows if partition.fine_scales is None else rows * partition.fine_scales[picked, None]
 
 
 def _scores(unit: FloatArray, centroids: FloatArray) -> FloatArray:
