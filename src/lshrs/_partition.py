@@ -6,7 +6,8 @@ more often (DESIGN 3b: 4-6x fewer candidates at equal recall). A bucket is a
 fine centroid; fine centroids are grouped under ``sqrt(K)`` coarse ones, so
 assigning an id scores about ``3 * sqrt(K)`` centroids and planning a query
 the children of 48 groups, instead of all ``K`` (a k-means tree as in FLANN,
-two levels deep). Pure numpy, no I/O.
+two levels deep), first on a third of their principal axes (:class:`Sieve`).
+Pure numpy, no I/O.
 
 Stored in Redis as one blob, little-endian: a header of five uint32 (magic,
 dim, coarse count, fine count, vectors it was sized for), the fine-group
@@ -294,15 +295,12 @@ class Sieve(NamedTuple):
     @classmethod
     def of(cls, partition: Partition) -> Sieve:
         step = max(1, partition.buckets // _SIEVE_SAMPLE)
-        sample = _dense(partition, range(0, partition.buckets, step))
+        sample = _dense(partition, slice(None, None, step))
         _, axes = np.linalg.eigh((sample.T @ sample).astype(np.float64))  # ascending eigenvalues
         kept = max(1, round(partition.dim * _SIEVE_SHARE))
         basis = np.ascontiguousarray(axes[:, ::-1][:, :kept], np.float32)
         reduced = np.concatenate(
-            [
-                _dense(partition, range(lo, min(lo + _CHUNK, partition.buckets))) @ basis
-                for lo in range(0, partition.buckets, _CHUNK)
-            ]
+            [_dense(partition, slice(lo, lo + _CHUNK)) @ basis for lo in range(0, partition.buckets, _CHUNK)]
         )
         rows, scales = _quantized(reduced)
         return cls(basis, rows, scales)
@@ -404,10 +402,9 @@ def _quantized(rows: FloatArray) -> tuple[npt.NDArray[np.int8], FloatArray]:
     return np.round(rows / scales[:, None]).astype(np.int8), scales
 
 
-def _dense(partition: Partition, positions: range) -> FloatArray:
-    """Fine centroids ``positions`` as float32 rows, without keeping every
-    row as float32 (200 MB at 131,072 buckets)."""
-    picked = slice(positions.start, positions.stop, positions.step)
+def _dense(partition: Partition, picked: slice) -> FloatArray:
+    """Fine centroids ``picked`` as float32 rows, without keeping every row
+    as float32 (200 MB at 131,072 buckets)."""
     rows = partition.fine_rows[picked].astype(np.float32)
     return rows if partition.fine_scales is None else rows * partition.fine_scales[picked, None]
 
