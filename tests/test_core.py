@@ -590,7 +590,7 @@ async def test_a_learned_index_past_the_flat_size_answers_through_its_tree(
 async def test_a_client_builds_a_large_partitions_sieve_off_the_event_loop(
     make_lsh: Any, hashing: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A large partition's sieve takes about a second to build (131,072
+    """A large partition's sieve takes a third of a second to build (131,072
     buckets): the client that trains it and one that opens it later each
     build it in a worker thread as they adopt the partition, not in the
     event loop inside their first query."""
