@@ -182,7 +182,7 @@ BREAKAGES = [
     ("a learned index reads the square root's buckets past 256", "src/lshrs/_family.py",
      "            PROBE_CEILING,\n", "", "test_partition.py -k between_128_and_256"),
     ("a stored partition scores a group without its rows' scales", "src/lshrs/_partition.py",
-     "    return scores if scales is None else scores * scales",
+     "    return scores if scales is None else scores * scales[picked]",
      "    return scores", "test_partition.py -k best_children"),
     ("a batch of queries scores each group for the wrong rows", "src/lshrs/_partition.py",
      "score(queries[at // per_query]", "score(queries[at % per_query]", "test_core.py -k flat_size"),

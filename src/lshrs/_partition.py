@@ -71,18 +71,12 @@ class Partition:
     def fine(self) -> FloatArray:
         """The fine centroids as float32 rows: what a small partition scores
         all at once, and what is stored."""
-        rows = self.fine_rows.astype(np.float32, copy=False)
-        if self.fine_scales is None:
-            return rows
-        scaled: FloatArray = rows * self.fine_scales[:, None]
-        return scaled
+        return _dense(self, slice(None))
 
     def _fine_scores(self, queries: FloatArray, begin: int, end: int) -> FloatArray:
         """Scores of ``queries`` (rows, or one vector) against fine centroids
         ``begin:end``, read as stored."""
-        return _scaled(
-            queries, self.fine_rows[begin:end], None if self.fine_scales is None else self.fine_scales[begin:end]
-        )
+        return _scaled(queries, self.fine_rows, self.fine_scales, slice(begin, end))
 
     @cached_property
     def sieve(self) -> Sieve:
@@ -186,8 +180,7 @@ class Partition:
     def _rescored(self, unit_query: FloatArray, shortlist: IntArray, probes: int) -> IntArray:
         """The ``probes`` buckets of ``shortlist`` most similar to the query, by
         their exact scores, best first."""
-        scales = None if self.fine_scales is None else self.fine_scales[shortlist]
-        best: IntArray = shortlist[_best(_scaled(unit_query, self.fine_rows[shortlist], scales), probes)]
+        best: IntArray = shortlist[_best(_scaled(unit_query, self.fine_rows, self.fine_scales, shortlist), probes)]
         return best
 
     def _opened(self, coarse_scores: FloatArray, probes: int) -> IntArray:
@@ -308,7 +301,7 @@ class Sieve(NamedTuple):
         return cls(basis, rows, scales)
 
     def scores(self, reduced_queries: FloatArray, begin: int, end: int) -> FloatArray:
-        return _scaled(reduced_queries, self.rows[begin:end], self.scales[begin:end])
+        return _scaled(reduced_queries, self.rows, self.scales, slice(begin, end))
 
 
 def choose_buckets(count: int) -> int:
@@ -391,11 +384,13 @@ def _top_columns(scores: FloatArray, count: int) -> IntArray:
     return tops
 
 
-def _scaled(queries: FloatArray, rows: npt.NDArray[np.int8] | FloatArray, scales: FloatArray | None) -> FloatArray:
-    """Scores of ``queries`` against ``rows`` times their ``scales``: the
-    scale multiplies the scores, not the rows."""
-    scores: FloatArray = queries @ rows.astype(np.float32, copy=False).T
-    return scores if scales is None else scores * scales
+def _scaled(
+    queries: FloatArray, rows: npt.NDArray[np.int8] | FloatArray, scales: FloatArray | None, picked: slice | IntArray
+) -> FloatArray:
+    """Scores of ``queries`` against ``rows[picked]`` times their ``scales``
+    (None: float32 rows): the scale multiplies the scores, not the rows."""
+    scores: FloatArray = queries @ rows[picked].astype(np.float32, copy=False).T
+    return scores if scales is None else scores * scales[picked]
 
 
 def _quantized(rows: FloatArray) -> tuple[npt.NDArray[np.int8], FloatArray]:
@@ -405,10 +400,14 @@ def _quantized(rows: FloatArray) -> tuple[npt.NDArray[np.int8], FloatArray]:
 
 
 def _dense(partition: Partition, picked: slice) -> FloatArray:
-    """Fine centroids ``picked`` as float32 rows, without keeping every row
-    as float32 (200 MB at 131,072 buckets)."""
-    rows = partition.fine_rows[picked].astype(np.float32)
-    return rows if partition.fine_scales is None else rows * partition.fine_scales[picked, None]
+    """Fine centroids ``picked`` as float32 rows (a view where they are
+    float32 already): a chunk at a time, the sieve never holds every row as
+    float32 (200 MB at 131,072 buckets)."""
+    rows = partition.fine_rows[picked].astype(np.float32, copy=False)
+    if partition.fine_scales is None:
+        return rows
+    scaled: FloatArray = rows * partition.fine_scales[picked, None]
+    return scaled
 
 
 def _scores(unit: FloatArray, centroids: FloatArray) -> FloatArray:
