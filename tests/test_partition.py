@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import clustered
+from lshrs import _partition
 from lshrs._partition import Partition, fit
 
 DIM = 48
@@ -150,3 +151,26 @@ def test_large_indexes_get_at_most_131072_buckets_fitted_on_4_rows_each() -> Non
 
     assert [choose_buckets(n) for n in (1_000_000, 2_000_000, 6_400_000)] == [62_500, 125_000, 131_072]
     assert [_train_rows(k) for k in (6_250, 62_500, 131_072)] == [262_144, 262_144, 524_288]
+
+
+def test_a_large_samples_coarse_level_starts_on_a_quarter_and_ends_on_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm start (``_EARLY_ROWS``, shrunk here to reach it at 4,000
+    rows) must end on the whole sample: its coarse centroids are then the
+    normalised means of the rows nearest them, as a plain fit's are (a fit
+    stopped on the quarter is off by 0.07)."""
+    started: list[int] = []
+    kmeans = _partition._kmeans
+
+    def spied(unit: np.ndarray, k: int, iterations: int, rng: np.random.Generator) -> np.ndarray:
+        started.append(len(unit))
+        return kmeans(unit, k, iterations, rng)
+
+    monkeypatch.setattr(_partition, "_EARLY_ROWS", 1000)
+    monkeypatch.setattr(_partition, "_kmeans", spied)
+    coarse = fit(UNIT, 250, seed=1).coarse
+    assert started[0] == len(UNIT) // 4  # the coarse level's start
+    nearest = np.argmax(UNIT @ coarse.T, axis=1)
+    sums = np.zeros_like(coarse)
+    np.add.at(sums, nearest, UNIT)
+    means = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+    assert np.abs(means - coarse).max() <= 1e-3

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from redis.exceptions import RedisError
 
-from . import _filters, _progress, _scripts
+from . import _cores, _filters, _progress, _scripts
 from ._admission import Admission, Call, check_timeout, deadline
 from ._cache import WriteChain
 from ._coalesce import Coalescer
@@ -54,6 +54,15 @@ class _Opened(NamedTuple):
     probes: int | None  # buckets a query reads: probes=, else the saved tuning, else the family's default
 
 
+class _Hashed(NamedTuple):
+    """A batch ready to write: its rows (less any skipped), their records,
+    and how many rows were read (progress counts those)."""
+
+    rows: Rows
+    records: npt.NDArray[np.uint8]
+    read: int
+
+
 #: A learned index fits its partition on at least this many vectors.
 MIN_TRAIN = 256
 #: Rows a partition is fitted on, at most: 8 a bucket (16 a bucket measured
@@ -82,6 +91,11 @@ _CLOSE_SECONDS = 5.0
 
 #: Batches at least this large are hashed in a worker thread, off the event loop.
 _THREAD_ROWS = 256
+#: Rows a build hashes at once, gathered from its batches: assignment scores
+#: each coarse group's centroids against the rows that open it, and 10,000
+#: rows give each of 1M's 250 groups about 80, too few for a matrix product
+#: to pay (assigning 1M: 15.3 s in batches of 10,000, 8.8 s of 100,000).
+_HASH_ROWS = 65_536
 #: Query batches at least this large plan their probes (about 0.5 ms a query)
 #: in a worker thread.
 _THREAD_QUERIES = 16
@@ -402,10 +416,10 @@ class LSHRS:
     # -- writing -------------------------------------------------------------------
 
     async def _records(self, family: Family, vectors: FloatArray) -> npt.NDArray[np.uint8]:
-        """The Redis records of a batch, in a worker thread when the batch is
-        large enough to stall the event loop."""
+        """The Redis records of a batch, in worker threads when the batch is
+        large enough to stall the event loop (:mod:`._cores`)."""
         if len(vectors) >= _THREAD_ROWS:
-            return await anyio.to_thread.run_sync(family.records, vectors)
+            return await _cores.in_parts(family.records, vectors)
         return family.records(vectors)
 
     @contextlib.asynccontextmanager
@@ -562,12 +576,13 @@ class LSHRS:
         skip_held: bool = False,
     ) -> int:
         """A three-stage pipeline over ``batches`` (a store's rows, or a batch
-        given to ``index()``): batch i+2 is read while batch i+1 is hashed in
-        a worker thread and batch i is written by ``write`` (a 1M build: 53
-        s one stage after the other). ``skip_held`` leaves out the ids the
-        index holds before hashing (a resumed build)."""
+        given to ``index()``): blocks of batches, ``_HASH_ROWS`` rows or so,
+        are hashed in worker threads while the block before is written by
+        ``write``, a batch at a time, and the next is read (a 1M build: 53 s
+        one stage after the other). ``skip_held`` leaves out the ids the index
+        holds before hashing (a resumed build)."""
         to_hash, hashing = anyio.create_memory_object_stream[Rows](1)
-        to_write, writing = anyio.create_memory_object_stream[tuple[Rows, npt.NDArray[np.uint8], int]](1)
+        to_write, writing = anyio.create_memory_object_stream[list[_Hashed]](1)
         done = 0
 
         async def read() -> None:
@@ -584,22 +599,29 @@ class LSHRS:
                     with anyio.move_on_after(_CLOSE_SECONDS, shield=True):
                         await close()
 
-        async def hash_batches() -> None:
+        async def hash_blocks() -> None:
             async with hashing, to_write:
+                block: list[Rows] = []
                 async for rows in hashing:
-                    await to_write.send((*await self._hashed(opened, rows, skip_held), len(rows)))
+                    block.append(rows)
+                    if sum(map(len, block)) >= _HASH_ROWS:
+                        await to_write.send(await self._hashed_block(opened, block, skip_held))
+                        block = []
+                if block:
+                    await to_write.send(await self._hashed_block(opened, block, skip_held))
 
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(read)
-                group.start_soon(hash_batches)
+                group.start_soon(hash_blocks)
                 async with writing:
-                    async for rows, records, seen in writing:
-                        if len(rows):
-                            await write(rows, records)
-                        done += seen
-                        if report:
-                            report(done, total)
+                    async for hashed in writing:
+                        for rows, records, seen in hashed:
+                            if len(rows):
+                                await write(rows, records)
+                            done += seen
+                            if report:
+                                report(done, total)
         except BaseExceptionGroup as failed:
             raise _cause(failed) from None
         await opened.sharded.compact()  # the batches' appends left room to grow in every bucket
@@ -625,12 +647,20 @@ class LSHRS:
             return await self._reconcile(store, report)
 
     async def _hashed(self, opened: _Opened, rows: Rows, skip_held: bool) -> tuple[Rows, npt.NDArray[np.uint8]]:
-        """A batch with its records, less the ids the index holds when
-        ``skip_held`` (a resumed build): those are not even hashed."""
+        """A batch with its records (:meth:`_hashed_block` of one batch)."""
+        ((kept, records, _),) = await self._hashed_block(opened, [rows], skip_held)
+        return kept, records
+
+    async def _hashed_block(self, opened: _Opened, block: list[Rows], skip_held: bool) -> list[_Hashed]:
+        """Each batch of ``block`` with its records, hashed as one matrix, less
+        the ids the index holds when ``skip_held`` (a resumed build): those
+        are not even hashed."""
         assert opened.family is not None
-        if skip_held:
-            rows = rows.only(~await opened.sharded.held(rows.ids))
-        return rows, await self._records(opened.family, as_vectors(rows.vectors, opened.config.dim))
+        kept = [rows.only(~await opened.sharded.held(rows.ids)) if skip_held else rows for rows in block]
+        vectors = [as_vectors(rows.vectors, opened.config.dim) for rows in kept]
+        records = await self._records(opened.family, vectors[0] if len(kept) == 1 else np.concatenate(vectors))
+        ends = np.cumsum([len(rows) for rows in kept]).tolist()
+        return [_Hashed(rows, records[end - len(rows) : end], len(read)) for rows, end, read in zip(kept, ends, block)]
 
     async def _reconcile(self, store: VectorStore, report: ProgressCallback | None) -> Reconciled:
         opened = await self._refreshed(await self._trained(None, report))
