@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import clustered, index_state
-from lshrs import LSHRS, Reconciled
+from lshrs import LSHRS, Reconciled, _lshrs
 from lshrs.adapters import InMemoryStore, PostgresStore
 
 pytestmark = pytest.mark.anyio
@@ -185,7 +185,7 @@ class Cut(Exception):
 
 
 async def test_a_resumed_build_skips_what_was_indexed(
-    postgres_dsn: str, redis_url: str, raw_redis: Any, hashing: str, shards: int
+    postgres_dsn: str, redis_url: str, raw_redis: Any, hashing: str, shards: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A build cut short at 60% and run again with resume=True hashes only
     the rows it had not reached: an indexed row whose vector changed since
@@ -199,6 +199,9 @@ async def test_a_resumed_build_skips_what_was_indexed(
             raise Cut
 
     options: dict[str, Any] = {"store": store, "hashing": hashing, "shards": shards, "batch_size": 200}
+    # Hashed in blocks of 2 batches, not 65,536 rows: the cut comes while
+    # the table is still being read, as in a large build.
+    monkeypatch.setattr(_lshrs, "_HASH_ROWS", 400)
     async with LSHRS(dim=DIM, redis_url=redis_url, prefix="res", **options) as lsh:
         with pytest.raises(Cut):
             await lsh.index(progress=crash_at_60_percent)
