@@ -199,9 +199,10 @@ async def test_a_resumed_build_skips_what_was_indexed(
             raise Cut
 
     options: dict[str, Any] = {"store": store, "hashing": hashing, "shards": shards, "batch_size": 200}
-    # Hashed in blocks of 2 batches, not 65,536 rows: the cut comes while
-    # the table is still being read, as in a large build.
-    monkeypatch.setattr(_lshrs, "_HASH_ROWS", 400)
+    # Hashed a batch at a time, not in blocks of 65,536 rows: the cut comes
+    # while the table is still being read, as in a large build (blocks of 2
+    # batches let the reader finish the table first, now and then).
+    monkeypatch.setattr(_lshrs, "_HASH_ROWS", 200)
     async with LSHRS(dim=DIM, redis_url=redis_url, prefix="res", **options) as lsh:
         with pytest.raises(Cut):
             await lsh.index(progress=crash_at_60_percent)
