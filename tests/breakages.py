@@ -92,7 +92,7 @@ BREAKAGES = [
      "if config is None or IndexConfig.from_json(config) != opened.config:", "if False:",
      "test_deadlines.py -k flushed"),
     ("a failed build raises an ExceptionGroup", "src/lshrs/_lshrs.py",
-     "            raise _cause(failed) from None", "            raise", "test_deadlines.py -k streamed_build"),
+     "            raise cause_of(failed) from None", "            raise", "test_deadlines.py -k streamed_build"),
     ("reconcile trusts bucket membership", "src/lshrs/_scripts.py",
      "    if not contains(redis.call('GET', key) or '', id) then", "    if false then",
      "test_reconcile.py -k difference"),

@@ -26,6 +26,8 @@ import numpy as np
 import numpy.typing as npt
 from threadpoolctl import ThreadpoolController
 
+from ._errors import cause_of
+
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
@@ -94,5 +96,5 @@ async def in_parts(work: Callable[[Any], npt.NDArray[Any]], rows: npt.NDArray[An
                 for part in range(parts):
                     group.start_soon(run, part)
     except BaseExceptionGroup as failed:  # the error as ``work`` raised it, not wrapped
-        raise failed.exceptions[0] from None
+        raise cause_of(failed) from None
     return np.concatenate(done)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
+import anyio
 from redis.exceptions import ConnectionError
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 
 class Overloaded(TimeoutError):
@@ -40,3 +46,19 @@ def lost_connection(exc: BaseException | None) -> ConnectionError | None:
 
 
 _CONNECTION_MODULES = frozenset({"redis.asyncio.connection", "redis.connection"})
+
+
+def cause_of(failed: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that failed a task group, type unchanged, so that ``except
+    redis.ConnectionError`` catches a failed build; the other stages' errors
+    (a stream closed under them) are its consequences."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [failed]
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending[:0] = error.exceptions
+        else:
+            leaves.append(error)
+    consequences = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
+    return next((error for error in leaves if not isinstance(error, consequences)), leaves[0])

@@ -28,7 +28,7 @@ from ._coalesce import Coalescer
 from ._codes import ProductCodes, code_bytes, fit_codes
 from ._config import HASHINGS, IndexConfig, check_prefix, choose_bands, choose_rows
 from ._connect import check_client, connect
-from ._errors import IndexMissing
+from ._errors import IndexMissing, cause_of
 from ._family import Family, HyperplaneFamily, Layout, LearnedFamily, banded_layout, learned_layout
 from ._hashing import Bands, make_projection
 from ._index import Candidates, Client, ShardedIndex, meta_keys, together
@@ -623,7 +623,7 @@ class LSHRS:
                             if report:
                                 report(done, total)
         except BaseExceptionGroup as failed:
-            raise _cause(failed) from None
+            raise cause_of(failed) from None
         await opened.sharded.compact()  # the batches' appends left room to grow in every bucket
         return done
 
@@ -1248,22 +1248,6 @@ def _whole() -> anyio.CancelScope:
 def _train_rows(buckets: int) -> int:
     """The most rows a partition of ``buckets`` is fitted on."""
     return max(_TRAIN_ROWS, _TRAIN_LEAST * buckets)
-
-
-def _cause(failed: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error that failed a task group, type unchanged, so that ``except
-    redis.ConnectionError`` catches a failed build; the other stages' errors
-    (a stream closed under them) are its consequences."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [failed]
-    while pending:
-        error = pending.pop(0)
-        if isinstance(error, BaseExceptionGroup):
-            pending[:0] = error.exceptions
-        else:
-            leaves.append(error)
-    consequences = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
-    return next((error for error in leaves if not isinstance(error, consequences)), leaves[0])
 
 
 def _scored(
