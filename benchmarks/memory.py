@@ -36,7 +36,7 @@ PREFIX = "mem"
 #: Key suffix -> what the key holds.
 KINDS = {
     "s": "id records (hashes of about 32: id -> bucket + 32-byte code)",
-    "b": "buckets (strings of 8-byte ids)",
+    "b": "buckets (strings of ids)",
     "l": "change log (last 4,096 written ids a shard)",
     "g": "change generation counters",
     "n": "id counts",
@@ -53,7 +53,7 @@ def kind_of(key: bytes) -> str:
     return suffix[:1].decode() if suffix[:1] in (b"b", b"s") else suffix.decode()
 
 
-async def breakdown(client: Redis, record_bytes: int) -> dict[str, dict[str, int]]:
+async def breakdown(client: Redis, record_bytes: int, id_bytes: int) -> dict[str, dict[str, int]]:
     """Per kind of key: how many, their MEMORY USAGE and the data they hold."""
     keys = [key async for key in client.scan_iter(match=f"{{{PREFIX}*", count=5000)]
     out: dict[str, dict[str, int]] = {}
@@ -72,17 +72,17 @@ async def breakdown(client: Redis, record_bytes: int) -> dict[str, dict[str, int
             row = out.setdefault(kind_of(key), {"keys": 0, "memory": 0, "data": 0})
             row["keys"] += 1
             row["memory"] += int(used)
-            # A hash holds 8-byte ids and their records; a list holds 8-byte ids.
-            row["data"] += int(size) * {b"string": 1, b"hash": 8 + record_bytes, b"list": 8}[kind]
+            # A hash holds stored ids and their records; the change log, ids of 8 bytes.
+            row["data"] += int(size) * {b"string": 1, b"hash": id_bytes + record_bytes, b"list": 8}[kind]
     return out
 
 
-async def run(size: int) -> dict[str, Any]:
+async def run(size: int, id_bytes: int | None = None) -> dict[str, Any]:
     data = load("minilm", size, 0)
     with redis_server() as server:
         client = Redis.from_url(server.url)
         before = int((await client.info("memory"))["used_memory"])
-        lsh = LSHRS(dim=data.base.shape[1], redis_url=server.url, prefix=PREFIX)
+        lsh = LSHRS(dim=data.base.shape[1], redis_url=server.url, prefix=PREFIX, id_bytes=id_bytes)
         started = time.perf_counter()
         await lsh.index(np.arange(len(data.base)), data.base)
         build = time.perf_counter() - started
@@ -94,7 +94,8 @@ async def run(size: int) -> dict[str, Any]:
         started = time.perf_counter()
         await lsh.stats(exact=True)
         exact = time.perf_counter() - started
-        rows = await breakdown(client, record_bytes)
+        id_bytes = lsh.config.id_bytes
+        rows = await breakdown(client, record_bytes, id_bytes)
         await lsh.close()
         await client.aclose()
     return {
@@ -102,6 +103,7 @@ async def run(size: int) -> dict[str, Any]:
         "dataset": data.name,
         "vectors": len(data.base),
         "buckets": stats["partition_buckets"],
+        "id_bytes": id_bytes,
         "build_seconds": round(build, 1),
         "stats_seconds": {"sampled": round(sampled, 3), "exact": round(exact, 3)},
         "used_memory_growth": after - before,
@@ -112,7 +114,8 @@ async def run(size: int) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     n = result["vectors"]
     lines = [
-        f"Command: `{result['command']}`; {result['dataset']}, {n:,} vectors, {result['buckets']:,} buckets; "
+        f"Command: `{result['command']}`; {result['dataset']}, {n:,} vectors, {result['buckets']:,} buckets, "
+        f"{result.get('id_bytes', 8)}-byte ids; "
         f"build from memory {result['build_seconds']} s; Redis `used_memory` grew "
         f"{result['used_memory_growth'] / n:.1f} B a vector. `stats()` took {result['stats_seconds']['sampled']} s "
         f"(sampled buckets), `stats(exact=True)` {result['stats_seconds']['exact']} s (every bucket).",
@@ -157,8 +160,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=parse_size, default=100_000)
     parser.add_argument("--name", default=None)
+    parser.add_argument("--id-bytes", type=int, choices=(4, 8), default=None, help="default: the library's (4)")
     args = parser.parse_args()
-    result = asyncio.run(run(args.size))
+    result = asyncio.run(run(args.size, args.id_bytes))
     label = f"{args.size // 1_000_000}M" if args.size >= 1_000_000 else f"{args.size // 1000}k"
     stem = RESULTS / (args.name or f"memory-{label}")
     save(result, stem, table, plot)

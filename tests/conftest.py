@@ -137,6 +137,20 @@ async def keyspace(client: Any) -> dict[bytes, Any]:
     return dump
 
 
+def stored_id(lsh: LSHRS, id_: int) -> bytes:
+    """An id as the index's buckets and record fields hold it: its low 4
+    bytes (unsigned), or all 8, little-endian (written out here, not with
+    lshrs's own packing)."""
+    width = lsh.config.id_bytes
+    return id_.to_bytes(width, "little", signed=width == 8)
+
+
+def bucket_members(lsh: LSHRS, value: bytes) -> np.ndarray:
+    """The ids of a bucket string."""
+    assert len(value) % lsh.config.id_bytes == 0, f"not a string of {lsh.config.id_bytes}-byte ids"
+    return np.frombuffer(value, "<u4" if lsh.config.id_bytes == 4 else "<i8").astype(np.int64)
+
+
 async def index_state(client: Any, lsh: LSHRS, leases: bool = False) -> dict[int, bytes]:
     """Records of the prefix, after checking that they and the buckets agree
     exactly: every id sits in one bucket per table (band), the one its record
@@ -148,15 +162,21 @@ async def index_state(client: Any, lsh: LSHRS, leases: bool = False) -> dict[int
     held: Counter[int] = Counter()  # records a shard holds
     counted: dict[int, int] = {}  # what a grouped shard's id count says
     group_of_id: dict[int, int] = {}
+    id_bytes = lsh.config.id_bytes  # an id's bytes in a bucket and a record field: 4 (unsigned) or 8
+
+    def field_id(field: bytes) -> int:
+        assert len(field) == id_bytes, f"a record field of {len(field)} bytes in an index of {id_bytes}-byte ids"
+        return int.from_bytes(field, "little", signed=id_bytes == 8)
+
     async for key in client.scan_iter(match=f"{{{lsh.prefix}:*}}:*", count=1000):
         tag, kind = key.split(b"}:", 1)
         shard = int(tag.rsplit(b":", 1)[1])
         if kind == b"s" or kind.startswith(b"s:"):  # one record hash a shard, or its record groups
             for id_, sig in (await client.hgetall(key)).items():
-                signatures[int.from_bytes(id_, "little", signed=True)] = sig
+                signatures[field_id(id_)] = sig
                 held[shard] += 1
                 if kind != b"s":
-                    group_of_id[int.from_bytes(id_, "little", signed=True)] = int(kind[2:])
+                    group_of_id[field_id(id_)] = int(kind[2:])
         elif kind == b"n":
             counted[shard] = int(await client.get(key))
         elif kind == b"g":  # the shard's generation counter, not an id's data
@@ -168,7 +188,7 @@ async def index_state(client: Any, lsh: LSHRS, leases: bool = False) -> dict[int
             logs.append(logged - {TOMBSTONE})
         else:
             assert kind.startswith(b"b"), key
-            members = np.frombuffer(await client.get(key), "<i8").tolist()
+            members = bucket_members(lsh, await client.get(key)).tolist()
             assert len(members) == len(set(members)), f"an id appears twice in bucket {key!r}"
             buckets[(kind[1:], int(tag.rsplit(b":", 1)[1]))] = set(members)
     assert all(buckets.values()), "an empty bucket was left behind"

@@ -55,6 +55,9 @@ CASES: list[tuple[str, Call, type[Exception], str]] = [
     ("query two vectors", lambda x: x.query(good[:2]), ValueError, "query_many"),
     ("query NaN", lambda x: x.query(nan_row[1]), ValueError, "NaN"),
     ("delete string id", lambda x: x.delete(["x"]), TypeError, "ids must be integers"),
+    # 4-byte ids (the default): cut to 4 bytes, 2**32 + 100 would overwrite id 100.
+    ("id past 4 bytes", lambda x: x.index([1, 2, 2**32 + 100, 3], good), ValueError, r"id 4294967396 .*id_bytes=8"),
+    ("negative id", lambda x: x.ingest(-1, good[0]), ValueError, r"id -1 does not fit .*4-byte ids"),
 ]
 
 
@@ -101,6 +104,8 @@ async def test_bad_input_is_refused_and_writes_nothing(
         ({"timeout": -1.0}, ValueError, "timeout must be a positive number"),
         ({"timeout": "10"}, ValueError, "timeout must be a positive number"),
         ({"timeout": float("nan")}, ValueError, "timeout must be a positive number"),
+        ({"id_bytes": 2}, ValueError, "id_bytes must be 4"),
+        ({"id_bytes": True}, ValueError, "id_bytes must be 4"),
     ],
 )
 def test_bad_configuration_is_refused(options: dict[str, Any], error: type[Exception], message: str) -> None:

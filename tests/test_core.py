@@ -97,12 +97,16 @@ async def test_delete_removes_every_trace(make_lsh: Any, raw_redis: Any) -> None
     assert await lsh.delete([5, 6, 7, 10_000]) == 3
     after = await index_state(raw_redis, lsh)
     assert set(after) == set(range(300)) - {5, 6, 7}
-    gone = {i.to_bytes(8, "little", signed=True) for i in (5, 6, 7)}  # how Redis holds an id
+    width = lsh.config.id_bytes  # how buckets and record fields hold an id; the change log, in 8 bytes
+    stored = {i.to_bytes(width, "little", signed=width == 8) for i in (5, 6, 7)}
+    logged = {i.to_bytes(8, "little", signed=True) for i in (5, 6, 7)}
     for key, (kind, value) in (await keyspace(raw_redis)).items():
-        if kind in ("hash", "list"):  # signature fields, change-log entries
-            assert not set(value) & gone, key
-        elif kind == "string" and b"}:b" in key:  # a bucket: 8-byte ids back to back
-            assert not {value[at : at + 8] for at in range(0, len(value), 8)} & gone, key
+        if kind == "hash":  # record fields
+            assert not set(value) & stored, key
+        elif kind == "list":  # change-log entries
+            assert not set(value) & logged, key
+        elif kind == "string" and b"}:b" in key:  # a bucket: ids back to back
+            assert not {value[at : at + width] for at in range(0, len(value), width)} & stored, key
     assert all(h.id not in (5, 6, 7) for h in await lsh.query(base[5], top_k=50))
     assert await lsh.delete(range(300)) == 297
     assert {k for k in await keyspace(raw_redis) if not k.endswith((b":cfg", b":proj", b":cent", b":g"))} == set()
@@ -662,20 +666,21 @@ async def test_a_bulk_build_leaves_no_room_to_grow_in_its_buckets(redis_url: str
         await lsh.drop()
 
 
-def test_a_capped_learned_query_cuts_its_boundary_bucket_by_id() -> None:
+@pytest.mark.parametrize("width", [4, 8])
+def test_a_capped_learned_query_cuts_its_boundary_bucket_by_id(width: int) -> None:
     """Whole buckets in probe order, then the smallest ids of the bucket that
     crosses the cap, whatever order the writes left inside it."""
-    from lshrs._index import nearest_buckets, packed_id
+    from lshrs._index import nearest_buckets
 
     def bucket(*ids: int) -> bytes:
-        return b"".join(packed_id(i) for i in ids)
+        return b"".join(i.to_bytes(width, "little") for i in ids)
 
     buckets = [bucket(9, 4), bucket(30, 7, 12), bucket(1, 2)]
-    assert nearest_buckets(buckets, 10).tolist() == [9, 4, 30, 7, 12, 1, 2]
-    assert nearest_buckets(buckets, 4).tolist() == [9, 4, 7, 12]
-    assert nearest_buckets(list(reversed(buckets[:2])), 4).tolist() == [30, 7, 12, 4]
-    assert nearest_buckets(buckets, 2).tolist() == [9, 4]
-    assert nearest_buckets(buckets, 1).tolist() == [4]
+    assert nearest_buckets(buckets, 10, width).tolist() == [9, 4, 30, 7, 12, 1, 2]
+    assert nearest_buckets(buckets, 4, width).tolist() == [9, 4, 7, 12]
+    assert nearest_buckets(list(reversed(buckets[:2])), 4, width).tolist() == [30, 7, 12, 4]
+    assert nearest_buckets(buckets, 2, width).tolist() == [9, 4]
+    assert nearest_buckets(buckets, 1, width).tolist() == [4]
 
 
 async def test_sampled_ids_are_distinct_indexed_ids(make_lsh: Any) -> None:

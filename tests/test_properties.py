@@ -19,27 +19,38 @@ from lshrs.adapters import InMemoryStore
 
 DIM = 16
 VECTORS = clustered(64, DIM, centers=4, seed=5)
+#: Ids of an index of 8-byte ids, negative ones included; of one of 4-byte
+#: ids (the default), and ids that share their low 4 bytes with those, which
+#: a delete names: it must remove nothing.
 IDS = st.integers(min_value=-3, max_value=12)
+SHORT_IDS = st.integers(min_value=0, max_value=12)
+ALIASES = st.integers(min_value=2**32, max_value=2**32 + 12)
 ROWS = st.integers(min_value=0, max_value=len(VECTORS) - 1)
 
-operations = st.lists(
-    st.one_of(
-        st.tuples(st.just("ingest"), IDS, ROWS),
-        st.tuples(st.just("index"), st.dictionaries(IDS, ROWS, min_size=1, max_size=6)),
-        st.tuples(st.just("delete"), st.lists(IDS, max_size=5)),
-        st.tuples(st.just("query"), ROWS),
-    ),
-    min_size=1,
-    max_size=20,
-)
+
+def operations(ids: st.SearchStrategy[int], deleted: st.SearchStrategy[int]) -> st.SearchStrategy[list[Any]]:
+    return st.lists(
+        st.one_of(
+            st.tuples(st.just("ingest"), ids, ROWS),
+            st.tuples(st.just("index"), st.dictionaries(ids, ROWS, min_size=1, max_size=6)),
+            st.tuples(st.just("delete"), st.lists(deleted, max_size=5)),
+            st.tuples(st.just("query"), ROWS),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+
+
 #: Ids written at once by a bulk step: over 500 a shard on 2 shards, so the
 #: writes are split into several script calls (``_index.WRITE_CHUNK``).
 BULK = 1100
 cluster_operations = st.lists(
     st.one_of(
         st.tuples(st.just("bulk"), st.integers(min_value=0, max_value=3)),
-        st.tuples(st.just("ingest"), IDS, ROWS),
-        st.tuples(st.just("delete"), st.lists(st.one_of(IDS, st.integers(100, 100 + 4 * BULK)), max_size=5)),
+        st.tuples(st.just("ingest"), SHORT_IDS, ROWS),
+        st.tuples(
+            st.just("delete"), st.lists(st.one_of(SHORT_IDS, ALIASES, st.integers(100, 100 + 4 * BULK)), max_size=5)
+        ),
         st.tuples(st.just("query"), ROWS),
     ),
     min_size=1,
@@ -66,11 +77,11 @@ def reference_record(vector: Any, projection: Any, bands: int, rows: int) -> byt
     return out
 
 
-async def play(url: str, steps: list[tuple[Any, ...]], shards: int = 1) -> None:
+async def play(url: str, steps: list[tuple[Any, ...]], shards: int = 1, id_bytes: int = 4) -> None:
     client: Any = Redis.from_url(url) if shards == 1 else RedisCluster.from_url(url)
     store = InMemoryStore()
     prefix = f"prop{next(_prefixes)}"
-    options = {"expected_size": 1000, "hashing": "hyperplane", "shards": shards}
+    options = {"expected_size": 1000, "hashing": "hyperplane", "shards": shards, "id_bytes": id_bytes}
     async with LSHRS(dim=DIM, redis_url=url, prefix=prefix, store=store, **options) as lsh:  # type: ignore[arg-type]
         config = lsh.config
         raw = await client.get(f"{{{prefix}}}:proj")
@@ -110,10 +121,17 @@ async def play(url: str, steps: list[tuple[Any, ...]], shards: int = 1) -> None:
     await client.aclose()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=operations)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=operations(IDS, IDS))
 def test_random_operations_match_a_dict_model(redis_proc: Any, steps: list[tuple[Any, ...]]) -> None:
-    asyncio.run(play(f"redis://{redis_proc.host}:{redis_proc.port}/3", steps))
+    asyncio.run(play(f"redis://{redis_proc.host}:{redis_proc.port}/3", steps, id_bytes=8))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=operations(SHORT_IDS, st.one_of(SHORT_IDS, ALIASES)))
+@example(steps=[("ingest", 3, 0), ("delete", [2**32 + 3]), ("query", 0)])
+def test_random_operations_on_4_byte_ids_match_a_dict_model(redis_proc: Any, steps: list[tuple[Any, ...]]) -> None:
+    asyncio.run(play(f"redis://{redis_proc.host}:{redis_proc.port}/3", steps, id_bytes=4))
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -122,8 +140,8 @@ def test_random_operations_match_a_dict_model(redis_proc: Any, steps: list[tuple
 def test_random_operations_on_a_cluster_match_a_dict_model(
     cluster_ports: list[int], steps: list[tuple[Any, ...]]
 ) -> None:
-    """The same model check on the 3-master cluster, ids over 2 shards, with
-    bulk writes larger than one script call takes."""
+    """The same model check on the 3-master cluster, 4-byte ids over 2
+    shards, with bulk writes larger than one script call takes."""
     asyncio.run(play(f"redis://127.0.0.1:{cluster_ports[0]}/0", steps, shards=2))
 
 

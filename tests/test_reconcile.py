@@ -12,7 +12,7 @@ import asyncpg
 import numpy as np
 import pytest
 
-from conftest import clustered, index_state
+from conftest import bucket_members, clustered, index_state, stored_id
 from lshrs import LSHRS, Reconciled, _lshrs
 from lshrs.adapters import InMemoryStore, PostgresStore
 
@@ -66,19 +66,19 @@ async def test_reconcile_repairs_exactly_the_difference(
         index = (await lsh._ready()).sharded
         for i in lost_records:
             key = index.record_keys(i % shards, np.array([i]))[0]  # the shard's record hash, or the id's group
-            assert await raw_redis.hdel(key, i.to_bytes(8, "little", signed=True)) == 1
+            assert await raw_redis.hdel(key, stored_id(lsh, i)) == 1
         lost_buckets = rng.sample(await bucket_keys(raw_redis, "rec"), 6)
         emptied: set[int] = set()
         for key in lost_buckets:
-            emptied |= set(np.frombuffer(await raw_redis.get(key), "<i8").tolist())
+            emptied |= set(bucket_members(lsh, await raw_redis.get(key)).tolist())
             await raw_redis.delete(key)
         # ...and gains strays: an id in a bucket its record does not name, and an unknown id.
         keys = await bucket_keys(raw_redis, "rec")
-        members = {key: np.frombuffer(await raw_redis.get(key), "<i8") for key in keys}
+        members = {key: bucket_members(lsh, await raw_redis.get(key)) for key in keys}
         wrong = next(key for key in keys if 777 not in members[key])
-        await raw_redis.append(wrong, (777).to_bytes(8, "little", signed=True))
+        await raw_redis.append(wrong, stored_id(lsh, 777))
         first_shard = next(key for key in keys if key.startswith(b"{rec:0}"))
-        await raw_redis.append(first_shard, (999_999 * shards).to_bytes(8, "little", signed=True))
+        await raw_redis.append(first_shard, stored_id(lsh, 999_999 * shards))
 
         # The table changes behind lshrs's back: 50 rows in, 40 out, 30 vectors changed.
         conn = await asyncpg.connect(postgres_dsn)
@@ -148,7 +148,7 @@ async def test_reconcile_clears_strays_from_every_bucket_key(redis_url: str, raw
         before = await buckets(keys)
         pipe = raw_redis.pipeline(transaction=False)
         for key in keys:
-            pipe.append(key, (10**9).to_bytes(8, "little", signed=True))
+            pipe.append(key, stored_id(lsh, 10**9))
         await pipe.execute()
         report = await lsh.reconcile()
         assert report.strays == len(keys)

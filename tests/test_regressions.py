@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import redis.exceptions
 
-from conftest import assert_found_itself, clustered, index_state
+from conftest import assert_found_itself, clustered, index_state, stored_id
 from lshrs import LSHRS, Hit
 from lshrs._index import ShardedIndex
 from lshrs._scripts import CHANGE_LOG
@@ -141,6 +141,10 @@ async def test_postgres_ids_past_int32_and_quoted_names(big_ids_table: str, redi
     store = PostgresStore(big_ids_table, table="Big Ids", id_column="Row Id", vector_column="Vec", text_column="Body")
     async with LSHRS(dim=DIM, redis_url=url, prefix="bigids", store=store) as lsh:
         await lsh.drop()
+        with pytest.raises(ValueError, match=r"id 1099511627776 does not fit .*id_bytes=8"):  # 4 bytes: the default
+            await lsh.index()
+        await lsh.drop()
+    async with LSHRS(dim=DIM, redis_url=url, prefix="bigids", store=store, id_bytes=8) as lsh:
         assert await lsh.index() == 400
         hits = await lsh.query(base[17], top_k=3)
         assert hits[0] == Hit(2**40 + 17, pytest.approx(1.0, abs=1e-5), "row 17")  # type: ignore[arg-type]
@@ -151,7 +155,7 @@ async def test_a_pool_passed_in_stays_open(big_ids_table: str, redis_proc: Any) 
     pool = await asyncpg.create_pool(big_ids_table, min_size=1, max_size=2)
     url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
     store = PostgresStore(pool, table="Big Ids", id_column="Row Id", vector_column="Vec")
-    async with LSHRS(dim=DIM, redis_url=url, prefix="pool", store=store) as lsh:
+    async with LSHRS(dim=DIM, redis_url=url, prefix="pool", store=store, id_bytes=8) as lsh:
         await lsh.drop()
         await lsh.index()
         await lsh.drop()
@@ -274,7 +278,7 @@ async def test_a_cold_query_answers_without_an_id_whose_record_was_lost(make_lsh
     await writer.index(np.arange(600), base)
     index = (await writer._ready()).sharded
     shard = 5 % writer.config.shards
-    assert await raw_redis.hdel(index.record_keys(shard, np.array([5]))[0], (5).to_bytes(8, "little", signed=True))
+    assert await raw_redis.hdel(index.record_keys(shard, np.array([5]))[0], stored_id(writer, 5))
     reader = await make_lsh()  # a cold cache: the query script returns the records
     hits = await reader.query(base[5], top_k=5)
     assert len(hits) == 5 and 5 not in {h.id for h in hits}

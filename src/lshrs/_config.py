@@ -7,8 +7,17 @@ import math
 import re
 from dataclasses import asdict, dataclass, fields
 
-#: Bump when the Redis layout changes incompatibly.
+#: Bump when the Redis layout changes incompatibly. Layout 3 is layout 2 with
+#: 4-byte ids (``id_bytes``); this version reads both.
 LAYOUT_VERSION = 2
+LAYOUT_SHORT_IDS = 3
+#: The ids a 4-byte index holds are 0 to this.
+MAX_SHORT_ID = 2**32 - 1
+#: Bytes a new index stores an id in, in each bucket and record. Four fit
+#: every serial key a table of billions of rows hands out and save 8 bytes a
+#: vector of Redis (a bucket entry and a record's field); an index of
+#: negative or larger ids is built with ``id_bytes=8``.
+DEFAULT_ID_BYTES = 4
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _MAX_BANDS = 48
@@ -75,6 +84,14 @@ class IndexConfig:
     hashing: str = "hyperplane"
     sketch_bits: int = 0
     code_bytes: int = 0
+    id_bytes: int = 8  # what an index stored before the field holds
+
+    def __post_init__(self) -> None:
+        if self.id_bytes not in (4, 8) or self.layout != layout_of(self.id_bytes):
+            raise ValueError(
+                f"the stored index has layout {self.layout} with {self.id_bytes}-byte ids, "
+                "unknown to this lshrs version"
+            )
 
     def to_json(self) -> bytes:
         """The form stored under ``{prefix}:cfg``: plain JSON, never pickle."""
@@ -94,6 +111,13 @@ class IndexConfig:
         """Fields the caller set explicitly that differ from the stored index."""
         return [
             f"{name}: given {getattr(self, name)}, stored {getattr(stored, name)}"
-            for name in sorted(given | {"dim", "layout"})
+            for name in sorted(given | {"dim"})
             if getattr(self, name) != getattr(stored, name)
         ]
+
+
+def layout_of(id_bytes: int) -> int:
+    """The layout version of an index with ``id_bytes``-byte ids: a client
+    that predates 4-byte ids reads layout 3 as another configuration and
+    refuses it, rather than read its buckets as 8-byte ids."""
+    return LAYOUT_SHORT_IDS if id_bytes == 4 else LAYOUT_VERSION

@@ -40,6 +40,7 @@ class Layout:
     key_bytes: int
     record_bytes: int
     grouped: bool = False  # records in small hashes (``_index.groups_for``) rather than one a shard
+    id_bytes: int = 8  # an id as bucket entry and record field: its low 4 bytes, or all 8
 
 
 def banded_layout(bands: Bands) -> Layout:

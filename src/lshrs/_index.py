@@ -16,6 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from . import _scripts
 from ._cache import SignatureCache, WriteChain
+from ._config import MAX_SHORT_ID
 from ._family import Layout
 
 Client = Redis | RedisCluster
@@ -146,7 +147,24 @@ class ShardedIndex:
         return np.mod(ids, self._shards)
 
     def _static_args(self, shard: int) -> list[Any]:
-        return [self.bucket_base(shard), self._layout.key_bytes, self._layout.tables, self.groups]
+        return [self.bucket_base(shard), self._layout.key_bytes, self._layout.tables, self.groups, self.id_bytes]
+
+    @property
+    def id_bytes(self) -> int:
+        """Bytes of an id as a bucket entry and a record field."""
+        return self._layout.id_bytes
+
+    def fits(self, ids: IdArray) -> npt.NDArray[np.bool_]:
+        """Which ``ids`` this index can hold. One that does not fit is in no
+        bucket; cut to 4 bytes it would name another id, so deletes and
+        lookups leave it out."""
+        if self.id_bytes == 8:
+            return np.ones(len(ids), bool)
+        return (ids >= 0) & (ids <= MAX_SHORT_ID)
+
+    def _ids(self, packed: bytes) -> IdArray:
+        """Ids as buckets and record fields hold them, concatenated."""
+        return parse_ids(packed, self.id_bytes)
 
     def _chunks(self, ids: IdArray) -> list[tuple[int, npt.NDArray[np.intp]]]:
         """Rows of ``ids`` by shard, at most ``WRITE_CHUNK`` a chunk."""
@@ -246,10 +264,17 @@ class ShardedIndex:
 
     async def held(self, ids: IdArray) -> npt.NDArray[np.bool_]:
         """Which ``ids`` have a record (``_scripts.HELD``)."""
+        fits = self.fits(ids)
+        if not fits.all():
+            out = np.zeros(len(ids), dtype=bool)
+            out[fits] = await self.held(ids[fits])
+            return out
         chunks = self._chunks(ids)
         replies = await asyncio.gather(
             *(
-                self._held(keys=[self.signature_key(s)], args=[ids[rows].astype("<i8").tobytes(), self.groups])
+                self._held(
+                    keys=[self.signature_key(s)], args=[ids[rows].astype("<i8").tobytes(), self.groups, self.id_bytes]
+                )
                 for s, rows in chunks
             )
         )
@@ -264,7 +289,7 @@ class ShardedIndex:
         for shard in range(self._shards):
             async for ids, _ in self._record_batches(shard, 10_000):
                 found.append(ids)
-        return parse_ids(b"".join(found))
+        return self._ids(b"".join(found))
 
     async def _record_batches(self, shard: int, batch: int) -> AsyncIterator[tuple[bytes, bytes]]:
         """A shard's (ids, records), each concatenated, about ``batch`` at a
@@ -299,7 +324,7 @@ class ShardedIndex:
             base = self.bucket_base(shard)
             keys = await self._bucket_keys(shard)
             for start in range(0, len(keys), WRITE_CHUNK):
-                args = [base, self._layout.key_bytes, self.groups, *keys[start : start + WRITE_CHUNK]]
+                args = [base, self._layout.key_bytes, self.groups, self.id_bytes, *keys[start : start + WRITE_CHUNK]]
                 removed += int(await self._write(self._strays, [self.signature_key(shard)], args))
         return removed
 
@@ -325,7 +350,7 @@ class ShardedIndex:
 
     async def delete(self, ids: IdArray) -> int:
         """Remove every bucket membership and the signature; returns how many existed."""
-        return await self._per_shard(ids, self._delete)
+        return await self._per_shard(ids[self.fits(ids)], self._delete)
 
     @property
     def probe_key_width(self) -> int:
@@ -360,16 +385,17 @@ class ShardedIndex:
             -1 if known is None else known,
             cap,
             self.groups,
+            self.id_bytes,
         ]
         reply = await self._query(keys=self.script_keys(shard), args=args)
         generation, size, buckets, changed, covered = reply[:5]
         self._cache.observe(shard, int(generation), int(size), known, parse_ids(changed) if covered else None)
         if cold and reply[5]:  # the script read these in the same atomic step as the buckets
-            self._cache.add(shard, parse_ids(reply[5]), self._signature_rows(reply[6]))
+            self._cache.add(shard, self._ids(reply[5]), self._signature_rows(reply[6]))
         if self._layout.tables == 1:
-            ids = nearest_buckets(buckets, cap)
+            ids = nearest_buckets(buckets, cap, self.id_bytes)
         else:
-            ids, hits = count_ids(parse_ids(b"".join(buckets)))
+            ids, hits = count_ids(self._ids(b"".join(buckets)))
             if len(ids) > cap:
                 ids = most_named(ids, hits, cap)
         signatures, missing = self._cache.lookup(shard, ids)
@@ -388,7 +414,7 @@ class ShardedIndex:
 
     async def _fetch_records(self, shard: int, ids: IdArray) -> list[bytes | None]:
         """The records of ``ids`` (None: no record), in one round trip."""
-        fields = [packed_id(i) for i in ids]
+        fields = [packed_id(i)[: self.id_bytes] for i in ids]
         if not self.groups:
             return [
                 r if isinstance(r, bytes) else None for r in await self._client.hmget(self.signature_key(shard), fields)
@@ -413,8 +439,8 @@ class ShardedIndex:
             generation = await self._client.get(self.script_keys(shard)[1])
             self._cache.reset(shard, int(generation or 0), await self._shard_size(shard))
             async for ids, records in self._record_batches(shard, batch):
-                self._cache.add(shard, parse_ids(ids), self._signature_rows(records))
-                loaded += len(ids) // 8
+                self._cache.add(shard, self._ids(ids), self._signature_rows(records))
+                loaded += len(ids) // self.id_bytes
         return loaded
 
     async def centroids(self) -> bytes | None:
@@ -449,7 +475,7 @@ class ShardedIndex:
                     pipe.strlen(key)
                     pipe.memory_usage(key)
                 replies = await pipe.execute()
-                sizes += [int(length) // 8 for length in replies[0::2]]
+                sizes += [int(length) // self.id_bytes for length in replies[0::2]]
                 memory += [int(used or 0) for used in replies[1::2]]
         return sizes, memory, complete
 
@@ -486,7 +512,7 @@ class ShardedIndex:
         picked = await asyncio.gather(
             *(self._random_fields(s, -(-count * size // total)) for s, size in enumerate(sizes) if size)
         )
-        ids = parse_ids(b"".join(i for shard in picked for i in shard if isinstance(i, bytes)))
+        ids = self._ids(b"".join(i for shard in picked for i in shard if isinstance(i, bytes)))
         return np.sort(np.random.default_rng().permutation(ids)[:count])
 
     async def _random_fields(self, shard: int, count: int) -> list[bytes]:
@@ -554,13 +580,14 @@ _MIX = 1 << 24
 
 
 def packed_id(id_: int | np.integer[Any]) -> bytes:
-    """How Redis holds an id: 8 little-endian bytes, as hash field and bucket entry."""
+    """An id as scripts take it: 8 little-endian bytes (an index of 4-byte
+    ids keeps the first 4 as hash field and bucket entry)."""
     return int(id_).to_bytes(8, "little", signed=True)
 
 
-def parse_ids(packed: bytes) -> IdArray:
-    """Concatenated 8-byte ids, read without a copy or a parse."""
-    return np.frombuffer(packed, dtype="<i8").astype(np.int64, copy=False)
+def parse_ids(packed: bytes, id_bytes: int = 8) -> IdArray:
+    """Concatenated ids of ``id_bytes`` each (4: unsigned), read without a parse."""
+    return np.frombuffer(packed, dtype="<i8" if id_bytes == 8 else "<u4").astype(np.int64, copy=False)
 
 
 def count_ids(ids: IdArray) -> tuple[IdArray, npt.NDArray[np.int64]]:
@@ -587,16 +614,16 @@ def count_ids(ids: IdArray) -> tuple[IdArray, npt.NDArray[np.int64]]:
     return ordered[starts].astype(np.int64), np.diff(starts, append=len(ordered))
 
 
-def nearest_buckets(buckets: Sequence[bytes], cap: int) -> IdArray:
+def nearest_buckets(buckets: Sequence[bytes], cap: int, id_bytes: int = 8) -> IdArray:
     """With one table each id is in one bucket, and the buckets come best
     first: a capped query keeps whole buckets in that order and, from the
     bucket that crosses the cap, its smallest ids. The order of ids inside a
     bucket depends on which write reached Redis first, so cutting it as it
     stands would make a capped query differ from run to run."""
-    named = parse_ids(b"".join(buckets))
+    named = parse_ids(b"".join(buckets), id_bytes)
     if len(named) <= cap:
         return named
-    ends = np.cumsum([len(bucket) // 8 for bucket in buckets])
+    ends = np.cumsum([len(bucket) // id_bytes for bucket in buckets])
     whole = int(np.searchsorted(ends, cap, side="right"))  # buckets that fit whole
     start = int(ends[whole - 1]) if whole else 0
     boundary = np.sort(named[start : int(ends[whole])])[: cap - start]

@@ -26,7 +26,15 @@ from ._admission import Admission, Call, check_timeout, deadline
 from ._cache import WriteChain
 from ._coalesce import Coalescer
 from ._codes import ProductCodes, code_bytes, fit_codes
-from ._config import HASHINGS, IndexConfig, check_prefix, choose_bands, choose_rows
+from ._config import (
+    DEFAULT_ID_BYTES,
+    HASHINGS,
+    IndexConfig,
+    check_prefix,
+    choose_bands,
+    choose_rows,
+    layout_of,
+)
 from ._connect import check_client, connect
 from ._errors import IndexMissing, cause_of
 from ._family import Family, HyperplaneFamily, Layout, LearnedFamily, banded_layout, learned_layout
@@ -36,7 +44,7 @@ from ._partition import Partition, choose_buckets, fit
 from ._sampling import sample_store
 from ._tuning import Tuning, TuningPoint, exact_neighbours, recall
 from ._types import FilteringStore, Hit, ProgressCallback, Reconciled, Rows, VectorStore, WritableStore
-from ._validate import as_id, as_ids, as_vectors, check_batch, check_top
+from ._validate import as_id, as_ids, as_vectors, check_batch, check_id_bytes, check_top
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -110,7 +118,9 @@ class LSHRS:
     that start empty and grow by ``ingest``). A learned index sizes itself
     from the vectors it is trained on (``buckets`` overrides); a hyperplane
     index takes ``num_bands`` and ``rows_per_band`` from ``threshold`` and
-    ``expected_size``. ``seed`` defaults to 0 and ``shards`` to 1.
+    ``expected_size``. ``seed`` defaults to 0 and ``shards`` to 1. Ids are
+    stored in 4 bytes, so they run from 0 to 2**32 - 1; ``id_bytes=8`` takes
+    any signed 64-bit id, at 8 more bytes a vector of Redis.
     Opening a prefix that already holds an index adopts its configuration;
     explicitly given values that differ raise ``ValueError``.
 
@@ -141,6 +151,7 @@ class LSHRS:
         expected_size: int = 1_000_000,
         seed: int | None = None,
         shards: int | None = None,
+        id_bytes: int | None = None,
         probes: int | None = None,
         rerank: int | None = None,
         max_candidates: int = 50_000,
@@ -179,7 +190,15 @@ class LSHRS:
             if family != "kmeans":
                 raise ValueError("buckets= sizes hashing='kmeans'; hyperplanes take num_bands and rows_per_band")
             _positive_int("buckets", buckets, most=2**31)
-        given = {"num_bands": num_bands, "rows_per_band": rows_per_band, "seed": seed, "shards": shards}
+        if id_bytes is not None and (isinstance(id_bytes, bool) or id_bytes not in (4, 8)):
+            raise ValueError(f"id_bytes must be 4 (ids 0 to 2**32 - 1) or 8 (any 64-bit id), got {id_bytes!r}")
+        given = {
+            "num_bands": num_bands,
+            "rows_per_band": rows_per_band,
+            "seed": seed,
+            "shards": shards,
+            "id_bytes": id_bytes,
+        }
         self._explicit = {name for name, value in given.items() if value is not None}
         if hashing is not None or banded:
             self._explicit.add("hashing")
@@ -205,6 +224,8 @@ class LSHRS:
             shards=shards if shards is not None else 1,
             hashing=family,
             code_bytes=code_bytes(dim) if family == "kmeans" else 0,
+            layout=layout_of(id_bytes or DEFAULT_ID_BYTES),
+            id_bytes=id_bytes or DEFAULT_ID_BYTES,
         )
         self._buckets = buckets
         self._prefix = check_prefix(prefix)
@@ -524,6 +545,7 @@ class LSHRS:
         id_array = as_ids(ids)
         matrix = as_vectors(vectors, config.dim)
         check_batch(id_array, matrix, texts)
+        check_id_bytes(id_array, config.id_bytes)
         opened = await self._refreshed(await self._trained(matrix, report))
         store = self._store
         chain = opened.sharded.begin_writes()
@@ -656,6 +678,8 @@ class LSHRS:
         the ids the index holds when ``skip_held`` (a resumed build): those
         are not even hashed."""
         assert opened.family is not None
+        for rows in block:  # a store's rows, met here first
+            check_id_bytes(rows.ids, opened.config.id_bytes)
         kept = [rows.only(~await opened.sharded.held(rows.ids)) if skip_held else rows for rows in block]
         vectors = [as_vectors(rows.vectors, opened.config.dim) for rows in kept]
         records = await self._records(opened.family, vectors[0] if len(kept) == 1 else np.concatenate(vectors))
@@ -1290,10 +1314,12 @@ def _sketch_bits(config: IndexConfig) -> int:
 
 def _layout(config: IndexConfig) -> Layout:
     if config.hashing == "kmeans" and config.code_bytes:
-        return learned_layout(config.code_bytes, grouped=True)
-    if config.hashing == "kmeans":
-        return learned_layout(config.sketch_bits // 8)
-    return banded_layout(Bands(config.num_bands, config.rows_per_band))
+        layout = learned_layout(config.code_bytes, grouped=True)
+    elif config.hashing == "kmeans":
+        layout = learned_layout(config.sketch_bits // 8)
+    else:
+        layout = banded_layout(Bands(config.num_bands, config.rows_per_band))
+    return dataclasses.replace(layout, id_bytes=config.id_bytes)
 
 
 def _positive_int(name: str, value: Any, most: int | None = None, least: int = 1) -> None:

@@ -6,8 +6,10 @@ it. A bucket key is ``<base><band byte><band value bytes>``, and a band's value
 is a byte slice of the signature, so scripts derive bucket keys from stored
 signatures and never need the vector or a keyspace scan.
 
-An id is always its 8 little-endian bytes (Lua numbers are doubles and would
-round ids past 2**53). Its record lives in the shard's record hash (KEYS[1])
+A client always sends an id as its 8 little-endian bytes (Lua numbers are
+doubles and would round ids past 2**53); an index of 4-byte ids stores its
+low 4 bytes, as bucket entry and as record field (``stored`` in
+``_RECORD_KEY``). Its record lives in the shard's record hash (KEYS[1])
 or, in a grouped layout, in one of ``groups`` small hashes named after it
 (``_RECORD_KEY``), which Redis keeps as compact listpacks. A bucket is a
 string of such ids: a query MGETs a thousand buckets in one call and the
@@ -27,6 +29,18 @@ turns into Lua strings one by one.
 # ``_index.group_of`` computes the same.
 _RECORD_KEY = """
 local groups = 0
+-- idw: bytes an id is stored in (4 or 8). stored() is what a bucket or a
+-- record field holds of an 8-byte id; full() the 8 bytes of a stored one
+-- (4-byte ids are never negative, so their high bytes are zero).
+local idw = 8
+local function stored(id)
+  if idw == 8 then return id end
+  return string.sub(id, 1, idw)
+end
+local function full(sid)
+  if idw == 8 then return sid end
+  return sid .. string.char(0, 0, 0, 0)
+end
 local function record_key(id)
   if groups == 0 then return KEYS[1] end
   local b1, b2, b3, b4, b5, b6, b7, b8 = string.byte(id, 1, 8)
@@ -45,15 +59,15 @@ local function counted(change)
 end
 """
 
-# Removes one 8-byte id from a bucket string; an emptied bucket is deleted.
+# Removes one stored id from a bucket string; an emptied bucket is deleted.
 _REMOVE = """
-local function remove(key, id)
+local function remove(key, sid)
   local ids = redis.call('GET', key)
   if not ids then return end
-  for at = 1, #ids, 8 do
-    if string.sub(ids, at, at + 7) == id then
-      if #ids == 8 then redis.call('DEL', key)
-      else redis.call('SET', key, string.sub(ids, 1, at - 1) .. string.sub(ids, at + 8)) end
+  for at = 1, #ids, idw do
+    if string.sub(ids, at, at + idw - 1) == sid then
+      if #ids == idw then redis.call('DEL', key)
+      else redis.call('SET', key, string.sub(ids, 1, at - 1) .. string.sub(ids, at + idw)) end
       return
     end
   end
@@ -64,7 +78,7 @@ end
 # last CHANGE_LOG of them, oldest first; the generation counts every entry ever
 # logged. A client that knows generation K and sees G evicts the last G - K
 # entries from its signature cache, or drops the shard if the log is shorter.
-# A delete needs no entry (a deleted id is in no bucket, so its cached
+# Entries are ids of 8 bytes, as sent. A delete needs no entry (a deleted id is in no bucket, so its cached
 # signature is never looked up; a later insert logs it again) and leaves no
 # trace: its entries become TOMBSTONE, so positions, and so the arithmetic, hold.
 CHANGE_LOG = 4096
@@ -100,8 +114,8 @@ end
 """
 
 # KEYS: the shard's record hash, its generation counter, its change log, its
-# id count. ARGV: bucket key base, bytes per band, bands, groups, then ids and
-# records (_RECORDS). An id's record is written last: it is the mark that the
+# id count. ARGV: bucket key base, bytes per band, bands, groups, id bytes,
+# then ids and records (_RECORDS). An id's record is written last: it is the mark that the
 # id is fully in. A replaced id leaves only the buckets of bands whose value
 # changed. Returns {ids logged, the generation after, the shard's ids}: the
 # writer's cache learns whether its scripts alone moved the generation.
@@ -113,11 +127,11 @@ UPSERT = (
     + """
 local base = ARGV[1]
 local width, bands = tonumber(ARGV[2]), tonumber(ARGV[3])
-groups = tonumber(ARGV[4])
+groups, idw = tonumber(ARGV[4]), tonumber(ARGV[5])
 local logged, added = {}, 0
-for id, sig in records(ARGV[5], ARGV[6]) do
-  local sigs = record_key(id)
-  local old = redis.call('HGET', sigs, id)
+for id, sig in records(ARGV[6], ARGV[7]) do
+  local sigs, sid = record_key(id), stored(id)
+  local old = redis.call('HGET', sigs, sid)
   if old ~= sig then
     for j = 0, bands - 1 do
       local band = string.char(j)
@@ -125,14 +139,14 @@ for id, sig in records(ARGV[5], ARGV[6]) do
       if old then
         local was = string.sub(old, j * width + 1, (j + 1) * width)
         if was ~= value then
-          remove(base .. band .. was, id)
-          redis.call('APPEND', base .. band .. value, id)
+          remove(base .. band .. was, sid)
+          redis.call('APPEND', base .. band .. value, sid)
         end
       else
-        redis.call('APPEND', base .. band .. value, id)
+        redis.call('APPEND', base .. band .. value, sid)
       end
     end
-    redis.call('HSET', sigs, id, sig)
+    redis.call('HSET', sigs, sid, sig)
     logged[#logged + 1] = id
     if not old then added = added + 1 end
   end
@@ -143,25 +157,25 @@ return {#logged, tonumber(redis.call('GET', KEYS[2]) or '0'), size()}
 """
 )
 
-# KEYS as UPSERT; ARGV: bucket key base, bytes per band, bands, groups, then
-# the ids, one argument each. Returns how many existed.
+# KEYS as UPSERT; ARGV: bucket key base, bytes per band, bands, groups, id
+# bytes, then the ids, one argument each. Returns how many existed.
 DELETE = (
     _RECORD_KEY
     + _REMOVE
     + """
 local base = ARGV[1]
 local width, bands = tonumber(ARGV[2]), tonumber(ARGV[3])
-groups = tonumber(ARGV[4])
+groups, idw = tonumber(ARGV[4]), tonumber(ARGV[5])
 local removed = 0
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local id = ARGV[i]
-  local sigs = record_key(id)
-  local old = redis.call('HGET', sigs, id)
+  local sigs, sid = record_key(id), stored(id)
+  local old = redis.call('HGET', sigs, sid)
   if old then
     for j = 0, bands - 1 do
-      remove(base .. string.char(j) .. string.sub(old, j * width + 1, (j + 1) * width), id)
+      remove(base .. string.char(j) .. string.sub(old, j * width + 1, (j + 1) * width), sid)
     end
-    redis.call('HDEL', sigs, id)
+    redis.call('HDEL', sigs, sid)
     for _, at in ipairs(redis.call('LPOS', KEYS[3], id, 'COUNT', 0)) do redis.call('LSET', KEYS[3], at, TOMBSTONE) end
     removed = removed + 1
   end
@@ -179,10 +193,11 @@ return removed
 # generation the client's cache knows (-1 for none), and the most candidates
 # the client keeps (a cold reply carries signatures for about that many, from
 # the first buckets on, less any without a record; the client fetches any
-# others it keeps), and groups.
+# others it keeps), groups and id bytes.
 # Returns {generation, ids in the shard, the non-empty probed buckets, the
 # ids changed since the client's generation, 1 if those are all of them (else
-# the client drops its cached shard)}: the client joins, counts and dedupes
+# the client drops its cached shard); a cold reply adds the stored ids it
+# found records for and those records}: the client joins, counts and dedupes
 # the ids with numpy (joining them here with table.concat cost the server
 # 0.35 ms a query at 384 buckets, a quarter of the script). A cold client also
 # gets the distinct ids and their signatures, in the same atomic step, so a
@@ -191,7 +206,7 @@ QUERY = (
     _RECORD_KEY
     + """
 local base, width, keys = ARGV[1], tonumber(ARGV[3]), ARGV[4]
-groups = tonumber(ARGV[7])
+groups, idw = tonumber(ARGV[7]), tonumber(ARGV[8])
 local names, buckets = {}, {}
 for at = 1, #keys, width do names[#names + 1] = base .. string.sub(keys, at, at + width - 1) end
 for start = 1, #names, 4000 do
@@ -210,9 +225,9 @@ end
 if ARGV[2] == '0' then return {generation, size, buckets, changed, covered} end
 local seen, ids, sigs, cap = {}, {}, {}, tonumber(ARGV[6])
 for _, bucket in ipairs(buckets) do
-  for at = 1, #bucket, 8 do
-    local id = string.sub(bucket, at, at + 7)
-    if not seen[id] then seen[id] = true; ids[#ids + 1] = id end
+  for at = 1, #bucket, idw do
+    local sid = string.sub(bucket, at, at + idw - 1)
+    if not seen[sid] then seen[sid] = true; ids[#ids + 1] = sid end
   end
   if #ids >= cap then break end
 end
@@ -226,7 +241,7 @@ if groups == 0 then
   end
 else
   for i = 1, #ids do
-    local sig = redis.call('HGET', record_key(ids[i]), ids[i])
+    local sig = redis.call('HGET', record_key(full(ids[i])), ids[i])
     if sig then kept[#kept + 1] = ids[i]; sigs[#sigs + 1] = sig end
   end
 end
@@ -281,14 +296,14 @@ end
 return 1
 """
 
-# Whether a bucket string holds an 8-byte id: a plain find, kept only at an
+# Whether a bucket string holds a stored id: a plain find, kept only at an
 # id boundary (a match across two ids' bytes is not the id).
 _CONTAINS = """
-local function contains(ids, id)
-  local at = string.find(ids, id, 1, true)
+local function contains(ids, sid)
+  local at = string.find(ids, sid, 1, true)
   while at do
-    if (at - 1) % 8 == 0 then return true end
-    at = string.find(ids, id, at + 1, true)
+    if (at - 1) % idw == 0 then return true end
+    at = string.find(ids, sid, at + 1, true)
   end
   return false
 end
@@ -308,23 +323,23 @@ REPAIR = (
     + """
 local base = ARGV[1]
 local width, bands = tonumber(ARGV[2]), tonumber(ARGV[3])
-groups = tonumber(ARGV[4])
+groups, idw = tonumber(ARGV[4]), tonumber(ARGV[5])
 local added, updated, unchanged, repaired = 0, 0, 0, 0
 local logged = {}
-for id, sig in records(ARGV[5], ARGV[6]) do
-  local sigs = record_key(id)
-  local old = redis.call('HGET', sigs, id)
+for id, sig in records(ARGV[6], ARGV[7]) do
+  local sigs, sid = record_key(id), stored(id)
+  local old = redis.call('HGET', sigs, sid)
   local fixed = false
   for j = 0, bands - 1 do
     local band = string.char(j)
     local value = string.sub(sig, j * width + 1, (j + 1) * width)
     if old and old ~= sig then
       local was = string.sub(old, j * width + 1, (j + 1) * width)
-      if was ~= value then remove(base .. band .. was, id) end
+      if was ~= value then remove(base .. band .. was, sid) end
     end
     local key = base .. band .. value
-    if not contains(redis.call('GET', key) or '', id) then
-      redis.call('APPEND', key, id)
+    if not contains(redis.call('GET', key) or '', sid) then
+      redis.call('APPEND', key, sid)
       fixed = true
     end
   end
@@ -332,7 +347,7 @@ for id, sig in records(ARGV[5], ARGV[6]) do
     if fixed then repaired = repaired + 1 else unchanged = unchanged + 1 end
   else
     if old then updated = updated + 1 else added = added + 1 end
-    redis.call('HSET', sigs, id, sig)
+    redis.call('HSET', sigs, sid, sig)
     logged[#logged + 1] = id
   end
 end
@@ -343,7 +358,7 @@ return {added, updated, unchanged, repaired}
 )
 
 # Reconcile, step three: KEYS[1] the shard's record hash. ARGV: bucket key
-# base, bytes per band, groups, then bucket keys found by a scan. Removes every id a
+# base, bytes per band, groups, id bytes, then bucket keys found by a scan. Removes every id a
 # bucket lists whose record does not name that bucket (no record at all: the
 # id was lost from the hash, or deleted from the store), and second copies of
 # an id. Returns how many.
@@ -353,38 +368,39 @@ STRAYS = (
     + """
 local base = ARGV[1]
 local width = tonumber(ARGV[2])
-groups = tonumber(ARGV[3])
+groups, idw = tonumber(ARGV[3]), tonumber(ARGV[4])
 local removed = 0
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local key = ARGV[i]
   local band = string.byte(key, #base + 1)
   local value = string.sub(key, #base + 2)
   local ids = redis.call('GET', key) or ''
   local seen = {}
-  for at = 1, #ids, 8 do
-    local id = string.sub(ids, at, at + 7)
-    local sig = redis.call('HGET', record_key(id), id)
-    if seen[id] or not sig or string.sub(sig, band * width + 1, (band + 1) * width) ~= value then
-      remove(key, id)  -- the first copy; a listed id is removed once per copy too many
+  for at = 1, #ids, idw do
+    local sid = string.sub(ids, at, at + idw - 1)
+    local sig = redis.call('HGET', record_key(full(sid)), sid)
+    if seen[sid] or not sig or string.sub(sig, band * width + 1, (band + 1) * width) ~= value then
+      remove(key, sid)  -- the first copy; a listed id is removed once per copy too many
       removed = removed + 1
     end
-    seen[id] = true
+    seen[sid] = true
   end
 end
 return removed
 """
 )
 
-# KEYS[1] the shard's record hash; ARGV[1] ids, concatenated, ARGV[2] groups.
+# KEYS[1] the shard's record hash; ARGV[1] ids, concatenated, ARGV[2] groups,
+# ARGV[3] id bytes.
 # Returns one character an id, "1" if it has a record: what a resumed build skips.
 HELD = (
     _RECORD_KEY
     + """
-groups = tonumber(ARGV[2])
+groups, idw = tonumber(ARGV[2]), tonumber(ARGV[3])
 local ids, out = ARGV[1], {}
 for at = 1, #ids, 8 do
   local id = string.sub(ids, at, at + 7)
-  out[#out + 1] = redis.call('HEXISTS', record_key(id), id) == 1 and '1' or '0'
+  out[#out + 1] = redis.call('HEXISTS', record_key(id), stored(id)) == 1 and '1' or '0'
 end
 return table.concat(out)
 """

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ._config import MAX_SHORT_ID
+
 IdArray = npt.NDArray[np.int64]
 _INT64 = np.iinfo(np.int64)
 
@@ -62,6 +64,19 @@ def as_ids(ids: Iterable[Any] | npt.NDArray[Any], *, unique: bool = True) -> IdA
         values, counts = np.unique(array, return_counts=True)
         raise ValueError(f"id {int(values[counts > 1][0])} appears more than once in one batch")
     return array
+
+
+def check_id_bytes(ids: IdArray, id_bytes: int) -> None:
+    """Refuse ids an index of ``id_bytes``-byte ids cannot hold: cut to 4
+    bytes, 2**32 + 5 would be stored as 5."""
+    if id_bytes == 8 or not len(ids):
+        return
+    outside = (ids < 0) | (ids > MAX_SHORT_ID)
+    if outside.any():
+        raise ValueError(
+            f"id {int(ids[np.argmax(outside)])} does not fit this index's 4-byte ids (0 to {MAX_SHORT_ID:,}): "
+            "build it into an index opened with id_bytes=8 (another prefix, or drop() this one first)"
+        )
 
 
 def check_batch(ids: IdArray, vectors: npt.NDArray[np.float32], texts: Any = None) -> None:

@@ -183,6 +183,12 @@ def main(context: click.Context, redis_url: str, prefix: str, debug: bool) -> No
     default=None,
     help="Hash family of a new index: learned k-means buckets (the default) or random hyperplanes.",
 )
+@click.option(
+    "--id-bytes",
+    type=click.Choice(["4", "8"]),
+    default=None,
+    help="Bytes a new index stores an id in: 4 (the default; ids 0 to 2**32 - 1) or 8 (any 64-bit id).",
+)
 @click.option("--batch-size", type=int, default=10_000, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_obj
@@ -193,6 +199,7 @@ def index(
     ids: Path | None,
     shards: int | None,
     hashing: str | None,
+    id_bytes: str | None,
     batch_size: int,
     quiet: bool,
 ) -> None:
@@ -212,6 +219,7 @@ def index(
             store=source,
             hashing=hashing,
             shards=shards,
+            id_bytes=None if id_bytes is None else int(id_bytes),
             expected_size=max(await source.count() or 1, 1),
             batch_size=batch_size,
             progress=not quiet,
