@@ -9,13 +9,14 @@ from ._config import IndexConfig, collision_probability
 from ._errors import IndexMissing, Overloaded
 from ._lshrs import LSHRS
 from ._tuning import Tuning, TuningPoint
-from ._types import Hit, ProgressCallback, Reconciled, Rows, VectorStore, WritableStore
+from ._types import Hit, Indexed, ProgressCallback, Reconciled, Rows, VectorStore, WritableStore
 
 __all__ = [
     "LSHRS",
     "Hit",
     "IndexConfig",
     "IndexMissing",
+    "Indexed",
     "Overloaded",
     "ProgressCallback",
     "Reconciled",

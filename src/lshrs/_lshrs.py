@@ -11,6 +11,7 @@ import re
 import secrets
 import sys
 import warnings
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, cast
@@ -19,7 +20,7 @@ import anyio
 import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from . import _cores, _filters, _progress, _scripts
 from ._admission import Admission, Call, check_timeout, deadline
@@ -36,15 +37,25 @@ from ._config import (
     layout_of,
 )
 from ._connect import check_client, connect
-from ._errors import IndexMissing, cause_of
+from ._errors import IndexMissing, cause_of, memory_in_use, out_of_memory
 from ._family import Family, HyperplaneFamily, Layout, LearnedFamily, banded_layout, learned_layout
 from ._hashing import Bands, make_projection
 from ._index import Candidates, Client, ShardedIndex, meta_keys, together
 from ._partition import Partition, choose_buckets, fit
 from ._sampling import sample_store
 from ._tuning import Tuning, TuningPoint, exact_neighbours, recall
-from ._types import FilteringStore, Hit, ProgressCallback, Reconciled, Rows, VectorStore, WritableStore
-from ._validate import as_id, as_ids, as_vectors, check_batch, check_id_bytes, check_top
+from ._types import (
+    NULL_VECTOR,
+    FilteringStore,
+    Hit,
+    Indexed,
+    ProgressCallback,
+    Reconciled,
+    Rows,
+    VectorStore,
+    WritableStore,
+)
+from ._validate import as_id, as_ids, as_vectors, check_batch, check_id_bytes, check_top, usable_rows
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -69,6 +80,43 @@ class _Hashed(NamedTuple):
     rows: Rows
     records: npt.NDArray[np.uint8]
     read: int
+
+
+def _read(batch: Rows) -> int:
+    """Rows with a vector a store read for ``batch``: those it returned and
+    those it left out but for NULLs, which its ``count()`` leaves out too."""
+    return len(batch) + _with_vectors(batch.left_out)
+
+
+def _with_vectors(skipped: Mapping[str, int]) -> int:
+    return sum(count for reason, count in skipped.items() if reason != NULL_VECTOR)
+
+
+class _Screen:
+    """The rows of a store's build that it cannot index: counted and left
+    out, or with ``strict``, the end of the build."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.skipped: Counter[str] = Counter()
+
+    def usable(self, rows: Rows, dim: int) -> Rows:
+        keep, found = usable_rows(np.asarray(rows.vectors), dim)
+        found = Counter(found) + Counter(rows.left_out)  # + drops the reasons with no rows
+        if found and self.strict:
+            first = f" (id {int(rows.ids[~keep][0])})" if not keep.all() else ""
+            raise ValueError(
+                f"the store holds rows a build cannot index: {_progress.counted(found)}{first}; "
+                "index(strict=True) stops at them, index() skips and counts them"
+            )
+        self.skipped.update(found)
+        return rows if keep.all() else rows.only(keep)
+
+    def tell(self, report: ProgressCallback | None) -> None:
+        """One line for the rows skipped, if any: on stderr with progress, else a warning."""
+        if self.skipped:
+            say = _progress.note if report else _progress.logger.warning
+            say(f"skipped {sum(self.skipped.values()):,} rows it cannot index: {_progress.counted(self.skipped)}")
 
 
 #: A learned index fits its partition on at least this many vectors.
@@ -407,7 +455,8 @@ class LSHRS:
             sample, size = batch, batch_rows
         elif self._store is not None and count is not None and count >= max(MIN_TRAIN, batch_rows):
             rows = await sample_store(self._store, min(count, _train_rows(self._buckets or choose_buckets(count))))
-            sample, size = as_vectors(rows.vectors, config.dim, what="the training sample"), count
+            usable, _ = usable_rows(np.asarray(rows.vectors), config.dim)  # the build skips the others too
+            sample, size = as_vectors(rows.vectors[usable], config.dim, what="the training sample"), count
         else:
             have = max(batch_rows, count or 0)
             raise ValueError(
@@ -498,12 +547,14 @@ class LSHRS:
         progress: bool | ProgressCallback | None = None,
         timeout: float | None = None,
         resume: bool = False,
-    ) -> int:
+        strict: bool = False,
+    ) -> Indexed:
         """Add or replace a batch; with no arguments, stream every row of the store.
 
         A learned index that is not trained yet learns its buckets first,
         from this batch or from a random sample of the store. Returns how
-        many vectors were read. Re-running a build is idempotent: ids whose
+        many vectors the index holds from this call (written, or found
+        current). Re-running a build is idempotent: ids whose
         record is unchanged cost one lookup and no write. A build has no
         deadline as a whole unless ``timeout=`` gives one; each batch of
         ``batch_size`` is written whole or not at all.
@@ -513,12 +564,19 @@ class LSHRS:
         hashed, so the rows done cost one lookup each. A row whose vector
         changed since it was indexed keeps its old record; ``reconcile()``
         finds those.
+
+        A batch given here is checked whole: one bad row is a ``ValueError``
+        and nothing is written. A build from the store skips the rows it
+        cannot index (a NULL vector, a wrong dimension, NaN or infinity, all
+        zeros), says so, and returns them counted in ``skipped``;
+        ``strict=True`` stops at the first batch that holds one instead.
         """
         check_timeout("timeout", timeout)
-        if not isinstance(resume, bool):
-            raise TypeError(f"resume must be True or False, got {resume!r}")
+        for name, flag in (("resume", resume), ("strict", strict)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         with deadline(timeout, "index()"), _progress.reporting(self._progress_of(progress), "index") as report:
-            return await self._index(ids, vectors, texts, report, resume, bulk=True)
+            return await self._index(ids, vectors, texts, report, resume, bulk=True, strict=strict)
 
     def _progress_of(self, progress: object) -> _progress.Setting:
         """A call's progress setting: its own ``progress=``, else the client's."""
@@ -533,13 +591,14 @@ class LSHRS:
         resume: bool,
         *,
         bulk: bool,
-    ) -> int:
+        strict: bool = False,
+    ) -> Indexed:
         """Write ``ids`` to the store (if lshrs owns it) and the index; ``bulk``
         (``index()``, no deadline) waits out a held lease (``_leased``), an
         ingest only up to its timeout."""
         config = (await self._ready()).config
         if ids is None and vectors is None:
-            return await self._index_store(report, resume)
+            return await self._index_store(report, resume, strict)
         if ids is None or vectors is None:
             raise TypeError("index() takes both ids and vectors, or neither (to read the store)")
         id_array = as_ids(ids)
@@ -574,9 +633,9 @@ class LSHRS:
                 report(len(id_array), len(id_array))
             done = len(id_array)
         opened.sharded.end_writes(chain)
-        return done
+        return Indexed(done)
 
-    async def _index_store(self, report: ProgressCallback | None, resume: bool) -> int:
+    async def _index_store(self, report: ProgressCallback | None, resume: bool, strict: bool) -> Indexed:
         store = self._require_store("index() with no arguments")
         opened = await self._trained(None, report)
         chain = opened.sharded.begin_writes()
@@ -584,9 +643,12 @@ class LSHRS:
         async def write(rows: Rows, records: npt.NDArray[np.uint8]) -> None:
             await self._write_read_rows(store, opened.sharded, rows, records, chain)
 
-        done = await self._stream(store.batches(self._batch_size), await store.count(), opened, write, report, resume)
+        screen = _Screen(strict)
+        batches = store.batches(self._batch_size)
+        done = await self._stream(batches, await store.count(), opened, write, report, resume, screen)
         opened.sharded.end_writes(chain)
-        return done
+        screen.tell(report)
+        return Indexed(done - _with_vectors(screen.skipped), screen.skipped)
 
     async def _stream(
         self,
@@ -596,16 +658,19 @@ class LSHRS:
         write: Callable[[Rows, npt.NDArray[np.uint8]], Awaitable[None]],
         report: ProgressCallback | None,
         skip_held: bool = False,
+        screen: _Screen | None = None,
     ) -> int:
         """A three-stage pipeline over ``batches`` (a store's rows, or a batch
         given to ``index()``): blocks of batches, ``_HASH_ROWS`` rows or so,
         are hashed in worker threads while the block before is written by
         ``write``, a batch at a time, and the next is read (a 1M build: 53 s
         one stage after the other). ``skip_held`` leaves out the ids the index
-        holds before hashing (a resumed build)."""
+        holds before hashing (a resumed build); ``screen`` the rows of a
+        store it cannot index."""
         to_hash, hashing = anyio.create_memory_object_stream[Rows](1)
         to_write, writing = anyio.create_memory_object_stream[list[_Hashed]](1)
-        done = 0
+        done = written = 0
+        before = await memory_in_use(self._client)  # what an out-of-memory error will measure from
 
         async def read() -> None:
             try:
@@ -627,10 +692,10 @@ class LSHRS:
                 async for rows in hashing:
                     block.append(rows)
                     if sum(map(len, block)) >= _HASH_ROWS:
-                        await to_write.send(await self._hashed_block(opened, block, skip_held))
+                        await to_write.send(await self._hashed_block(opened, block, skip_held, screen))
                         block = []
                 if block:
-                    await to_write.send(await self._hashed_block(opened, block, skip_held))
+                    await to_write.send(await self._hashed_block(opened, block, skip_held, screen))
 
         try:
             async with anyio.create_task_group() as group:
@@ -641,12 +706,19 @@ class LSHRS:
                         for rows, records, seen in hashed:
                             if len(rows):
                                 await write(rows, records)
+                                written += len(rows)
                             done += seen
                             if report:
                                 report(done, total)
         except BaseExceptionGroup as failed:
-            raise cause_of(failed) from None
-        await opened.sharded.compact()  # the batches' appends left room to grow in every bucket
+            error = cause_of(failed)
+            if isinstance(error, OutOfMemoryError):
+                raise out_of_memory(error, before, await memory_in_use(self._client), written, total) from error
+            raise error from None
+        try:
+            await opened.sharded.compact()  # the batches' appends left room to grow in every bucket
+        except OutOfMemoryError:  # the index is whole; rewriting a bucket needs room for its copy
+            _progress.logger.warning("Redis is at maxmemory: the build is complete but its buckets keep their slack")
         return done
 
     async def reconcile(self, *, progress: bool | ProgressCallback | None = None) -> Reconciled:
@@ -673,18 +745,25 @@ class LSHRS:
         ((kept, records, _),) = await self._hashed_block(opened, [rows], skip_held)
         return kept, records
 
-    async def _hashed_block(self, opened: _Opened, block: list[Rows], skip_held: bool) -> list[_Hashed]:
+    async def _hashed_block(
+        self, opened: _Opened, block: list[Rows], skip_held: bool, screen: _Screen | None = None
+    ) -> list[_Hashed]:
         """Each batch of ``block`` with its records, hashed as one matrix, less
         the ids the index holds when ``skip_held`` (a resumed build): those
-        are not even hashed."""
+        are not even hashed; less the rows ``screen`` leaves out."""
         assert opened.family is not None
-        for rows in block:  # a store's rows, met here first
+        usable = block if screen is None else [screen.usable(rows, opened.config.dim) for rows in block]
+        for rows in usable:  # a store's rows, met here first
             check_id_bytes(rows.ids, opened.config.id_bytes)
-        kept = [rows.only(~await opened.sharded.held(rows.ids)) if skip_held else rows for rows in block]
-        vectors = [as_vectors(rows.vectors, opened.config.dim) for rows in kept]
-        records = await self._records(opened.family, vectors[0] if len(kept) == 1 else np.concatenate(vectors))
+        kept = [rows.only(~await opened.sharded.held(rows.ids)) if skip_held else rows for rows in usable]
+        vectors = [as_vectors(rows.vectors, opened.config.dim) for rows in kept if len(rows)]
+        if not vectors:  # every row skipped
+            return [_Hashed(rows, np.empty((0, 0), np.uint8), _read(batch)) for rows, batch in zip(kept, block)]
+        records = await self._records(opened.family, vectors[0] if len(vectors) == 1 else np.concatenate(vectors))
         ends = np.cumsum([len(rows) for rows in kept]).tolist()
-        return [_Hashed(rows, records[end - len(rows) : end], len(read)) for rows, end, read in zip(kept, ends, block)]
+        return [
+            _Hashed(rows, records[end - len(rows) : end], _read(batch)) for rows, end, batch in zip(kept, ends, block)
+        ]
 
     async def _reconcile(self, store: VectorStore, report: ProgressCallback | None) -> Reconciled:
         opened = await self._refreshed(await self._trained(None, report))
@@ -700,7 +779,9 @@ class LSHRS:
                     keep = await self._still_stored(store, rows.ids)
                     counts += await index.repair(rows.ids[keep], records[keep])
 
-        await self._stream(store.batches(self._batch_size), await store.count(), opened, write, report)
+        screen = _Screen(strict=False)  # a row the build skips is one the index must not hold
+        await self._stream(store.batches(self._batch_size), await store.count(), opened, write, report, screen=screen)
+        screen.tell(report)
         stored = np.concatenate(listed) if listed else np.empty(0, dtype=np.int64)
         gone = np.setdiff1d(await index.indexed_ids(), stored)
         removed = 0

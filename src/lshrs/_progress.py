@@ -9,7 +9,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ._types import ProgressCallback
@@ -86,6 +86,11 @@ def reporting(setting: Setting, what: str, unit: str = "vectors") -> Iterator[Pr
             bar.close()
     else:
         yield setting
+
+
+def counted(reasons: Mapping[str, int]) -> str:
+    """``"2 NULL vector, 1 wrong dimension"``: rows a build skipped, by reason."""
+    return ", ".join(f"{count:,} {reason}" for reason, count in sorted(reasons.items()))
 
 
 def note(message: str) -> None:

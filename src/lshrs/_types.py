@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -24,11 +24,14 @@ class Hit:
 @dataclass(frozen=True, slots=True)
 class Rows:
     """Vectors a store returned: ``ids[i]`` owns ``vectors[i]`` and ``texts[i]``.
-    Ids the store does not have are simply absent."""
+    Ids the store does not have are simply absent. ``left_out`` counts, by
+    reason, rows of a batch the store read but could not return as vectors
+    (a NULL, a wrong length), so that a build can report or refuse them."""
 
     ids: npt.NDArray[np.int64]
     vectors: npt.NDArray[np.float32]
     texts: Sequence[str | None] | None = None
+    left_out: Mapping[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -36,6 +39,24 @@ class Rows:
     def only(self, keep: npt.NDArray[np.bool_]) -> Rows:
         texts = None if self.texts is None else [t for t, k in zip(self.texts, keep.tolist()) if k]
         return Rows(self.ids[keep], self.vectors[keep], texts)
+
+
+#: The reason a store gives for a row with no vector (``Rows.left_out``).
+NULL_VECTOR = "NULL vector"
+
+
+class Indexed(int):
+    """What ``LSHRS.index()`` returns: the rows it indexed, an ``int``, with
+    ``skipped``, the rows of a store it could not index, by reason (``"NULL
+    vector"``, ``"wrong dimension"``, ``"NULL element"``, ``"NaN or
+    infinity"``, ``"all zeros"``); empty when there were none."""
+
+    skipped: dict[str, int]
+
+    def __new__(cls, indexed: int, skipped: Mapping[str, int] | None = None) -> Indexed:
+        made = super().__new__(cls, indexed)
+        made.skipped = {reason: count for reason, count in (skipped or {}).items() if count}
+        return made
 
 
 #: Called after each written batch with (vectors done, total or None if unknown).

@@ -79,6 +79,18 @@ def check_id_bytes(ids: IdArray, id_bytes: int) -> None:
         )
 
 
+def usable_rows(vectors: npt.NDArray[Any], dim: int) -> tuple[npt.NDArray[np.bool_], dict[str, int]]:
+    """Which rows of a store's batch a build can index, and how many it
+    cannot, by reason: a batch given to ``index()`` is refused whole
+    (:func:`as_vectors`), but one bad row of a 6.4M-row table must not stop
+    its build at row 5,000,001."""
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        return np.zeros(len(vectors), bool), {"wrong dimension": len(vectors)}
+    finite = np.isfinite(vectors).all(axis=1)
+    nonzero = vectors.any(axis=1)
+    return finite & nonzero, {"NaN or infinity": int((~finite).sum()), "all zeros": int((finite & ~nonzero).sum())}
+
+
 def check_batch(ids: IdArray, vectors: npt.NDArray[np.float32], texts: Any = None) -> None:
     if len(ids) == 0:
         raise ValueError("the batch is empty: pass at least one id and vector")

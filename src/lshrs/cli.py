@@ -26,8 +26,9 @@ from ._config import IndexConfig
 from ._connect import connect
 from ._index import meta_keys
 from ._lshrs import LSHRS
+from ._progress import counted
 from ._tuning import Tuning
-from ._types import Hit, Rows, VectorStore
+from ._types import Hit, Indexed, Rows, VectorStore
 
 T = TypeVar("T")
 
@@ -207,7 +208,7 @@ def index(
     if (store is None) == (npy is None):
         raise click.UsageError("give exactly one source: --postgres with --table, or --npy")
 
-    async def build() -> int:
+    async def build() -> Indexed:
         source: VectorStore = store if store is not None else NpyStore(npy, ids) if npy else _never()
         dim = await source.dimension()
         if dim is None:
@@ -226,8 +227,10 @@ def index(
         ) as lsh:
             return await lsh.index()  # streamed; a new learned index trains on a random sample first
 
-    total = _run(build)
-    click.echo(f"\nindexed {total:,} vectors under prefix {obj['prefix']!r}", err=True)
+    indexed = _run(build)
+    skipped = sum(indexed.skipped.values())
+    left_out = f"; skipped {skipped:,} rows it cannot index ({counted(indexed.skipped)})" if skipped else ""
+    click.echo(f"\nindexed {indexed:,} vectors under prefix {obj['prefix']!r}{left_out}", err=True)
 
 
 @main.command()

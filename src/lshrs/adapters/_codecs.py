@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._types import NULL_VECTOR
+
 #: Column kinds a SQL table may hold its vectors in.
 KINDS = ("real[]", "double precision[]", "bytea", "vector")
 
@@ -41,6 +43,23 @@ def decode(kind: str, blobs: Sequence[bytes]) -> npt.NDArray[np.float32]:
     else:
         raise ValueError(f"unknown vector column kind {kind!r}; expected one of {KINDS}")
     return values.astype(np.float32)
+
+
+def readable(kind: str, dim: int | None, blob: bytes | None) -> str | None:
+    """Why one row's blob cannot be decoded as a ``dim``-d vector of ``kind``
+    (None: it can). A NULL element of an array is sent as a length of -1
+    and no value, so its array reads shorter, or longer than it should be."""
+    if blob is None:
+        return NULL_VECTOR
+    if dim is None:
+        return None
+    if kind in ("real[]", "double precision[]"):
+        element = 4 if kind == "real[]" else 8
+        if len(blob) >= 8 and blob[4:8] != b"\0\0\0\0":
+            return "NULL element"
+        return None if len(blob) == _ARRAY_HEADER + (4 + element) * dim else "wrong dimension"
+    header = 4 if kind == "vector" else 0
+    return None if len(blob) == header + 4 * dim else "wrong dimension"
 
 
 def kind_of(type_name: str) -> str:

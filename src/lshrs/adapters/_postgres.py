@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .._types import Rows
-from ._codecs import decode, kind_of, quote_ident
+from .._types import NULL_VECTOR, Rows
+from ._codecs import decode, kind_of, quote_ident, readable
 
 try:
     import asyncpg
@@ -35,7 +37,8 @@ class PostgresStore:
     ``asyncpg.Pool`` (left open). The vector column may be ``real[]``,
     ``double precision[]``, ``bytea`` (little-endian float32) or pgvector
     ``vector``; rows with a NULL vector are skipped and counted in
-    ``skipped_nulls``.
+    ``skipped_nulls``, and with those of another length (or a NULL element)
+    in each batch's ``left_out``, which ``LSHRS.index()`` reports.
     """
 
     def __init__(
@@ -103,6 +106,18 @@ class PostgresStore:
         return f"{send}({self._vec_sql})" if send else self._vec_sql
 
     def _rows(self, records: list[Any]) -> Rows:
+        """The records that decode as vectors of the table's dimension, and
+        the count of the others by reason (``Rows.left_out``): one row of
+        another length must not stop a build, nor a query that fetches it."""
+        assert self._kind is not None
+        reasons = [readable(self._kind, self._dim, r[1]) for r in records]
+        if any(reasons):
+            left_out = Counter(reason for reason in reasons if reason)
+            kept = [r for r, reason in zip(records, reasons) if not reason]
+            return dataclasses.replace(self._decoded(kept), left_out=dict(left_out))
+        return self._decoded(records)
+
+    def _decoded(self, records: list[Any]) -> Rows:
         assert self._kind is not None
         ids = np.fromiter((r[0] for r in records), dtype=np.int64, count=len(records))
         vectors = decode(self._kind, [r[1] for r in records]) if records else np.empty((0, self._dim or 0), np.float32)
@@ -250,10 +265,9 @@ class PostgresStore:
         async with pool.acquire() as conn, conn.transaction(readonly=True):
             cursor = await conn.cursor(query)
             while records := await cursor.fetch(batch_size):
-                kept = [r for r in records if r[1] is not None]
-                self.skipped_nulls += len(records) - len(kept)
-                if kept:
-                    yield self._rows(kept)
+                rows = self._rows(records)
+                self.skipped_nulls += rows.left_out.get(NULL_VECTOR, 0)
+                yield rows
         if self.skipped_nulls:
             logger.warning("skipped %d rows of %s with a NULL vector", self.skipped_nulls, self._table)
 

@@ -3,13 +3,14 @@ through an async engine (PostgreSQL, SQLite, MySQL, ...); read, never written.""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .._types import Rows
+from .._types import NULL_VECTOR, Rows
 
 try:
     import sqlalchemy as sa
@@ -77,9 +78,16 @@ class SQLAlchemyStore:
         return sa.select(*columns).where(table.c[vector_column].is_not(None))
 
     def _rows(self, records: Sequence[Any]) -> Rows:
+        """The records whose vector has the table's dimension; the others
+        counted in ``Rows.left_out``, so one bad row stops neither a build nor
+        a query that fetches it."""
+        wrong = [r for r in records if self._dim is not None and _length(r[1]) != self._dim]
+        if wrong:
+            records = [r for r in records if _length(r[1]) == self._dim]
         ids = np.fromiter((r[0] for r in records), dtype=np.int64, count=len(records))
         texts = [r[2] for r in records] if self._names[3] else None
-        return Rows(ids, _decode([r[1] for r in records]), texts)
+        vectors = _decode([r[1] for r in records]) if records else np.empty((0, self._dim or 0), np.float32)
+        return Rows(ids, vectors, texts, {"wrong dimension": len(wrong)} if wrong else {})
 
     async def dimension(self) -> int | None:
         """Read from one row; None while the table has no vectors."""
@@ -140,13 +148,28 @@ class SQLAlchemyStore:
                 (await conn.execute(sa.select(sa.func.count()).where(vector.is_(None)))).scalar_one()
             )
             result = await conn.stream(self._select(table).execution_options(yield_per=batch_size))
+            nulls = {NULL_VECTOR: self.skipped_nulls} if self.skipped_nulls else {}
             async for part in result.partitions(batch_size):
-                yield self._rows(part)
+                rows = self._rows(part)
+                yield dataclasses.replace(rows, left_out={**rows.left_out, **nulls})
+                nulls = {}  # counted once, with the first batch
+            if nulls:
+                yield Rows(np.empty(0, np.int64), np.empty((0, self._dim or 0), np.float32), left_out=nulls)
 
     async def close(self) -> None:
         """Dispose of the engine if this store created it."""
         if self._owns_engine:
             await self._engine.dispose()
+
+
+def _length(value: Any) -> int:
+    """Elements of one vector as the driver returns it (see :func:`_decode`)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        size = len(bytes(value))
+        return size // 4 if size % 4 == 0 else -1
+    if isinstance(value, str):
+        return value.count(",") + 1
+    return len(value)
 
 
 def _decode(values: Sequence[Any]) -> npt.NDArray[np.float32]:

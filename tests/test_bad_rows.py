@@ -1,0 +1,133 @@
+"""A table's rows a build cannot index (NULL, a wrong dimension, NaN, all
+zeros) are skipped and counted, or with ``strict=True`` stop it; a Redis out
+of memory stops a build with the memory it needs, and it resumes."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import asyncpg
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import OutOfMemoryError
+
+from conftest import clustered, index_state
+from lshrs import LSHRS
+from lshrs.adapters import PostgresStore, SQLAlchemyStore
+
+pytestmark = pytest.mark.anyio
+
+DIM = 16
+GOOD = 300
+BASE = clustered(GOOD, DIM, seed=31)
+#: Bad rows after the good ones (ids GOOD and up), one reason each.
+BAD = {
+    "NULL vector": None,
+    "wrong dimension": np.ones(DIM + 1, np.float32),
+    "NaN or infinity": np.full(DIM, np.nan, np.float32),
+    "all zeros": np.zeros(DIM, np.float32),
+}
+
+
+@pytest.fixture
+async def bad_rows_table(postgres_dsn: str) -> str:
+    """A bytea table of good rows with one bad row of each kind in the middle."""
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("DROP TABLE IF EXISTS bad_rows")
+    await conn.execute("CREATE TABLE bad_rows (id bigint PRIMARY KEY, embedding bytea)")
+    good = [(i, BASE[i].astype("<f4").tobytes()) for i in range(GOOD)]
+    bad = [(GOOD + k, None if v is None else v.astype("<f4").tobytes()) for k, v in enumerate(BAD.values())]
+    await conn.executemany("INSERT INTO bad_rows VALUES ($1, $2)", good[:150] + bad + good[150:])
+    await conn.close()
+    return postgres_dsn
+
+
+async def test_a_build_skips_and_counts_the_rows_it_cannot_index(
+    bad_rows_table: str, redis_proc: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    raw = Redis.from_url(url)
+    store = PostgresStore(bad_rows_table, table="bad_rows")
+    async with LSHRS(dim=DIM, redis_url=url, prefix="badrows", store=store, batch_size=100) as lsh:
+        await lsh.drop()
+        indexed = await lsh.index(progress=True)
+        assert indexed == GOOD
+        assert indexed.skipped == {reason: 1 for reason in BAD}
+        assert set(await index_state(raw, lsh)) == set(range(GOOD))
+        assert "skipped 4 rows it cannot index: 1 NULL vector, 1 NaN or infinity" in capsys.readouterr().err
+        # strict: the build stops at the first batch holding one (the second batch of 100 holds all four).
+        stopped = (
+            r"cannot index: 1 NULL vector, 1 NaN or infinity, 1 all zeros, 1 wrong dimension \(id 302\); index\(strict"
+        )
+        with pytest.raises(ValueError, match=stopped):
+            await lsh.index(strict=True)
+        # A row that turns bad after its build: a query fetching it skips it,
+        # and reconcile takes it out of the index.
+        conn = await asyncpg.connect(bad_rows_table)
+        await conn.execute("UPDATE bad_rows SET embedding = $1 WHERE id = 7", np.ones(3, "<f4").tobytes())
+        await conn.close()
+        assert 7 not in {h.id for h in await lsh.query(BASE[7], top_k=5)}
+        report = await lsh.reconcile()
+        assert (report.removed, report.added) == (1, 0)
+        assert set(await index_state(raw, lsh)) == set(range(GOOD)) - {7}
+        await lsh.drop()
+    await raw.aclose()
+
+
+async def test_sqlalchemy_and_array_columns_skip_rows_of_another_length(postgres_dsn: str, redis_proc: Any) -> None:
+    """A ``real[]`` column read by PostgresStore (a NULL element sends a
+    shorter array) and by SQLAlchemyStore (lists of another length)."""
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("DROP TABLE IF EXISTS bad_arrays")
+    await conn.execute("CREATE TABLE bad_arrays (id bigint PRIMARY KEY, embedding real[])")
+    await conn.executemany("INSERT INTO bad_arrays VALUES ($1, $2)", [(i, BASE[i].tolist()) for i in range(GOOD)])
+    await conn.execute("INSERT INTO bad_arrays VALUES (1000, $1), (1001, $2), (1002, NULL)", [1.0] * 3, [None] * DIM)
+    await conn.close()
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    stores = {
+        "postgres": (PostgresStore(postgres_dsn, table="bad_arrays"), {"wrong dimension": 1, "NULL element": 1}),
+        "sqlalchemy": (
+            SQLAlchemyStore(postgres_dsn.replace("postgresql://", "postgresql+asyncpg://"), table="bad_arrays"),
+            {"wrong dimension": 1, "NaN or infinity": 1},  # SQLAlchemy reads a NULL element as NaN
+        ),
+    }
+    for name, (store, expected) in stores.items():
+        async with LSHRS(dim=DIM, redis_url=url, prefix=f"badarrays-{name}", store=store, batch_size=100) as lsh:
+            await lsh.drop()
+            indexed = await lsh.index()
+            assert (indexed, indexed.skipped) == (GOOD, {**expected, "NULL vector": 1}), name
+            assert await lsh.count() == GOOD
+            await lsh.drop()
+        await store.close()
+
+
+async def test_a_build_out_of_memory_says_what_it_needs_and_resumes(redis_proc: Any) -> None:
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    raw = Redis.from_url(url)
+    await raw.flushall()
+    base = clustered(20_000, DIM, seed=32)
+    used = int((await raw.info("memory"))["used_memory"])
+    await raw.config_set("maxmemory", used + 400_000)  # room for part of the index only
+    try:
+        async with LSHRS(dim=DIM, redis_url=url, prefix="oom", batch_size=500) as lsh:
+            with pytest.raises(
+                OutOfMemoryError, match=r"B a vector, so 20,000 rows need at most about [\d.]+ MB"
+            ) as caught:
+                await lsh.index(np.arange(20_000), base)
+            assert "index(resume=True) finishes the build" in str(caught.value)
+            written = await lsh.count()
+            assert 0 < written < 20_000
+            await raw.config_set("maxmemory", 0)
+            await lsh.index(np.arange(20_000), base, resume=True)
+            assert set(await index_state(raw, lsh)) == set(range(20_000))
+            # What it said the build needs, against what the whole build took:
+            # enough, and not wildly more.
+            needed = float(re.search(r"about ([\d.,]+) MB", str(caught.value))[1].replace(",", ""))  # type: ignore[index]
+            took = int((await raw.info("memory"))["used_memory"]) / 2**20
+            assert took < needed < 3 * took, (needed, took)
+            await lsh.drop()
+    finally:
+        await raw.config_set("maxmemory", 0)
+        await raw.aclose()
