@@ -131,3 +131,21 @@ async def test_a_build_out_of_memory_says_what_it_needs_and_resumes(redis_proc: 
     finally:
         await raw.config_set("maxmemory", 0)
         await raw.aclose()
+
+
+async def test_a_store_with_too_few_indexable_rows_does_not_train(postgres_dsn: str, redis_proc: Any) -> None:
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("DROP TABLE IF EXISTS mostly_nan")
+    await conn.execute("CREATE TABLE mostly_nan (id bigint PRIMARY KEY, embedding bytea)")
+    nan = np.full(DIM, np.nan, "<f4").tobytes()
+    rows = [(i, BASE[i].astype("<f4").tobytes() if i < 20 else nan) for i in range(GOOD)]
+    await conn.executemany("INSERT INTO mostly_nan VALUES ($1, $2)", rows)
+    await conn.close()
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    async with LSHRS(
+        dim=DIM, redis_url=url, prefix="mostlynan", store=PostgresStore(postgres_dsn, table="mostly_nan")
+    ) as lsh:
+        await lsh.drop()
+        with pytest.raises(ValueError, match=r"only 20 of 300 sampled rows hold a vector it can index"):
+            await lsh.index()
+        await lsh.drop()

@@ -90,7 +90,7 @@ class IndexConfig:
         if self.id_bytes not in (4, 8) or self.layout != layout_of(self.id_bytes):
             raise ValueError(
                 f"the stored index has layout {self.layout} with {self.id_bytes}-byte ids, "
-                "unknown to this lshrs version"
+                "unknown to this lshrs version: open it with the version that built it, or drop() it and build again"
             )
 
     def to_json(self) -> bytes:

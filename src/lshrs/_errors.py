@@ -85,18 +85,14 @@ async def memory_in_use(client: Any) -> Memory:
 
 
 def out_of_memory(
-    error: OutOfMemoryError,
-    before: tuple[int, int] | None,
-    now: tuple[int, int] | None,
-    written: int,
-    total: int | None,
+    error: OutOfMemoryError, before: Memory, now: Memory, written: int, total: int | None
 ) -> OutOfMemoryError:
     """Redis's OOM refusal of a build's write, saying what the build needs:
     the memory its written rows took each, measured, times the rows to
     write. That is an upper bound: the first rows create most bucket and
-    record keys, and a finished build compacts its buckets (measured on
-    6,000 rows cut short: 2.2x what the whole build took). A batch is
-    written whole or not at all, so the build resumes."""
+    record keys, and a finished build compacts its buckets (2.2x what the
+    whole build took, on a small learned build of 6,000 rows cut short). A
+    batch is written whole or not at all, so the build resumes."""
     mb = 2**20
     what = f"Redis refused a write of this build: out of memory ({error})"
     if before is not None and now is not None and written:

@@ -456,6 +456,12 @@ class LSHRS:
         elif self._store is not None and count is not None and count >= max(MIN_TRAIN, batch_rows):
             rows = await sample_store(self._store, min(count, _train_rows(self._buckets or choose_buckets(count))))
             usable, _ = usable_rows(np.asarray(rows.vectors), config.dim)  # the build skips the others too
+            if usable.sum() < MIN_TRAIN:
+                raise ValueError(
+                    f"a k-means index learns its buckets from a sample of the store, and only {int(usable.sum())} "
+                    f"of {len(usable)} sampled rows hold a vector it can index (at least {MIN_TRAIN} needed): "
+                    "fix the table's vectors, or open the index with hashing='hyperplane'"
+                )
             sample, size = as_vectors(rows.vectors[usable], config.dim, what="the training sample"), count
         else:
             have = max(batch_rows, count or 0)
