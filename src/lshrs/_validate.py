@@ -75,7 +75,8 @@ def check_id_bytes(ids: IdArray, id_bytes: int) -> None:
     if outside.any():
         raise ValueError(
             f"id {int(ids[np.argmax(outside)])} does not fit this index's 4-byte ids (0 to {MAX_SHORT_ID:,}): "
-            "build it into an index opened with id_bytes=8 (another prefix, or drop() this one first)"
+            "build it into an index opened with id_bytes=8 (lshrs index --id-bytes 8), under another prefix "
+            "or after drop()"
         )
 
 
