@@ -78,19 +78,22 @@ async def test_a_build_skips_and_counts_the_rows_it_cannot_index(
 
 async def test_sqlalchemy_and_array_columns_skip_rows_of_another_length(postgres_dsn: str, redis_proc: Any) -> None:
     """A ``real[]`` column read by PostgresStore (a NULL element sends a
-    shorter array) and by SQLAlchemyStore (lists of another length)."""
+    shorter array, or one of a vector's length that only its flag tells
+    apart) and by SQLAlchemyStore (lists of another length)."""
     conn = await asyncpg.connect(postgres_dsn)
     await conn.execute("DROP TABLE IF EXISTS bad_arrays")
     await conn.execute("CREATE TABLE bad_arrays (id bigint PRIMARY KEY, embedding real[])")
     await conn.executemany("INSERT INTO bad_arrays VALUES ($1, $2)", [(i, BASE[i].tolist()) for i in range(GOOD)])
     await conn.execute("INSERT INTO bad_arrays VALUES (1000, $1), (1001, $2), (1002, NULL)", [1.0] * 3, [None] * DIM)
+    # Two NULLs (4 bytes each) and one value fewer: an array of a vector's length.
+    await conn.execute("INSERT INTO bad_arrays VALUES (1003, $1)", [1.0] * (DIM - 1) + [None, None])
     await conn.close()
     url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
     stores = {
-        "postgres": (PostgresStore(postgres_dsn, table="bad_arrays"), {"wrong dimension": 1, "NULL element": 1}),
+        "postgres": (PostgresStore(postgres_dsn, table="bad_arrays"), {"wrong dimension": 1, "NULL element": 2}),
         "sqlalchemy": (
             SQLAlchemyStore(postgres_dsn.replace("postgresql://", "postgresql+asyncpg://"), table="bad_arrays"),
-            {"wrong dimension": 1, "NaN or infinity": 1},  # SQLAlchemy reads a NULL element as NaN
+            {"wrong dimension": 2, "NaN or infinity": 1},  # SQLAlchemy reads a NULL element as NaN
         ),
     }
     for name, (store, expected) in stores.items():
@@ -100,6 +103,9 @@ async def test_sqlalchemy_and_array_columns_skip_rows_of_another_length(postgres
             assert (indexed, indexed.skipped) == (GOOD, {**expected, "NULL vector": 1}), name
             assert await lsh.count() == GOOD
             await lsh.drop()
+        fetched = await store.fetch(np.array([5, 1003, 7]))  # a rerank fetch: the two NULLs among good rows
+        reason = "NULL element" if name == "postgres" else "wrong dimension"
+        assert (fetched.ids.tolist(), fetched.left_out) == ([5, 7], {reason: 1}), name
         await store.close()
 
 

@@ -45,21 +45,25 @@ def decode(kind: str, blobs: Sequence[bytes]) -> npt.NDArray[np.float32]:
     return values.astype(np.float32)
 
 
+def blob_size(kind: str, dim: int) -> int:
+    """Bytes in the send form of one ``dim``-d vector of ``kind``."""
+    if kind in ("real[]", "double precision[]"):
+        return _ARRAY_HEADER + (4 + (4 if kind == "real[]" else 8)) * dim
+    return (4 if kind == "vector" else 0) + 4 * dim
+
+
 def readable(kind: str, dim: int | None, blob: bytes | None) -> str | None:
     """Why one row's blob cannot be decoded as a ``dim``-d vector of ``kind``
-    (None: it can). A NULL element of an array is sent as a length of -1
-    and no value, so its array reads shorter, or longer than it should be."""
+    (None: it can). A NULL element of an array is sent as a length of -1 and
+    no value, so an array holding NULLs can have a vector's length: its flag
+    is checked first."""
     if blob is None:
         return NULL_VECTOR
     if dim is None:
         return None
-    if kind in ("real[]", "double precision[]"):
-        element = 4 if kind == "real[]" else 8
-        if len(blob) >= 8 and blob[4:8] != b"\0\0\0\0":
-            return "NULL element"
-        return None if len(blob) == _ARRAY_HEADER + (4 + element) * dim else "wrong dimension"
-    header = 4 if kind == "vector" else 0
-    return None if len(blob) == header + 4 * dim else "wrong dimension"
+    if kind in ("real[]", "double precision[]") and len(blob) >= 8 and blob[4:8] != b"\0\0\0\0":
+        return "NULL element"
+    return None if len(blob) == blob_size(kind, dim) else "wrong dimension"
 
 
 def kind_of(type_name: str) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._types import NULL_VECTOR, Rows
-from ._codecs import decode, kind_of, quote_ident, readable
+from ._codecs import blob_size, decode, kind_of, quote_ident, readable
 
 try:
     import asyncpg
@@ -110,7 +110,14 @@ class PostgresStore:
         the count of the others by reason (``Rows.left_out``): one row of
         another length must not stop a build, nor a query that fetches it."""
         assert self._kind is not None
-        reasons = [readable(self._kind, self._dim, r[1]) for r in records]
+        blobs = [r[1] for r in records]
+        # A bytea or vector row of the expected size is readable: one set, not
+        # a call a row, on the rerank fetch of every query. (An array of the
+        # expected size may still hold NULLs.)
+        size = blob_size(self._kind, self._dim) if self._kind in ("bytea", "vector") and self._dim else None
+        if size and None not in blobs and {len(b) for b in blobs} <= {size}:
+            return self._decoded(records)
+        reasons = [readable(self._kind, self._dim, blob) for blob in blobs]
         if any(reasons):
             left_out = Counter(reason for reason in reasons if reason)
             kept = [r for r, reason in zip(records, reasons) if not reason]
