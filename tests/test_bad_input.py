@@ -99,7 +99,9 @@ async def test_bad_input_is_refused_and_writes_nothing(
         ({"hashing": "kmeans", "num_bands": 8}, ValueError, "shape hashing='hyperplane'"),
         ({"buckets": 0}, ValueError, "buckets must be at least 1"),
         ({"hashing": "hyperplane", "buckets": 64}, ValueError, "buckets= sizes hashing='kmeans'"),
-        ({"rerank": 0}, ValueError, "rerank must be at least 1"),
+        ({"rerank": 0}, ValueError, "^rerank must be at least 1, got 0$"),
+        ({"probes": 0}, ValueError, "probes must be at least 1"),
+        ({"signature_cache": -1}, ValueError, "signature_cache must be at least 0"),
         ({"timeout": 0}, ValueError, "timeout must be a positive number"),
         ({"timeout": -1.0}, ValueError, "timeout must be a positive number"),
         ({"timeout": "10"}, ValueError, "timeout must be a positive number"),
@@ -130,8 +132,11 @@ async def test_a_learned_index_refuses_to_train_on_too_few_vectors(make_lsh: Any
         await lsh.index([1, 2, 3, 4], good)
     assert await keyspace(raw_redis) == before  # no centroids, no records
     assert await lsh.query(good[0]) == []  # an untrained index is an empty one
-    await lsh.index(range(300), clustered(300, DIM, seed=3))  # a first batch large enough trains it
-    assert (await lsh.query(clustered(300, DIM, seed=3)[7], top_k=1))[0].id == 7
+    first = clustered(256, DIM, seed=3)
+    with pytest.raises(ValueError, match=r"this one has 255"):
+        await lsh.index(range(255), first[:255])
+    await lsh.index(range(256), first)  # a first batch of 256 trains it
+    assert (await lsh.query(first[7], top_k=1))[0].id == 7
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import assert_found_itself, brute_force, clustered, index_state, keyspace
 from lshrs import LSHRS, Hit
+from lshrs._config import choose_bands, choose_rows
 from lshrs.adapters import InMemoryStore
 
 pytestmark = pytest.mark.anyio
@@ -641,6 +642,7 @@ async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatc
     keys = [key async for key in raw_redis.scan_iter(match=f"{{{lsh.prefix}*", count=1000)]
     used = sum([await raw_redis.memory_usage(key) for key in keys])
     assert exact["index_memory_bytes"] == used  # every key of the prefix, nothing else on the server
+    assert exact["index_bytes_per_vector"] == round(used / 3000, 1)
     if exact["buckets"] <= lshrs_module.STATS_SAMPLE:
         assert await lsh.stats() == exact  # fewer buckets than the sample: the sample is all of them
     sample = max(8, exact["buckets"] // 4)
@@ -650,6 +652,7 @@ async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatc
     assert sampled["bucket_statistics"] == f"sampled from {shards * -(-sample // shards):,} buckets"
     assert sampled["buckets"] == pytest.approx(exact["buckets"], rel=0.35)
     assert sampled["index_memory_bytes"] == pytest.approx(exact["index_memory_bytes"], rel=0.35)
+    assert await lsh.stats(exact=True) == exact  # exact=True reads every bucket whatever the sample
 
 
 async def test_a_bulk_build_leaves_no_room_to_grow_in_its_buckets(redis_url: str, raw_redis: Any) -> None:
@@ -822,6 +825,9 @@ async def test_tune_stops_once_its_queries_read_the_whole_index(make_lsh: Any) -
     await lsh.index(np.arange(400), clustered(400, 32))
     tuning = await lsh.tune(1.0, sample=50)
     assert tuning.recall < 1.0
+    # The shape a hyperplane index of this size would be rebuilt with (0 x 0 for a learned one).
+    rows = choose_rows(400) if lsh.config.hashing == "hyperplane" else 0
+    assert (tuning.rebuild_bands, tuning.rebuild_rows) == ((choose_bands(0.6, rows), rows) if rows else (0, 0))
     assert tuning.curve[-1].candidates >= 400 and all(point.candidates < 400 for point in tuning.curve[:-1])
     assert tuning.probes == tuning.curve[-1].probes
 

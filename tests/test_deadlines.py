@@ -172,7 +172,12 @@ async def test_a_redis_flushed_under_a_live_client_is_an_error(
         assert await client.dbsize() == 0  # nothing recreated
         await lsh.close()
         assert await lsh.index(np.arange(300), BASE[:300]) == 300  # reopened on purpose: a new index
-        await lsh.drop()
+        await client.flushdb()
+        async with LSHRS(dim=DIM, redis_url=url, hashing="hyperplane") as other:  # another index in its place
+            await other.index(np.arange(300), BASE[:300])
+            with pytest.raises(IndexMissing, match="'lshrs' was replaced by another configuration"):
+                await lsh.query(BASE[1], top_k=1)
+            await other.drop()
     await client.aclose()
 
 
@@ -200,6 +205,11 @@ async def test_an_evicting_redis_is_warned_about() -> None:
     with redis_server("--maxmemory-policy", "allkeys-lru") as server, pytest.warns(RuntimeWarning, match="noeviction"):
         async with LSHRS(dim=DIM, redis_url=server.url):
             pass
+        with pytest.warns(RuntimeWarning, match="noeviction") as warned:
+            lsh = LSHRS(dim=DIM, redis_url=server.url)
+            await lsh.open()  # the warning names this line, not lshrs's own
+        assert warned[0].filename == __file__, warned[0]
+        await lsh.close()
     with redis_server() as server, warnings.catch_warnings():
         warnings.simplefilter("error")
         async with LSHRS(dim=DIM, redis_url=server.url):

@@ -130,6 +130,69 @@ async def test_reconcile_with_an_owned_store(redis_url: str, raw_redis: Any, has
         await lsh.drop()
 
 
+class _WrittenAfterTheListing(InMemoryStore):
+    """An owned store that another client ingests into once a reconcile has
+    listed every row, before it deletes what it did not list."""
+
+    writer: LSHRS | None = None
+
+    async def batches(self, batch_size: int) -> Any:
+        async for rows in super().batches(batch_size):
+            yield rows
+        if self.writer is not None:
+            await self.writer.ingest(5000, BASE[2500])
+
+
+async def test_an_id_ingested_during_a_reconcile_stays_indexed(
+    redis_url: str, raw_redis: Any, hashing: str, shards: int
+) -> None:
+    """The index names an id the pass never listed because it was written
+    after the listing: the reconcile asks the store again before deleting."""
+    store = _WrittenAfterTheListing()
+    options: dict[str, Any] = {"prefix": "late", "store": store, "hashing": hashing, "shards": shards}
+    async with (
+        LSHRS(dim=DIM, redis_url=redis_url, **options) as lsh,
+        LSHRS(dim=DIM, redis_url=redis_url, **options) as writer,
+    ):
+        await lsh.index(np.arange(ROWS), BASE[:ROWS])
+        store.writer = writer
+        report = await lsh.reconcile()
+        assert report.removed == 0, report
+        assert set(await index_state(raw_redis, lsh)) == set(range(ROWS)) | {5000}
+        hits = await lsh.query(BASE[2500], top_k=1)
+        assert hits and hits[0].id == 5000
+        await lsh.drop()
+
+
+async def test_a_resumed_batch_keeps_the_ids_indexed(redis_url: str, raw_redis: Any, hashing: str, shards: int) -> None:
+    """``index(ids, vectors, resume=True)`` of one batch (not streamed) skips
+    the ids the index holds, store and records alike, and writes the rest."""
+    store = InMemoryStore()
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="resone", store=store, hashing=hashing, shards=shards) as lsh:
+        await lsh.index(np.arange(300), BASE[:300])
+        before = await index_state(raw_redis, lsh)
+        assert await lsh.index(np.arange(600), BASE[600:1200], resume=True) == 600
+        after = await index_state(raw_redis, lsh)
+        assert set(after) == set(range(600))
+        assert {i: after[i] for i in range(300)} == before
+        assert ((await store.fetch(np.arange(300))).vectors == BASE[:300]).all()
+        await lsh.drop()
+
+
+async def test_reconcile_of_a_store_never_indexed_trains_with_progress(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reconcile is also a first build: the partition is fitted on the store,
+    and the fit is shown with the reconcile's progress."""
+    store = InMemoryStore()
+    await store.put(np.arange(600), BASE[:600], None)
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="first", store=store) as lsh:
+        report = await lsh.reconcile(progress=True)
+        assert (report.added, report.removed) == (600, 0)
+        assert "fitting " in capsys.readouterr().err
+        await lsh.drop()
+
+
 async def test_reconcile_clears_strays_from_every_bucket_key(redis_url: str, raw_redis: Any) -> None:
     """More bucket keys than one stray-removal script takes: every key is
     visited, not only the first chunks."""

@@ -285,7 +285,8 @@ async def test_a_reconcile_waits_out_a_lease_that_an_ingest_gives_up_on(redis_ur
     """A lease nobody will release (its client crashed, or a failover kept the
     lease and lost the release) holds its id until it lapses. An ingest has a
     deadline and fails at it; a reconcile, the repair to run after such a
-    failure, waits for the lapse instead of failing on the client's timeout."""
+    failure, waits for the lapse instead of failing on the client's timeout,
+    and so does a build read from the store."""
     async with LSHRS(dim=DIM, redis_url=redis_url, store=InMemoryStore(), prefix="orphan", timeout=0.5) as lsh:
         await lsh.index(np.arange(1000), BASE[:1000])
         index = lsh._opened.sharded  # type: ignore[union-attr]
@@ -300,3 +301,9 @@ async def test_a_reconcile_waits_out_a_lease_that_an_ingest_gives_up_on(redis_ur
         assert (report.added, report.removed, report.unchanged) == (0, 0, 1000)
         await lsh.ingest(7, BASE[7] + 0.5)  # lapsed: writable again
         assert set(await index_state(raw_redis, lsh)) == set(range(1000))
+        # A build from the store is a repair too: it waits as long.
+        lapses_ms = int(time.time() * 1000) + 2500
+        await raw_redis.hset(index.lease_key(int(index.shard_of(orphan)[0])), packed_id(7), f"{lapses_ms}:gone")
+        started = time.monotonic()
+        assert await lsh.index() == 1000
+        assert time.monotonic() - started > 1.0, "the build did not wait for the lease"
