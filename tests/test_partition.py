@@ -25,6 +25,7 @@ def test_a_stored_partition_is_int8_and_assigns_as_fitted(fitted: Partition) -> 
     rows = len(fitted.coarse) + fitted.buckets
     assert len(blob) == 20 + 4 * (len(fitted.coarse) + 1) + rows * (4 + DIM)  # a scale and DIM bytes a row
     stored = Partition.from_bytes(blob, DIM)
+    assert fitted.coarse.dtype == fitted.fine.dtype == np.float32  # float64 would double the planning's reads
     assert stored.trained_for == 4000
     assert np.array_equal(stored.starts, fitted.starts)
     assert np.abs(stored.fine - fitted.fine).max() <= np.abs(fitted.fine).max() / 127
@@ -36,6 +37,10 @@ def test_a_stored_partition_is_int8_and_assigns_as_fitted(fitted: Partition) -> 
     assert lost.max() <= 0.005
     with pytest.raises(ValueError, match=f"have {len(blob) + 1} bytes, expected {len(blob)}"):
         Partition.from_bytes(blob + b"\0", DIM)  # what a longer key holds is not a partition
+    damaged = bytearray(blob)
+    damaged[20:24] = (1).to_bytes(4, "little")  # the first group starting at its second bucket
+    with pytest.raises(ValueError, match="damaged group table"):
+        Partition.from_bytes(bytes(damaged), DIM)
 
 
 def test_a_float16_partition_of_an_earlier_version_still_opens(fitted: Partition) -> None:
@@ -48,10 +53,33 @@ def test_a_float16_partition_of_an_earlier_version_still_opens(fitted: Partition
         + fitted.fine.astype("<f2").tobytes()
     )
     old = Partition.from_bytes(blob, DIM)
+    assert old.trained_for == 4000
     assert np.array_equal(old.fine, fitted.fine.astype(np.float16).astype(np.float32))
     assert (old.assign(UNIT) == fitted.assign(UNIT)).mean() >= 0.99
     with pytest.raises(ValueError, match="expected"):
         Partition.from_bytes(blob[:-1], DIM)
+
+
+@pytest.mark.parametrize("buckets", [1, 2, 3])
+def test_a_tiny_partition_has_the_buckets_asked_for_and_opens_from_its_bytes(buckets: int) -> None:
+    """One coarse group (the square root of 1 or 2 buckets rounds to 1), or
+    two whose shares of 3 buckets round to 1 and 2: a group keeps the one
+    bucket its share rounds to, and the stored form opens."""
+    partition = fit(UNIT, buckets, seed=1, trained_for=4000)
+    assert partition.buckets == buckets
+    stored = Partition.from_bytes(partition.to_bytes(), DIM)
+    assert (stored.assign(UNIT) == partition.assign(UNIT)).mean() >= 0.99
+
+
+def test_a_centroid_that_wins_no_row_is_reseeded() -> None:
+    """Lloyd's step gives a centroid no row is nearest to a random row,
+    instead of the zero vector its empty sum would make."""
+    positive = np.abs(UNIT) / np.linalg.norm(np.abs(UNIT), axis=1, keepdims=True)
+    start = positive[[0, 500, 1000, 1500]].copy()
+    start[2] = -np.ones(DIM) / np.sqrt(DIM)  # below zero against every row: it wins none
+    fitted = _partition._lloyd(positive, start, 1, np.random.default_rng(0))
+    assert np.allclose(np.linalg.norm(fitted, axis=1), 1.0, atol=1e-5)
+    assert (fitted[2] >= 0).all()  # a row of the sample, not the start
 
 
 @pytest.mark.parametrize(
