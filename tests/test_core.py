@@ -200,20 +200,24 @@ async def test_context_manager_opens_and_closes(redis_url: str) -> None:
         assert await again.count() == 1
 
 
-async def test_signature_cache_never_serves_a_replaced_signature(make_lsh: Any) -> None:
+@pytest.mark.parametrize("offset", [0, 2**40])
+async def test_signature_cache_never_serves_a_replaced_signature(make_lsh: Any, offset: int) -> None:
     """A reader caches signatures; another client replaces and re-adds ids. The
-    reader's estimates (no store: ranked by signature alone) must follow."""
+    reader's estimates (no store: ranked by signature alone) must follow,
+    ids past 4 bytes (an index of 8-byte ids) too: the change log's 8 bytes
+    must not be read as two 4-byte ids."""
     base = clustered(1000, 32, centers=5)
-    writer = await make_lsh()
-    await writer.index(np.arange(1000), base)
-    reader = await make_lsh()
-    assert_found_itself(await reader.query(base[5], top_k=1), 5)  # warms its cache
-    await writer.ingest(5, -base[5])
-    assert_found_itself(await reader.query(-base[5], top_k=1), 5)
-    await writer.delete([6])
-    await writer.ingest(6, -base[6])
-    assert_found_itself(await reader.query(-base[6], top_k=1), 6)
-    assert 6 not in {h.id for h in await reader.query(base[6], top_k=5) if h.score > 0.9}
+    options = {"id_bytes": 8} if offset else {}
+    writer = await make_lsh(**options)
+    await writer.index(np.arange(1000) + offset, base)
+    reader = await make_lsh(**options)
+    assert_found_itself(await reader.query(base[5], top_k=1), 5 + offset)  # warms its cache
+    await writer.ingest(5 + offset, -base[5])
+    assert_found_itself(await reader.query(-base[5], top_k=1), 5 + offset)
+    await writer.delete([6 + offset])
+    await writer.ingest(6 + offset, -base[6])
+    assert_found_itself(await reader.query(-base[6], top_k=1), 6 + offset)
+    assert 6 + offset not in {h.id for h in await reader.query(base[6], top_k=5) if h.score > 0.9}
 
 
 async def test_other_clients_writes_keep_a_warm_cache_warm(make_lsh: Any) -> None:

@@ -389,7 +389,7 @@ class ShardedIndex:
         ]
         reply = await self._query(keys=self.script_keys(shard), args=args)
         generation, size, buckets, changed, covered = reply[:5]
-        self._cache.observe(shard, int(generation), int(size), known, parse_ids(changed) if covered else None)
+        self._cache.observe(shard, int(generation), int(size), known, parse_ids(changed, 8) if covered else None)
         if cold and reply[5]:  # the script read these in the same atomic step as the buckets
             self._cache.add(shard, self._ids(reply[5]), self._signature_rows(reply[6]))
         if self._layout.tables == 1:
@@ -585,7 +585,7 @@ def packed_id(id_: int | np.integer[Any]) -> bytes:
     return int(id_).to_bytes(8, "little", signed=True)
 
 
-def parse_ids(packed: bytes, id_bytes: int = 8) -> IdArray:
+def parse_ids(packed: bytes, id_bytes: int) -> IdArray:
     """Concatenated ids of ``id_bytes`` each (4: unsigned), read without a parse."""
     return np.frombuffer(packed, dtype="<i8" if id_bytes == 8 else "<u4").astype(np.int64, copy=False)
 
