@@ -721,6 +721,22 @@ def test_the_learned_tuning_ladder() -> None:
         assert all(1.3 < r < 1.5 for r in ratios[3:-1]), ratios  # past the rounding of the first small steps
 
 
+def test_the_hyperplane_tuning_ladder() -> None:
+    """tune() of a hyperplane index tries from one bucket a band up, in steps
+    of about 1.4, to every bucket the prober can name (2**rows a band, at
+    most 256)."""
+    from lshrs._family import HyperplaneFamily
+    from lshrs._hashing import Bands
+
+    for bands, rows in ((16, 4), (48, 12)):
+        projection = np.random.default_rng(0).standard_normal((8, bands * rows)).astype(np.float32)
+        ladder = HyperplaneFamily(Bands(bands, rows), projection).ladder()
+        assert ladder[0] == bands
+        assert ladder[-1] == bands * 2 ** min(rows, 8)
+        ratios = np.array(ladder[1:]) / np.array(ladder[:-1])
+        assert all(1.35 < r < 1.47 for r in ratios), ratios  # sqrt(2), but for the rounding of small steps
+
+
 async def test_warm_in_batches_loads_every_signature(make_lsh: Any, raw_redis: Any, backend: str) -> None:
     """warm() reads each shard's records in HSCAN batches: every batch lands in
     the cache, so a warm reader's queries read no signatures from Redis."""
