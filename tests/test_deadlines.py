@@ -11,6 +11,7 @@ import warnings
 from typing import Any
 
 import anyio
+import asyncpg
 import numpy as np
 import pytest
 import redis.exceptions
@@ -20,8 +21,8 @@ from conftest import clustered, index_state
 from lshrs import LSHRS, IndexMissing, Overloaded
 from lshrs import _lshrs as lshrs_module
 from lshrs._admission import WAITING_PER_SLOT, Admission
-from lshrs.adapters import InMemoryStore, RedisStore
-from servers import redis_server
+from lshrs.adapters import InMemoryStore, PostgresStore, RedisStore
+from servers import postgres, redis_server
 
 pytestmark = pytest.mark.anyio
 
@@ -257,3 +258,32 @@ async def test_a_write_cut_by_its_deadline_is_whole_in_store_and_index() -> None
             held = set((await store.fetch(np.arange(200))).ids.tolist())
             assert held >= {100, 101, 102}  # the store writes did complete
             assert indexed == held
+
+
+async def test_a_build_over_a_frozen_postgres_ends_at_the_stores_command_timeout(redis_proc: Any) -> None:
+    """A build has no deadline of its own (it may take minutes): what bounds
+    a wait on a PostgreSQL that accepts and never answers is the store's
+    ``command_timeout``. Its backend is frozen (SIGSTOP), not the server, so
+    the test's own connection still answers."""
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/6"
+    with postgres() as server:
+        conn = await asyncpg.connect(server.url)
+        await conn.execute("CREATE TABLE t (id bigint PRIMARY KEY, embedding bytea)")
+        await conn.executemany("INSERT INTO t VALUES ($1, $2)", [(i, BASE[i].tobytes()) for i in range(300)])
+        store = PostgresStore(server.url, table="t", pool_size=1, command_timeout=1.0)
+        assert await store.count() == 300  # the pool's one connection is open
+        backend = await conn.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+        async with LSHRS(dim=DIM, redis_url=url, prefix="frozenpg", store=store) as lsh:
+            await lsh.drop()
+            os.kill(backend, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with anyio.move_on_after(10), pytest.raises(TimeoutError):  # without a timeout, it would wait on
+                    await lsh.index()
+                assert time.monotonic() - started < 5
+            finally:
+                os.kill(backend, signal.SIGCONT)
+        await store.close()
+        await conn.close()

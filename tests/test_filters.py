@@ -109,7 +109,8 @@ async def test_postgres_filter_values_are_bound_and_bad_filters_refused(
             await lsh.query(QUERIES[0], where="lang = = 'en'")
         with pytest.raises(ValueError, match="argument"):
             await lsh.query(QUERIES[0], where=("lang = $1 AND id > $2", "en"))
-        with pytest.raises(TypeError, match=r"SQL condition, alone or in a tuple .*; got list"):
+        refusal = r"^PostgresStore takes where= as a SQL condition, alone or in a tuple .*; got list$"
+        with pytest.raises(TypeError, match=refusal):
             await lsh.query(QUERIES[0], where=["lang = 'en'"])
         after = (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
         assert after == before  # refused before any Redis work
@@ -264,6 +265,34 @@ async def test_a_selective_filter_is_answered_exactly_from_the_rows_the_index_ho
         await lsh.ingest(gone)  # back from its row, for the other tests
         few = await lsh.query(QUERIES[0], top_k=10, top_p=0.2, where=("lang = $1", "en"))
         assert [h.id for h in few] == [h.id for h in found[0]][:6]  # a share of the pool: the 30 passing rows
+
+
+async def test_postgres_passing_keeps_ids_past_2_to_the_53(postgres_dsn: str) -> None:
+    """Ids stay int64 by either path: read as float64, 2**62 + 1 would come
+    back as 2**62 (a float64 holds 53 bits)."""
+    name = f"bigids_{secrets.token_hex(4)}"
+    ids = [2**62 + i for i in range(200)]
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute(f"CREATE TABLE {name} (id bigint PRIMARY KEY, embedding bytea, lang text)")
+    await conn.executemany(
+        f"INSERT INTO {name} VALUES ($1, $2, $3)", [(i, BASE[k].tobytes(), language(k)) for k, i in enumerate(ids)]
+    )
+    await conn.execute(f"ANALYZE {name}")  # the planner's estimate picks the path
+    await conn.close()
+    store = PostgresStore(postgres_dsn, table=name)
+    try:
+        # All 200 asked, 2 pass: the passing ids are read; 5 asked, most pass: looked up by id.
+        for asked, lang in ((ids, "en"), (ids[:5], "fr")):
+            expected = [i for k, i in enumerate(ids) if i in asked and language(k) == lang]
+            assert sorted((await store.passing(np.array(asked), ("lang = $1", lang))).tolist()) == expected
+        # A list value (unhashable: its plan estimate is not cached) works the same.
+        both = [i for k, i in enumerate(ids) if language(k) in ("en", "de")]
+        assert sorted((await store.passing(np.array(ids), ("lang = ANY($1)", ["en", "de"]))).tolist()) == both
+    finally:
+        await store.close()
+        conn = await asyncpg.connect(postgres_dsn)
+        await conn.execute(f"DROP TABLE {name}")
+        await conn.close()
 
 
 async def test_postgres_passing_rows_gives_up_when_more_pass_than_it_may_read(

@@ -180,6 +180,15 @@ async def test_a_pool_passed_in_stays_open(big_ids_table: str, redis_proc: Any) 
     await pool.close()
 
 
+async def test_a_pool_the_store_opened_is_sized_as_asked_and_closed_with_it(big_ids_table: str) -> None:
+    store = PostgresStore(big_ids_table, table="Big Ids", id_column="Row Id", vector_column="Vec", pool_size=3)
+    assert await store.count() == 400
+    pool = store._pool
+    assert pool is not None and (pool.get_min_size(), pool.get_max_size()) == (1, 3)
+    await store.close()
+    assert pool.is_closing()  # its own pool: a store from a DSN leaves no connections behind
+
+
 async def test_skipped_nulls_count_each_build_afresh(
     postgres_dsn: str, redis_proc: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

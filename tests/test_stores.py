@@ -3,6 +3,7 @@ through asyncpg, and SQLAlchemy on PostgreSQL and SQLite. Real servers only."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -190,11 +191,17 @@ async def test_the_memory_store_finds_rows_by_id_in_the_order_asked(scale: int) 
     np.testing.assert_array_equal(every.vectors, [expected[int(i)] for i in every.ids])
 
 
-async def test_read_only_stores_skip_and_count_null_vectors(table_store: VectorStore, single_redis_url: str) -> None:
+async def test_read_only_stores_skip_and_count_null_vectors(
+    table_store: VectorStore, single_redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     store = table_store
     assert not isinstance(store, WritableStore)
-    lsh = await build(store, single_redis_url)
+    with caplog.at_level(logging.WARNING, logger="lshrs"):
+        lsh = await build(store, single_redis_url)
     assert store.skipped_nulls == 1  # type: ignore[attr-defined]
+    if isinstance(store, PostgresStore):  # the build's own line says what was left out, and where
+        table = store._table  # type: ignore[attr-defined]
+        assert f"skipped 1 rows of {table} with a NULL vector" in [r.getMessage() for r in caplog.records]
     assert await store.count() == N
     await lsh.close()
 
@@ -325,6 +332,51 @@ async def test_a_large_postgres_table_is_sampled_by_pages(postgres_dsn: str) -> 
         assert len(set(sorted_.ids.tolist())) == 10_000
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(("stated", "path"), [(10_000, "pages, then rows"), (2_000_000, "rows")])
+async def test_a_sample_is_exactly_as_large_as_asked_when_the_statistics_are_off(
+    postgres_dsn: str, stated: int, path: str
+) -> None:
+    """The page share comes from the planner's row count, which can be stale.
+    Stated too low, the pages hold more rows than asked: a random subset of
+    them, distinct, exactly as many. Stated too high, they hold few: the
+    store falls back to a row sample, exactly as many."""
+    table = f"sampled_stale_{stated}"
+    vectors = np.random.default_rng(4).standard_normal((20_000, 64)).astype(np.float32)
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute(f"DROP TABLE IF EXISTS {table}")
+    await conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, embedding bytea)")
+    await conn.copy_records_to_table(table, records=[(i, v.tobytes()) for i, v in enumerate(vectors)])
+    await conn.execute(f"ANALYZE {table}")
+    # What a stale count looks like to the store (autovacuum would set it right, in time).
+    await conn.execute("UPDATE pg_class SET reltuples = $1 WHERE oid = $2::regclass", stated, table)
+    await conn.close()
+    store = PostgresStore(postgres_dsn, table=table)
+    try:
+        sample = await store.sample(1_000)
+        assert len(set(sample.ids.tolist())) == len(sample) == 1_000, path
+        assert np.array_equal(sample.vectors, vectors[sample.ids])
+        if path == "rows":  # a row sample keeps few neighbours (5%); pages keep most
+            assert np.isin(sample.ids + 1, sample.ids).mean() < 0.2
+    finally:
+        await store.close()
+
+
+async def test_an_empty_tables_dimension_comes_from_its_column_type(postgres_dsn: str) -> None:
+    """``vector(16)`` says 16 with no row to read; ``bytea`` says nothing
+    until a row does."""
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    await conn.execute("CREATE TABLE empty_typed (id bigint PRIMARY KEY, embedding vector(16))")
+    await conn.execute("CREATE TABLE empty_untyped (id bigint PRIMARY KEY, embedding bytea)")
+    await conn.close()
+    for table, expected in (("empty_typed", 16), ("empty_untyped", None)):
+        store = PostgresStore(postgres_dsn, table=table)
+        try:
+            assert await store.dimension() == expected, table
+        finally:
+            await store.close()
 
 
 async def test_a_row_zeroed_in_the_table_after_its_build_scores_zero(postgres_dsn: str, single_redis_url: str) -> None:
