@@ -109,6 +109,7 @@ class ShardedIndex:
         self._held = client.register_script(_scripts.HELD)
         self._compact = client.register_script(_scripts.COMPACT)
         self._recount = client.register_script(_scripts.RECOUNT)
+        self._bucket_sizes = client.register_script(_scripts.BUCKET_SIZES)
 
     def use_groups(self, trained_for: int) -> None:
         """Size a grouped layout's record groups for the vectors its
@@ -457,7 +458,7 @@ class ShardedIndex:
         """Sizes (ids) and memory (bytes, ``MEMORY USAGE``) of bucket keys
         found by scanning, at most ``most`` of them (None: all), and whether
         the scan saw every bucket. Scan order follows the key hashes, so a
-        partial scan is a fair sample. One pipeline per 1,000 keys."""
+        partial scan is a fair sample. One script per 1,000 keys."""
         sizes: list[int] = []
         memory: list[int] = []
         complete = True
@@ -470,13 +471,9 @@ class ShardedIndex:
                     complete = False
                     break
             for start in range(0, len(keys), 1000):
-                pipe = self._client.pipeline(transaction=False)
-                for key in keys[start : start + 1000]:
-                    pipe.strlen(key)
-                    pipe.memory_usage(key)
-                replies = await pipe.execute()
+                replies = await self._bucket_sizes(keys=[self.signature_key(shard)], args=keys[start : start + 1000])
                 sizes += [int(length) // self.id_bytes for length in replies[0::2]]
-                memory += [int(used or 0) for used in replies[1::2]]
+                memory += [int(used) for used in replies[1::2]]
         return sizes, memory, complete
 
     async def meta_memory(self) -> int:
