@@ -306,6 +306,19 @@ async def test_ingest_into_an_owned_store_needs_the_vector(owned_store: VectorSt
         await lsh.close()
 
 
+async def analyzed_table(dsn: str, table: str, seed: int) -> np.ndarray:
+    """A fresh ``bytea`` table of 20,000 random 64-d rows (about 30 a page),
+    analyzed, so the planner knows its size; returns its vectors by id."""
+    vectors = np.random.default_rng(seed).standard_normal((20_000, 64)).astype(np.float32)
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(f"DROP TABLE IF EXISTS {table}")
+    await conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, embedding bytea)")
+    await conn.copy_records_to_table(table, records=[(i, v.tobytes()) for i, v in enumerate(vectors)])
+    await conn.execute(f"ANALYZE {table}")
+    await conn.close()
+    return vectors
+
+
 @pytest.mark.anyio
 async def test_a_large_postgres_table_is_sampled_by_pages(postgres_dsn: str) -> None:
     """A table many times the sample is read by pages (TABLESAMPLE), not
@@ -314,12 +327,7 @@ async def test_a_large_postgres_table_is_sampled_by_pages(postgres_dsn: str) -> 
     64-d vectors, about 30 a page: at 8-d, 150 a page, the 5% of 130 pages
     drawn was sometimes under half the rows asked, and the store rightly fell
     back to a row sample."""
-    vectors = np.random.default_rng(3).standard_normal((20_000, 64)).astype(np.float32)
-    conn = await asyncpg.connect(postgres_dsn)
-    await conn.execute("CREATE TABLE sampled (id bigint PRIMARY KEY, embedding bytea)")
-    await conn.copy_records_to_table("sampled", records=[(i, v.tobytes()) for i, v in enumerate(vectors)])
-    await conn.execute("ANALYZE sampled")
-    await conn.close()
+    vectors = await analyzed_table(postgres_dsn, "sampled", seed=3)
     store = PostgresStore(postgres_dsn, table="sampled")
     try:
         paged = await store.sample(1_000)
@@ -343,13 +351,9 @@ async def test_a_sample_is_exactly_as_large_as_asked_when_the_statistics_are_off
     them, distinct, exactly as many. Stated too high, they hold few: the
     store falls back to a row sample, exactly as many."""
     table = f"sampled_stale_{stated}"
-    vectors = np.random.default_rng(4).standard_normal((20_000, 64)).astype(np.float32)
-    conn = await asyncpg.connect(postgres_dsn)
-    await conn.execute(f"DROP TABLE IF EXISTS {table}")
-    await conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, embedding bytea)")
-    await conn.copy_records_to_table(table, records=[(i, v.tobytes()) for i, v in enumerate(vectors)])
-    await conn.execute(f"ANALYZE {table}")
+    vectors = await analyzed_table(postgres_dsn, table, seed=4)
     # What a stale count looks like to the store (autovacuum would set it right, in time).
+    conn = await asyncpg.connect(postgres_dsn)
     await conn.execute("UPDATE pg_class SET reltuples = $1 WHERE oid = $2::regclass", stated, table)
     await conn.close()
     store = PostgresStore(postgres_dsn, table=table)
