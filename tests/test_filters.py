@@ -340,10 +340,10 @@ async def test_a_widening_query_reads_each_bucket_once(
     read: list[bytes] = []
     original = ShardedIndex.candidates
 
-    async def reading(self: ShardedIndex, probe_keys: bytes, cap: int) -> Any:
+    async def reading(self: ShardedIndex, plans: list[bytes], caps: list[int]) -> Any:
         width = self.probe_key_width
-        read.extend(probe_keys[at : at + width] for at in range(0, len(probe_keys), width))
-        return await original(self, probe_keys, cap)
+        read.extend(plan[at : at + width] for plan in plans for at in range(0, len(plan), width))
+        return await original(self, plans, caps)
 
     monkeypatch.setattr(ShardedIndex, "candidates", reading)
     keep = np.arange(n) % 50 == 0

@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from . import _scripts
 from ._cache import SignatureCache, WriteChain
@@ -28,6 +29,11 @@ T = TypeVar("T")
 #: Ids per script call: keeps each atomic step short so other clients are not
 #: stalled behind a long script.
 WRITE_CHUNK = 500
+
+#: Queries whose bucket reads share one pipeline (and one in-flight slot):
+#: enough to spread a round trip's fixed cost, few enough that the client
+#: ranks one chunk's candidates while Redis reads the next.
+PIPELINED_QUERIES = 16
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,7 @@ class ShardedIndex:
         self._upsert = client.register_script(_scripts.UPSERT)
         self._delete = client.register_script(_scripts.DELETE)
         self._query = client.register_script(_scripts.QUERY)
+        self._changes = client.register_script(_scripts.CHANGES)
         self._lease = client.register_script(_scripts.LEASE)
         self._release = client.register_script(_scripts.RELEASE)
         self._repair = client.register_script(_scripts.REPAIR)
@@ -358,41 +365,100 @@ class ShardedIndex:
         """Bytes of one bucket suffix in a plan: the table byte, then the key."""
         return 1 + self._layout.key_bytes
 
-    async def candidates(self, probe_keys: bytes, cap: int) -> Candidates:
-        """Ids in the probed buckets (``probe_keys``: fixed-width bucket suffixes,
-        concatenated) with their signatures: one script per shard,
-        all shards at once; a second round trip only for signatures not cached.
-        No buckets, no round trip."""
-        if not probe_keys:
-            return Candidates(np.empty(0, np.int64), np.empty((0, self._layout.record_bytes), np.uint8))
-        found = await together([self._shard_candidates(s, probe_keys, cap) for s in range(self._shards)])
-        return Candidates(np.concatenate([c.ids for c in found]), np.concatenate([c.signatures for c in found]))
-
-    async def _shard_candidates(self, shard: int, probe_keys: bytes, cap: int) -> Candidates:
-        # One slot for both round trips: a query that holds thousands of
-        # candidates must not queue again behind every other waiting query,
-        # or memory grows with the queue (measured: 17 GB at 10,000 in flight).
-        async with self._in_flight:
-            return await self._shard_candidates_in_slot(shard, probe_keys, cap)
-
-    async def _shard_candidates_in_slot(self, shard: int, probe_keys: bytes, cap: int) -> Candidates:
-        cold = not self._cache.is_warm(shard)
-        known = self._cache.generation(shard)
-        args: list[bytes | int] = [
-            self.bucket_base(shard),
-            int(cold),
-            self.probe_key_width,
-            probe_keys,
-            -1 if known is None else known,
-            cap,
-            self.groups,
-            self.id_bytes,
+    async def candidates(self, plans: Sequence[bytes], caps: Sequence[int]) -> list[Candidates]:
+        """Each query's ids in its probed buckets (a plan: fixed-width bucket
+        suffixes, concatenated) with their signatures, at most its cap; all
+        shards at once. A shard this client's cache holds is read for
+        ``PIPELINED_QUERIES`` queries a round trip, by plain MGETs; one it
+        does not hold yet, by one script a query, which also returns the
+        signatures. A second round trip only for signatures not cached."""
+        found = await together([self._shard_candidates(s, plans, caps) for s in range(self._shards)])
+        if self._shards == 1:
+            return found[0]
+        return [
+            Candidates(np.concatenate([f[q].ids for f in found]), np.concatenate([f[q].signatures for f in found]))
+            for q in range(len(plans))
         ]
-        reply = await self._query(keys=self.script_keys(shard), args=args)
-        generation, size, buckets, changed, covered = reply[:5]
+
+    async def _shard_candidates(self, shard: int, plans: Sequence[bytes], caps: Sequence[int]) -> list[Candidates]:
+        if not self._cache.is_warm(shard):
+            return await together([self._cold_candidates(shard, plan, cap) for plan, cap in zip(plans, caps)])
+        spans = [
+            range(start, min(start + PIPELINED_QUERIES, len(plans)))
+            for start in range(0, len(plans), PIPELINED_QUERIES)
+        ]
+        found = await together(
+            [self._warm_candidates(shard, [plans[q] for q in span], [caps[q] for q in span]) for span in spans]
+        )
+        return [candidates for chunk in found for candidates in chunk]
+
+    # Each holds one slot (a warm one for up to PIPELINED_QUERIES queries)
+    # for both its round trips: a query that holds thousands of candidates
+    # must not queue again behind every other waiting query, or memory grows
+    # with the queue (measured: 17 GB at 10,000 in flight).
+
+    async def _cold_candidates(self, shard: int, plan: bytes, cap: int) -> Candidates:
+        if not plan:
+            return self._no_candidates()
+        async with self._in_flight:
+            known = self._cache.generation(shard)
+            args: list[bytes | int] = [
+                self.bucket_base(shard),
+                self.probe_key_width,
+                plan,
+                -1 if known is None else known,
+                cap,
+                self.groups,
+                self.id_bytes,
+            ]
+            generation, size, buckets, changed, covered, ids, records = await self._query(
+                keys=self.script_keys(shard), args=args
+            )
+            self._observe(shard, known, generation, size, changed, covered)
+            if ids:  # the script read these in the same atomic step as the buckets
+                self._cache.add(shard, self._ids(ids), self._signature_rows(records))
+            return await self._signed(shard, buckets, cap)
+
+    async def _warm_candidates(self, shard: int, plans: Sequence[bytes], caps: Sequence[int]) -> list[Candidates]:
+        async with self._in_flight:
+            known = self._cache.generation(shard)
+            try:
+                reply = await self._read_buckets(shard, plans, known)
+            except NoScriptError:  # a server restarted, or a node promoted, since this client loaded it
+                await self._client.script_load(_scripts.CHANGES)
+                reply = await self._read_buckets(shard, plans, known)
+            generation, size, changed, covered = reply[0]
+            self._observe(shard, known, generation, size, changed, covered)
+            read = iter(reply[1:])
+            return [
+                await self._signed(shard, [b for b in next(read) if b is not None], cap)
+                if plan
+                else self._no_candidates()
+                for plan, cap in zip(plans, caps)
+            ]
+
+    async def _read_buckets(self, shard: int, plans: Sequence[bytes], known: int | None) -> list[Any]:
+        """The change log (``_scripts.CHANGES``), then each non-empty plan's buckets: one round trip."""
+        base, width = self.bucket_base(shard), self.probe_key_width
+        pipe = self._client.pipeline(transaction=False)
+        # By name: a cluster pipeline refuses .evalsha() and .mget(), whose
+        # keys could span slots; these share the shard's one.
+        known_arg = -1 if known is None else known
+        pipe.execute_command("EVALSHA", self._changes.sha, 4, *self.script_keys(shard), known_arg, self.groups)
+        for plan in plans:
+            if plan:
+                pipe.execute_command("MGET", *[base + plan[at : at + width] for at in range(0, len(plan), width)])
+        return list(await pipe.execute())
+
+    def _observe(self, shard: int, known: int | None, generation: int, size: int, changed: bytes, covered: int) -> None:
         self._cache.observe(shard, int(generation), int(size), known, parse_ids(changed, 8) if covered else None)
-        if cold and reply[5]:  # the script read these in the same atomic step as the buckets
-            self._cache.add(shard, self._ids(reply[5]), self._signature_rows(reply[6]))
+
+    def _no_candidates(self) -> Candidates:
+        return Candidates(np.empty(0, np.int64), np.empty((0, self._layout.record_bytes), np.uint8))
+
+    async def _signed(self, shard: int, buckets: Sequence[bytes], cap: int) -> Candidates:
+        """The ids of ``buckets`` (best first), at most ``cap``, with their
+        signatures from the cache, or fetched."""
         if self._layout.tables == 1:
             ids = nearest_buckets(buckets, cap, self.id_bytes)
         else:

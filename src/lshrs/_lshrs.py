@@ -40,7 +40,7 @@ from ._connect import check_client, connect
 from ._errors import IndexMissing, cause_of, memory_in_use, out_of_memory
 from ._family import Family, HyperplaneFamily, Layout, LearnedFamily, banded_layout, learned_layout
 from ._hashing import Bands, make_projection
-from ._index import Candidates, Client, ShardedIndex, meta_keys, together
+from ._index import Candidates, Client, ShardedIndex, meta_keys
 from ._partition import Partition, choose_buckets, fit
 from ._sampling import sample_store
 from ._tuning import Tuning, TuningPoint, exact_neighbours, recall
@@ -1059,7 +1059,7 @@ class LSHRS:
         if unread is not None:
             keys = [_unread(k, seen, index.probe_key_width) for k, (seen, _) in zip(keys, unread)]
             caps = [cap for _, cap in unread]
-        found = await together([index.candidates(k, cap) for k, cap in zip(keys, caps)])
+        found = await index.candidates(keys, caps)
         return records, found
 
     async def _filtered(
