@@ -63,7 +63,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["points"].append(systems.numpy_exact(data, args.queries))
         structures = [(b, r) for b in (args.bands or [None]) for r in (args.rows or [None])]
         points, builds = await systems.lshrs_runs(
-            data, url, structures, args.probes, args.rerank, args.queries, hyperplanes="hyperplane" not in args.skip
+            data,
+            url,
+            structures,
+            args.probes,
+            args.rerank,
+            args.queries,
+            hyperplanes="hyperplane" not in args.skip,
+            processes=args.processes,
         )
         result["points"] += points
         result["builds"] += [{"system": "lshrs", **b} for b in builds]
@@ -88,6 +95,12 @@ def main() -> None:
     parser.add_argument("--size", default="100k", help="vectors: up to 100k real, beyond that GENERATED (e.g. 1M)")
     parser.add_argument("--dataset", choices=["minilm", "glove"], default="minilm")
     parser.add_argument("--queries", type=int, default=500, help="held-out real queries to run (at most 1000)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="client processes that also serve lshrs's default and tuned settings (1: none)",
+    )
     parser.add_argument("--bands", type=int, nargs="*", help="band counts to build (default: lshrs's own choice)")
     parser.add_argument("--rows", type=int, nargs="*", help="rows per band to build (default: lshrs's own choice)")
     parser.add_argument(

@@ -40,10 +40,15 @@ def markdown(result: dict[str, Any]) -> str:
         "| system | setting | recall@10 | recall@100 | p50 ms | p95 ms | p99 ms | QPS (64 concurrent) |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    served = [p for p in result["points"] if "qps64_processes" in p]
+    if served:  # a column only runs that measured it have (benchmarks/processes.py)
+        lines[-2] += f" QPS, {served[0]['processes']} client processes |"
+        lines[-1] += "---|"
     for p in result["points"]:
         lines.append(
             f"| {p['system']} | {p['setting']} | {p['recall@10']:.3f} | {_at_100(p)} | "
             f"{p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | {p['qps64']} |"
+            + (f" {p.get('qps64_processes', '-')} |" if served else "")
         )
     lines += ["", "| build | setting | seconds | vectors/s | memory per vector |", "|---|---|---|---|---|"]
     for b in result["builds"]:
@@ -93,6 +98,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     systems: dict[str, list[dict[str, Any]]] = {}
     for p in result["points"]:
         systems.setdefault(_series(p), []).append(p)
+        if "qps64_processes" in p:
+            served = {**p, "qps64": p["qps64_processes"]}
+            systems.setdefault(f"{_series(p)}, {p['processes']} client processes", []).append(served)
     for name, points in systems.items():
         points.sort(key=lambda p: p["recall@10"])
         axes.plot([p["recall@10"] for p in points], [p["qps64"] for p in points], marker="o", label=name)

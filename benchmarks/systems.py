@@ -4,6 +4,7 @@ IndexHNSWFlat, and pgvector HNSW in a real PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from lshrs.adapters import InMemoryStore
 
 from .datasets import Dataset
 from .measure import concurrent_qps, one_client, recall, sync_latency
+from .processes import processes_qps
 
 
 def point(
@@ -49,9 +51,12 @@ async def lshrs_runs(
     reranks: list[int],
     sample: int,
     hyperplanes: bool = True,
+    processes: int = 2,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Build one learned index and one hyperplane index per (bands, rows)
-    structure, then sweep the query-time knobs of each."""
+    structure, then sweep the query-time knobs of each. Each setting of the
+    learned index is also served by ``processes`` client processes
+    (``processes.py``)."""
     points, builds = [], []
     store = InMemoryStore()
     await store.put(np.arange(len(data.base)), data.base)
@@ -118,6 +123,11 @@ async def lshrs_runs(
                     depth = rerank or f"{family.default_rerank(len(data.base))} (default)"
                     setting = f"{shape}, probes={probes}{label}, rerank={depth}"
                     points.append(await timed_point(lsh, setting, queries, truth))
+                if config.hashing == "kmeans" and processes > 1:
+                    options = {"probes": probes, "rerank": rerank or None}
+                    qps = await asyncio.to_thread(processes_qps, url, prefix, data.base, queries, options, processes)
+                    points[-1].update(processes=processes, qps64_processes=qps)
+                    print(f"    {setting}, {processes} client processes: {qps} QPS")
     return points, builds
 
 
