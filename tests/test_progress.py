@@ -4,13 +4,14 @@ stderr without tqdm; the caller's callback as given (issue 14)."""
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 import numpy as np
 import pytest
 
 from conftest import clustered
-from lshrs import LSHRS
+from lshrs import LSHRS, _progress
 from lshrs.adapters import InMemoryStore
 
 pytestmark = pytest.mark.anyio
@@ -67,3 +68,14 @@ async def test_a_callback_sees_every_batch(redis_proc: Any) -> None:
         await lsh.index(np.arange(1000), BASE[:1000], progress=lambda done, total: seen.append((done, total)))
         await lsh.drop()
     assert seen == [(250, 1000), (500, 1000), (750, 1000), (1000, 1000)]
+
+
+def test_a_bar_is_timed_from_the_start_of_its_call(capsys: pytest.CaptureFixture[str]) -> None:
+    """The first count of a build comes when its first block is written: a
+    bar created then showed a one-block build as taking no time at all."""
+    pytest.importorskip("tqdm")
+    with _progress.reporting(True, "index") as report:
+        assert report is not None
+        time.sleep(1.1)  # the fitting and the first block
+        report(10, 10)
+    assert "[00:01<" in capsys.readouterr().err
