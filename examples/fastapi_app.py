@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -70,27 +72,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(404, f"row {id_} is not in the table (or its vector is NULL)")
         return rows.vectors[0]  # type: ignore[no-any-return]
 
+    @app.exception_handler(RequestValidationError)
+    @app.exception_handler(ValueError)
+    @app.exception_handler(TypeError)
+    async def bad_request(request: Request, exc: Exception) -> JSONResponse:
+        # lshrs refuses bad input (a wrong dimension, NaN, top_k=0) with
+        # ValueError or TypeError, before any work; so does FastAPI a missing
+        # or malformed parameter. Either is the caller's: 400, saying what.
+        detail = exc.errors() if isinstance(exc, RequestValidationError) else str(exc)
+        return JSONResponse({"detail": jsonable_encoder(detail)}, status_code=400)
+
     @app.get("/search")
     async def search_by_id(request: Request, id: int, top_k: int = 10) -> list[dict[str, Any]]:
-        try:
-            return _hits(await request.app.state.lsh.query(await row_vector(request, id), top_k=top_k))
-        except (ValueError, TypeError) as exc:
-            raise HTTPException(422, str(exc)) from exc
+        return _hits(await request.app.state.lsh.query(await row_vector(request, id), top_k=top_k))
 
     @app.post("/search")
     async def search_by_vector(request: Request, body: VectorQuery) -> list[dict[str, Any]]:
-        try:
-            return _hits(await request.app.state.lsh.query(body.vector, top_k=body.top_k))
-        except (ValueError, TypeError) as exc:
-            raise HTTPException(422, str(exc)) from exc
+        return _hits(await request.app.state.lsh.query(body.vector, top_k=body.top_k))
 
     @app.post("/documents", status_code=201)
     async def add_document(request: Request, document: Document) -> dict[str, int]:
         vector = document.vector if document.vector is not None else await row_vector(request, document.id)
-        try:
-            await request.app.state.lsh.ingest(document.id, vector)
-        except (ValueError, TypeError) as exc:
-            raise HTTPException(422, str(exc)) from exc
+        await request.app.state.lsh.ingest(document.id, vector)
         return {"id": document.id}
 
     @app.delete("/documents/{id}")

@@ -25,10 +25,11 @@ class Settings:
 def from_environment() -> Settings:
     """The settings, or a ``RuntimeError`` that names every missing variable,
     so a service fails at start-up rather than on its first request."""
-    missing = [name for name in ("LSHRS_POSTGRES_DSN", "LSHRS_TABLE") if not os.environ.get(name)]
+    needed = {"LSHRS_POSTGRES_DSN": "the PostgreSQL DSN", "LSHRS_TABLE": "the table with the vectors"}
+    missing = [f"{name} ({what})" for name, what in needed.items() if not os.environ.get(name)]
     if missing:
         raise RuntimeError(
-            f"set {' and '.join(missing)} (the PostgreSQL DSN and the table with the vectors); "
+            f"set {' and '.join(missing)}; "
             "LSHRS_REDIS_URL, LSHRS_PREFIX, LSHRS_VECTOR_COLUMN and LSHRS_TEXT_COLUMN are optional"
         )
     return Settings(

@@ -63,7 +63,10 @@ async def test_fastapi_service(table: tuple[str, str]) -> None:
             assert (await client.post("/documents", json={"id": 9})).status_code == 201
             assert (await client.get("/search", params={"id": 9})).json()[0]["id"] == 9
             bad = await client.post("/search", json={"vector": [1.0, 2.0]})
-            assert bad.status_code == 422 and "shape" in bad.json()["detail"]
+            assert bad.status_code == 400 and "shape" in bad.json()["detail"]
+            for params, reason in [({"id": "abc"}, "integer"), ({}, "required"), ({"id": 3, "top_k": 0}, "top_k")]:
+                refused = await client.get("/search", params=params)
+                assert refused.status_code == 400 and reason in refused.text, (params, refused.text)
             missing = await client.get("/search", params={"id": 123456})
             assert missing.status_code == 404, missing.text
 
@@ -94,15 +97,20 @@ def test_the_examples_name_missing_settings(monkeypatch: pytest.MonkeyPatch) -> 
 
     for name in ("LSHRS_POSTGRES_DSN", "LSHRS_TABLE"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(RuntimeError, match="set LSHRS_POSTGRES_DSN and LSHRS_TABLE"):
+    both = r"set LSHRS_POSTGRES_DSN \(the PostgreSQL DSN\) and LSHRS_TABLE \(the table with the vectors\);"
+    with pytest.raises(RuntimeError, match=both):
         aiohttp_app.create_app()
+    monkeypatch.setenv("LSHRS_POSTGRES_DSN", "postgresql://localhost/wiki")
+    with pytest.raises(RuntimeError, match=r"^set LSHRS_TABLE \(the table with the vectors\);"):
+        aiohttp_app.create_app()
+    monkeypatch.delenv("LSHRS_POSTGRES_DSN")
 
     async def start_fastapi() -> None:
         app = fastapi_app.create_app()
         async with app.router.lifespan_context(app):
             pass
 
-    with pytest.raises(RuntimeError, match="set LSHRS_POSTGRES_DSN and LSHRS_TABLE"):
+    with pytest.raises(RuntimeError, match=both):
         asyncio.run(start_fastapi())
 
 
