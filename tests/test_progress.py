@@ -79,3 +79,19 @@ def test_a_bar_is_timed_from_the_start_of_its_call(capsys: pytest.CaptureFixture
         time.sleep(1.1)  # the fitting and the first block
         report(10, 10)
     assert "[00:01<" in capsys.readouterr().err
+
+
+async def test_exact_stats_report_the_bucket_keys_read(redis_proc: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """``stats(exact=True)`` reads every bucket key, a thousand a script:
+    seconds for millions of hyperplane buckets, so it reports as it goes."""
+    seen: list[tuple[int, int | None]] = []
+    async with LSHRS(dim=DIM, redis_url=url_of(redis_proc), prefix="stats", hashing="hyperplane") as lsh:
+        await lsh.drop()
+        await lsh.index(np.arange(1200), BASE)
+        stats = await lsh.stats(exact=True, progress=lambda done, total: seen.append((done, total)))
+        sampled = await lsh.stats(progress=True)
+        await lsh.drop()
+    assert stats["buckets"] > 2000 and seen[-1] == (stats["buckets"], None)
+    assert [done for done, _ in seen] == [*range(1000, stats["buckets"], 1000), stats["buckets"]]
+    bar = capsys.readouterr().err
+    assert sampled["bucket_statistics"].startswith("sampled") and "lshrs stats" in bar and "5000" in bar

@@ -19,6 +19,7 @@ from . import _scripts
 from ._cache import SignatureCache, WriteChain
 from ._config import MAX_SHORT_ID
 from ._family import Layout
+from ._types import ProgressCallback
 
 Client = Redis | RedisCluster
 IdArray = npt.NDArray[np.int64]
@@ -520,26 +521,40 @@ class ShardedIndex:
         before = await self._client.set(centroids_key(self._prefix), blob, nx=True, get=True)
         return before if isinstance(before, bytes) else blob
 
-    async def bucket_sample(self, most: int | None) -> tuple[list[int], list[int], bool]:
+    async def bucket_sample(
+        self, most: int | None, report: ProgressCallback | None = None
+    ) -> tuple[list[int], list[int], bool]:
         """Sizes (ids) and memory (bytes, ``MEMORY USAGE``) of bucket keys
         found by scanning, at most ``most`` of them (None: all), and whether
         the scan saw every bucket. Scan order follows the key hashes, so a
-        partial scan is a fair sample. One script per 1,000 keys."""
+        partial scan is a fair sample. One script per 1,000 keys, sent as the
+        scan finds them; ``report`` gets the keys read so far after each."""
         sizes: list[int] = []
         memory: list[int] = []
         complete = True
         per_shard = None if most is None else -(-most // self._shards)
+
+        async def measure(shard: int, keys: list[bytes]) -> None:
+            replies = await self._bucket_sizes(keys=[self.signature_key(shard)], args=keys)
+            sizes.extend(int(length) // self.id_bytes for length in replies[0::2])
+            memory.extend(int(used) for used in replies[1::2])
+            if report:
+                report(len(sizes), None)
+
         for shard in range(self._shards):
             keys: list[bytes] = []
+            taken = 0
             async for key in self._client.scan_iter(match=self.bucket_base(shard) + b"*", count=1000):
                 keys.append(key)
-                if per_shard is not None and len(keys) >= per_shard:
+                taken += 1
+                if len(keys) == 1000:
+                    await measure(shard, keys)
+                    keys = []
+                if per_shard is not None and taken >= per_shard:
                     complete = False
                     break
-            for start in range(0, len(keys), 1000):
-                replies = await self._bucket_sizes(keys=[self.signature_key(shard)], args=keys[start : start + 1000])
-                sizes += [int(length) // self.id_bytes for length in replies[0::2]]
-                memory += [int(used) for used in replies[1::2]]
+            if keys:
+                await measure(shard, keys)
         return sizes, memory, complete
 
     async def meta_memory(self) -> int:

@@ -1238,18 +1238,22 @@ class LSHRS:
             return [[] for _ in shortlists]
         return _scored(queries, rows, shortlists, top_k, top_p)
 
-    async def stats(self, *, exact: bool = False) -> dict[str, Any]:
+    async def stats(self, *, exact: bool = False, progress: bool | ProgressCallback | None = None) -> dict[str, Any]:
         """Configuration, probes in force, vector and bucket counts, bucket size
         histogram (powers of two) and the index's own Redis memory.
 
         The buckets are sampled (at most ``STATS_SAMPLE`` bucket keys, found
         by a scan; the counts and the memory of the rest are extrapolated
         from the ids each table holds) unless ``exact=True``, which reads
-        every bucket key. ``bucket_statistics`` says which it was.
+        every bucket key (seconds for millions of hyperplane buckets).
+        ``bucket_statistics`` says which it was. Progress counts the bucket
+        keys read.
         """
+        setting = self._progress_of(progress)
         opened = await self._ready()
         config, index = opened.config, opened.sharded
-        sample, used, complete = await index.bucket_sample(None if exact else STATS_SAMPLE)
+        with _progress.reporting(setting, "stats", unit="bucket keys") as counted:
+            sample, used, complete = await index.bucket_sample(None if exact else STATS_SAMPLE, counted)
         sizes = np.asarray(sample, dtype=np.int64)
         histogram: dict[str, int] = {}
         if len(sizes):

@@ -1,4 +1,4 @@
-"""Progress of long calls (a build, a reconcile, a tune): quiet unless asked;
+"""Progress of long calls (a build, a reconcile, a tune, exact stats): quiet unless asked;
 asked, one tqdm bar per call, closed when the call ends, or a plain stderr
 line every few seconds where tqdm is not installed; or the caller's own
 ``(done, total)`` callback, for services."""
