@@ -169,6 +169,7 @@ def test_cli_index_query_stats_drop(postgres_dsn: str, redis_proc: Any, tmp_path
     result = runner.invoke(cli, ["tune", "--target", "0.9", "--sample", "20"], env=env)
     assert result.exit_code == 0, result.output
     assert "saved probes=" in result.output and "recall@10" in result.output
+    assert "bands" not in result.output  # a learned index has none to suggest for a rebuild
     saved = int(result.output.split("saved probes=")[1].split()[0])
     stats = json.loads(runner.invoke(cli, ["stats"], env=env).output)
     assert stats["probes"] == saved  # every later client uses what tune saved

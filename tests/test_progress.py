@@ -95,3 +95,20 @@ async def test_exact_stats_report_the_bucket_keys_read(redis_proc: Any, capsys: 
     assert [done for done, _ in seen] == [*range(1000, stats["buckets"], 1000), stats["buckets"]]
     bar = capsys.readouterr().err
     assert sampled["bucket_statistics"].startswith("sampled") and "lshrs stats" in bar and "5000" in bar
+
+
+async def test_a_tune_that_reaches_its_target_ends_its_count_full(redis_proc: Any) -> None:
+    """tune() stops at the first probe setting that reaches the target: its
+    last count says so (n of n), not that it stopped midway (n of 16)."""
+    seen: list[tuple[int, int | None]] = []
+    store = InMemoryStore()
+    uniform = np.random.default_rng(5).standard_normal((1200, DIM))  # no clusters: a ladder of several steps
+    await store.put(np.arange(1200), uniform, None)
+    async with LSHRS(dim=DIM, redis_url=url_of(redis_proc), prefix="tuned", store=store) as lsh:
+        await lsh.drop()
+        await lsh.index()
+        tuning = await lsh.tune(0.9, sample=20, progress=lambda done, total: seen.append((done, total)))
+        await lsh.drop()
+    ladder = len(seen) - 1
+    assert ladder >= 1 and len(tuning.curve) == len(seen) and seen[-1] == (len(seen), len(seen))
+    assert all(total == seen[0][1] and total > len(seen) for _, total in seen[:ladder])

@@ -1202,10 +1202,13 @@ class LSHRS:
                     read += batch_read
                 found = [[h.id for h in query_hits if h.id != own][:top_k] for query_hits, own in zip(hits, owns)]
                 curve.append(TuningPoint(probes, recall(found, truth), float(np.mean(read))))
+                # Reached, or every query already reads the whole index: the
+                # ladder ends here, and so does its bar, full.
+                finished = curve[-1].recall >= target_recall or curve[-1].candidates >= total
                 if report:
-                    report(step, len(ladder))
-                if curve[-1].recall >= target_recall or curve[-1].candidates >= total:
-                    break  # reached, or every query already reads the whole index
+                    report(step, step if finished else len(ladder))
+                if finished:
+                    break
         best = curve[-1]  # the ladder stops at the first point that reaches the target, or at the end
         rows_for_size = choose_rows(total) if opened.config.hashing == "hyperplane" else 0
         tuning = Tuning(

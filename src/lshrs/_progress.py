@@ -54,6 +54,8 @@ class _Bar:
                 # A build's first count comes when its first block is written:
                 # timed from there, a one-block build showed 00:00 and 350,000 vectors/s.
                 self._bar.start_t = self._started
+            if total != self._bar.total:  # a call that ends early (tune() at its target) ends its bar there
+                self._bar.total = total
             self._bar.update(done - self._bar.n)
         elif time.monotonic() - self._printed >= LINE_EVERY:
             self._line()
@@ -74,7 +76,7 @@ class _Bar:
 
 
 def unit_name(unit: str) -> str:
-    return {"vectors": "vec", "queries": "query"}.get(unit, unit)
+    return {"vectors": "vec", "queries": "query", "bucket keys": "key", "probe settings": "setting"}.get(unit, unit)
 
 
 @contextlib.contextmanager
