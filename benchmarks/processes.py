@@ -41,10 +41,9 @@ def processes_qps(
         saved = os.environ.get("OPENBLAS_NUM_THREADS")
         os.environ["OPENBLAS_NUM_THREADS"] = "1"  # read when the child imports numpy
         try:
-            workers = [
-                context.Process(target=_worker, args=(url, prefix, folder, options, 64 // processes, barrier, results))
-                for _ in range(processes)
-            ]
+            arguments = (url, prefix, folder, options, 64 // processes, barrier, results)
+            # Daemons: a failed run ends with its parent instead of waiting on the barrier.
+            workers = [context.Process(target=_worker, args=arguments, daemon=True) for _ in range(processes)]
             for worker in workers:
                 worker.start()
         finally:
@@ -90,7 +89,7 @@ async def _serve(
 
         await concurrent_qps(call, queries, tasks)  # warm-up: connections, BLAS, caches
         for round_ in range(ROUNDS):
-            await asyncio.to_thread(barrier.wait)  # every worker starts the round together
+            await asyncio.to_thread(barrier.wait, 600)  # every worker starts the round together
             started = time.time()
             await concurrent_qps(call, queries, tasks)
             results.put((round_, started, time.time(), len(queries)))
