@@ -7,8 +7,8 @@ cores idle, while PostgreSQL spreads pgvector's queries over all of them.
 Each worker process here opens its own client on the same prefix, with
 the store's vectors of its own and BLAS held to one thread (OpenBLAS's
 spinning threads would otherwise take the cores the other worker and Redis
-need: measured at 100k, two workers gave 540-630 QPS with them against
-960-1,090 without). The 64 concurrent queries are split evenly among the
+need: measured ad hoc at 100k, two workers gave 540-630 QPS with them
+against 960-1,090 without). The 64 concurrent queries are split evenly among the
 workers, and QPS is every worker's queries over the span from the first
 start to the last end; the median of three rounds is reported.
 """
