@@ -86,8 +86,9 @@ class ProductCodes:
         One gather a slice: column by column reads ``table`` a row at a time
         (0.28 ms for 3,400 codes of 32 bytes, against 0.56 ms for one
         fancy-indexed gather). A code byte cannot pass a row's 256 entries,
-        so ``clip`` changes no index; it skips the bounds checks (0.21 ms
-        against 0.35 ms for 3,700 codes, measured side by side)."""
+        so ``clip`` changes no index; it skips the bounds checks (ad hoc,
+        interleaved: 0.21 against 0.35 ms for 3,700 random codes, 0.25
+        against 0.30 ms on a real 100k batch, and no difference in a third run)."""
         total: FloatArray = table[0].take(codes[:, 0], mode="clip")
         for j in range(1, codes.shape[1]):
             total += table[j].take(codes[:, j], mode="clip")
