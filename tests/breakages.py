@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -280,13 +281,15 @@ def main() -> int:
                 command += [f"tests/{tests.split()[0]}", *tests.split()[1:]]
                 # A failure is enough; shrinking a property test's failure is slow.
                 env = {**os.environ, "LSHRS_NO_SHRINK": "1", "PYTHONPATH": str(copy / "src")}
+                started = time.monotonic()
                 run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
             finally:
                 (copy / path).write_text(original)
                 copies.put(copy)
             code = run.returncode
             verdict = "caught" if code == 1 else "SURVIVED" if code == 0 else f"error {code}"
-            print(f"{verdict:9} {name}  ({tests})", flush=True)
+            took = time.monotonic() - started
+            print(f"{verdict:9} {took:5.1f} s  {name}  ({tests})", flush=True)
             return code == 1
 
         with ThreadPoolExecutor(workers) as pool:

@@ -123,18 +123,44 @@ async def make_lsh(redis_url: str, shards: int, hashing: str) -> AsyncIterator[C
 
 async def keyspace(client: Any) -> dict[bytes, Any]:
     """Every key with its type and value: a dump to compare before and after."""
-    dump: dict[bytes, Any] = {}
-    async for key in client.scan_iter(count=1000):
-        kind = (await client.type(key)).decode()
-        if kind == "set":
-            dump[key] = ("set", frozenset(await client.smembers(key)))
-        elif kind == "hash":
-            dump[key] = ("hash", dict(await client.hgetall(key)))
-        elif kind == "list":
-            dump[key] = ("list", tuple(await client.lrange(key, 0, -1)))
-        else:
-            dump[key] = (kind, await client.get(key))
-    return dump
+    keys = [key async for key in client.scan_iter(count=1000)]
+    kinds = [kind if isinstance(kind, str) else kind.decode() for kind in await _pipelined(client, "TYPE", keys)]
+    read = {"set": "SMEMBERS", "hash": "HGETALL", "list": "LRANGE", "string": "GET"}
+    values = await _pipelined(client, [read.get(kind, "GET") for kind in kinds], keys)
+    shape = {"set": frozenset, "hash": dict, "list": tuple}
+    return {
+        key: (kind, shape.get(kind, lambda value: value)(value))
+        for key, kind, value in zip(keys, kinds, values, strict=True)
+    }
+
+
+async def _pipelined(client: Any, command: str | list[str], keys: list[bytes], chunk: int = 2000) -> list[Any]:
+    """``command`` (one, or one a key) on every key, by pipelines of ``chunk``:
+    a hyperplane index holds a bucket key per band and signature, too many
+    for a round trip each (that took 40 s of a test on a cluster)."""
+    commands = [command] * len(keys) if isinstance(command, str) else command
+    values: list[Any] = []
+    for start in range(0, len(keys), chunk):
+        pipe = client.pipeline(transaction=False)
+        for name, key in zip(commands[start : start + chunk], keys[start : start + chunk], strict=True):
+            pipe.execute_command(name, key, *((0, -1) if name == "LRANGE" else ()))
+        values.extend(await pipe.execute())
+    return values
+
+
+async def read_keys(client: Any, keys: list[bytes], chunk: int = 1000) -> list[Any]:
+    """GET of every key, by an MGET of up to ``chunk`` keys that share a hash
+    tag (one slot), so it also works on a cluster."""
+    by_tag: dict[bytes, list[int]] = {}
+    for at, key in enumerate(keys):
+        by_tag.setdefault(key.split(b"}", 1)[0], []).append(at)
+    values: list[Any] = [None] * len(keys)
+    for places in by_tag.values():
+        for start in range(0, len(places), chunk):
+            part = places[start : start + chunk]
+            for at, value in zip(part, await client.execute_command("MGET", *(keys[i] for i in part)), strict=True):
+                values[at] = value
+    return values
 
 
 def stored_id(lsh: LSHRS, id_: int) -> bytes:
@@ -168,7 +194,10 @@ async def index_state(client: Any, lsh: LSHRS, leases: bool = False) -> dict[int
         assert len(field) == id_bytes, f"a record field of {len(field)} bytes in an index of {id_bytes}-byte ids"
         return int.from_bytes(field, "little", signed=id_bytes == 8)
 
-    async for key in client.scan_iter(match=f"{{{lsh.prefix}:*}}:*", count=1000):
+    keys = [key async for key in client.scan_iter(match=f"{{{lsh.prefix}:*}}:*", count=1000)]
+    bucket_keys = [key for key in keys if key.split(b"}:", 1)[1].startswith(b"b")]
+    bucket_values = dict(zip(bucket_keys, await read_keys(client, bucket_keys), strict=True))
+    for key in keys:
         tag, kind = key.split(b"}:", 1)
         shard = int(tag.rsplit(b":", 1)[1])
         if kind == b"s" or kind.startswith(b"s:"):  # one record hash a shard, or its record groups
@@ -188,7 +217,7 @@ async def index_state(client: Any, lsh: LSHRS, leases: bool = False) -> dict[int
             logs.append(logged - {TOMBSTONE})
         else:
             assert kind.startswith(b"b"), key
-            members = bucket_members(lsh, await client.get(key)).tolist()
+            members = bucket_members(lsh, bucket_values[key]).tolist()
             assert len(members) == len(set(members)), f"an id appears twice in bucket {key!r}"
             buckets[(kind[1:], int(tag.rsplit(b":", 1)[1]))] = set(members)
     assert all(buckets.values()), "an empty bucket was left behind"

@@ -12,7 +12,7 @@ import asyncpg
 import numpy as np
 import pytest
 
-from conftest import bucket_members, clustered, index_state, stored_id
+from conftest import bucket_members, clustered, index_state, read_keys, stored_id
 from lshrs import LSHRS, Reconciled, _lshrs
 from lshrs.adapters import InMemoryStore, PostgresStore
 
@@ -74,7 +74,7 @@ async def test_reconcile_repairs_exactly_the_difference(
             await raw_redis.delete(key)
         # ...and gains strays: an id in a bucket its record does not name, and an unknown id.
         keys = await bucket_keys(raw_redis, "rec")
-        members = {key: bucket_members(lsh, await raw_redis.get(key)) for key in keys}
+        members = {key: bucket_members(lsh, value) for key, value in zip(keys, await read_keys(raw_redis, keys))}
         wrong = next(key for key in keys if 777 not in members[key])
         await raw_redis.append(wrong, stored_id(lsh, 777))
         first_shard = next(key for key in keys if key.startswith(b"{rec:0}"))

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, SlotNotCoveredError
 
 from . import _scripts
 from ._cache import SignatureCache, WriteChain
@@ -442,14 +442,29 @@ class ShardedIndex:
         """The change log (``_scripts.CHANGES``), then each non-empty plan's buckets: one round trip."""
         base, width = self.bucket_base(shard), self.probe_key_width
         pipe = self._client.pipeline(transaction=False)
+        keys = self.script_keys(shard)
+        route = self._route(keys[0])
         # By name: a cluster pipeline refuses .evalsha() and .mget(), whose
         # keys could span slots; these share the shard's one.
         known_arg = -1 if known is None else known
-        pipe.execute_command("EVALSHA", self._changes.sha, 4, *self.script_keys(shard), known_arg, self.groups)
+        pipe.execute_command("EVALSHA", self._changes.sha, 4, *keys, known_arg, self.groups, **route)
         for plan in plans:
             if plan:
-                pipe.execute_command("MGET", *[base + plan[at : at + width] for at in range(0, len(plan), width)])
+                buckets = [base + plan[at : at + width] for at in range(0, len(plan), width)]
+                pipe.execute_command("MGET", *buckets, **route)
         return list(await pipe.execute())
+
+    def _route(self, key: str) -> dict[str, Any]:
+        """The node of ``key``'s slot, for a cluster pipeline's commands:
+        unnamed, it hashes every key of an MGET to check that they share a
+        slot (0.27 ms for 198 buckets, measured ad hoc). A MOVED reply is
+        still followed."""
+        if not isinstance(self._client, RedisCluster):
+            return {}
+        try:
+            return {"target_nodes": self._client.get_node_from_key(key)}
+        except SlotNotCoveredError:  # mid-failover: let redis-py find the node
+            return {}
 
     def _observe(self, shard: int, known: int | None, generation: int, size: int, changed: bytes, covered: int) -> None:
         self._cache.observe(shard, int(generation), int(size), known, parse_ids(changed, 8) if covered else None)
