@@ -14,8 +14,6 @@ from lshrs.adapters import InMemoryStore, PostgresStore, RedisStore, SQLAlchemyS
 from .datasets import Dataset
 from .measure import one_client, percentiles
 
-PG_TYPES = {"real[]": "real[]", "double precision[]": "double precision[]", "bytea": "bytea", "vector": "vector"}
-
 
 async def fill_tables(dsn: str, base: np.ndarray) -> None:
     """One table per vector column type, loaded with COPY in binary form."""

@@ -104,6 +104,12 @@ async def test_a_learned_index_of_an_earlier_version_keeps_its_simhash(
     await lsh.index(np.arange(1000), BASE[:1000])
     records = await index_state(raw_redis, lsh)  # buckets and records agree
     assert len(records) == 1000 and {len(r) for r in records.values()} == {4 + 64}
+    # ...in one record hash a shard, as that version wrote them, not in groups
+    record_keys = [key async for key in raw_redis.scan_iter(match="{legacy:*}:s*")]
+    assert record_keys and all(key.endswith(b"}:s") for key in record_keys)
+    # ...and reranks as deep as a SimHash needs below 50,000 vectors: 512, where codes need 256
+    family = (await lsh._ready()).family
+    assert family is not None and family.default_rerank(1000) == 512
     hits = await lsh.query(BASE[3], top_k=3)
     assert hits[0].id == 3 and hits[0].score == pytest.approx(1.0, abs=1e-5)
     reader = await make_lsh(dim=DIM, prefix="legacy", hashing=None)  # no store: the SimHash estimate
@@ -117,3 +123,19 @@ async def test_a_new_learned_index_keeps_codes(make_lsh: Any, raw_redis: Any) ->
     records = await index_state(raw_redis, lsh)
     assert len(records) == 1000 and {len(r) for r in records.values()} == {4 + 24}
     assert await raw_redis.get("{coded}:proj") == b""  # codes need no projection
+    family = (await lsh._ready()).family
+    assert family is not None and family.default_rerank(1000) == 256
+    # A sum of slices' dot products may stray past +-1: the estimate may not.
+    assert family.cosines(np.array([-1.5, -1.0, 0.25, 1.0, 1.5])).tolist() == [1.0, 1.0, -0.25, -1.0, -1.0]
+
+
+async def test_a_vectors_length_changes_nothing_it_is_indexed_by(make_lsh: Any, raw_redis: Any) -> None:
+    """Records hash a vector's direction only: the same vectors at other
+    lengths (powers of two, so that normalising them is exact) give the same
+    buckets and sketches, trained from them too."""
+    lengths = 2.0 ** np.random.default_rng(3).integers(-3, 5, (1000, 1))
+    unit = await make_lsh(dim=DIM, prefix="unit", seed=5)
+    scaled = await make_lsh(dim=DIM, prefix="scaled", seed=5)
+    await unit.index(np.arange(1000), UNIT[:1000])
+    await scaled.index(np.arange(1000), (UNIT[:1000] * lengths).astype(np.float32))
+    assert await index_state(raw_redis, scaled) == await index_state(raw_redis, unit)

@@ -54,8 +54,6 @@ def learned_layout(sketch_bytes: int, grouped: bool = False) -> Layout:
 class Family(Protocol):
     """A hash family: records for vectors, probe keys for queries."""
 
-    layout: Layout
-
     def records(self, vectors: FloatArray) -> ByteArray:
         """(n, record_bytes) records of (n, dim) non-zero vectors."""
         ...
@@ -96,7 +94,6 @@ class HyperplaneFamily:
     def __init__(self, bands: Bands, projection: FloatArray) -> None:
         self.bands = bands
         self._projection = standardise(projection)
-        self.layout = banded_layout(bands)
 
     def records(self, vectors: FloatArray) -> ByteArray:
         return self.bands.pack(vectors @ self._projection > 0)
@@ -142,13 +139,14 @@ class LearnedFamily:
         self.partition = partition
         self._codes: ProductCodes | None = None
         self._projection: FloatArray | None = None
-        if isinstance(sketch, ProductCodes):  # records of 36 bytes fit Redis's compact listpacks
-            self._codes, self.layout = sketch, learned_layout(sketch.parts, grouped=True)
+        if isinstance(sketch, ProductCodes):
+            self._codes, sketch_bytes = sketch, sketch.parts
         else:
-            self._projection, self.layout = sketch, learned_layout(sketch.shape[1] // 8)
+            self._projection, sketch_bytes = sketch, sketch.shape[1] // 8
+        self._record_bytes = BUCKET_BYTES + sketch_bytes
 
     def records(self, vectors: FloatArray) -> ByteArray:
-        out = np.empty((len(vectors), self.layout.record_bytes), np.uint8)
+        out = np.empty((len(vectors), self._record_bytes), np.uint8)
         unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         numbers = self.partition.assign(unit).astype(">u4")
         out[:, :BUCKET_BYTES] = numbers.view(np.uint8).reshape(-1, BUCKET_BYTES)

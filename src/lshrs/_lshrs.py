@@ -1407,7 +1407,7 @@ def _sketch_bits(config: IndexConfig) -> int:
 
 
 def _layout(config: IndexConfig) -> Layout:
-    if config.hashing == "kmeans" and config.code_bytes:
+    if config.hashing == "kmeans" and config.code_bytes:  # records of 36 bytes fit Redis's compact listpacks
         layout = learned_layout(config.code_bytes, grouped=True)
     elif config.hashing == "kmeans":
         layout = learned_layout(config.sketch_bits // 8)
