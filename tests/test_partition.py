@@ -82,6 +82,31 @@ def test_a_centroid_that_wins_no_row_is_reseeded() -> None:
     assert (fitted[2] >= 0).all()  # a row of the sample, not the start
 
 
+def test_a_row_is_assigned_the_nearest_child_of_its_two_nearest_groups(fitted: Partition) -> None:
+    """A bucket is a row's nearest fine centroid among the children of its
+    ``_ASSIGN_GROUPS`` (two) nearest coarse centroids: computed here from the
+    centroids themselves, group by group."""
+    from lshrs._partition import _ASSIGN_GROUPS
+
+    assert _ASSIGN_GROUPS == 2
+    rows = np.random.default_rng(4).standard_normal((2000, DIM)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)  # far from the clusters: near the groups' borders
+    expected, one_group = [], []
+    for row in rows:
+        nearest_groups = np.argsort(-(fitted.coarse @ row), kind="stable")[:2]
+        best = []
+        for g in nearest_groups:
+            children = np.arange(fitted.starts[g], fitted.starts[g + 1])
+            best.append(children[np.argmax(fitted.fine[children] @ row)])
+        expected.append(max(best, key=lambda bucket: float(fitted.fine[bucket] @ row)))
+        one_group.append(best[0])
+    assigned = fitted.assign(rows)
+    assert assigned.tolist() == expected
+    # ...which the nearest group alone, or every centroid, would not give
+    assert assigned.tolist() != one_group
+    assert assigned.tolist() != np.argmax(rows @ fitted.fine.T, axis=1).tolist()
+
+
 @pytest.mark.parametrize(
     ("min_opened", "probes", "groups"),
     [
@@ -111,6 +136,8 @@ def test_a_large_partition_probes_the_best_children_of_its_nearest_groups(
     narrower = 0
     for query, probed in zip(queries, partition.probe_many(queries, probes)):
         nearest_groups = np.argsort(-(partition.coarse @ query), kind="stable")[:groups]
+        opened = partition._opened(partition.coarse @ query, probes)
+        assert opened.tolist() == sorted(nearest_groups.tolist())  # no near group left shut, whatever it holds
         children = np.concatenate([np.arange(partition.starts[g], partition.starts[g + 1]) for g in nearest_groups])
         scores = partition.fine[children] @ query
         expected = children[np.argsort(-scores, kind="stable")[:probes]]
@@ -178,6 +205,7 @@ def test_large_indexes_get_at_most_131072_buckets_fitted_on_4_rows_each() -> Non
     from lshrs._partition import choose_buckets
 
     assert [choose_buckets(n) for n in (1_000_000, 2_000_000, 6_400_000)] == [62_500, 125_000, 131_072]
+    assert [choose_buckets(n) for n in (1, 7, 8, 100)] == [1, 1, 1, 6]  # about 16 ids a bucket, at least one
     assert [_train_rows(k) for k in (6_250, 62_500, 131_072)] == [262_144, 262_144, 524_288]
 
 
