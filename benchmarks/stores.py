@@ -38,9 +38,10 @@ async def fill_tables(dsn: str, base: np.ndarray) -> None:
             import io
 
             await conn.copy_to_table(f"store_{name}", source=io.BytesIO(body))
-        # Settled, as a table in use is: autovacuum's pass over 100,000 new
-        # rows ran under the timed queries (the first store timed,
-        # InMemoryStore, took 5.0 ms a query against 2.4 in the main table).
+        # Settled, as a table in use is: an autovacuum pass over 100,000 new
+        # rows could otherwise run under the timed queries. (It was suspected
+        # of slowing the first store timed, InMemoryStore, to 1.5-2x the main
+        # table's same setting; vacuuming did not remove that gap: FAQ.)
         await conn.execute(f"VACUUM ANALYZE store_{name}")
     await conn.close()
 
