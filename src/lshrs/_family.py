@@ -143,7 +143,7 @@ class LearnedFamily:
             self._codes, sketch_bytes = sketch, sketch.parts
         else:
             self._projection, sketch_bytes = sketch, sketch.shape[1] // 8
-        self._record_bytes = BUCKET_BYTES + sketch_bytes
+        self._record_bytes = learned_layout(sketch_bytes).record_bytes
 
     def records(self, vectors: FloatArray) -> ByteArray:
         out = np.empty((len(vectors), self._record_bytes), np.uint8)
