@@ -4,6 +4,7 @@ vanished index is an error, not an empty answer (issue 13)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import time
@@ -110,7 +111,7 @@ async def test_overload_is_refused_at_once_and_the_rest_served(redis_proc: Any) 
 
 async def test_a_wait_that_would_pass_the_deadline_is_refused() -> None:
     """The admission queue judges the wait from how long calls held their
-    slot: past the time left, it refuses at once; within it, it waits."""
+    slot: past half the time left, it refuses at once; within it, it waits."""
     admission = Admission(1)
 
     async def hold(seconds: float) -> None:
@@ -122,13 +123,43 @@ async def test_a_wait_that_would_pass_the_deadline_is_refused() -> None:
         group.start_soon(hold, 0.2)
         await anyio.sleep(0.01)
         started = time.monotonic()
-        with pytest.raises(Overloaded, match="past the"):
+        with pytest.raises(Overloaded, match="past half the"):
             async with admission.slot(0.1):
                 pass
         assert time.monotonic() - started < 0.005
+        # About 0.4 s expected (0.2 s waiting, 0.2 s its own): within 0.6 s
+        # on average, but past half of it, so as likely to time out as not.
+        with pytest.raises(Overloaded, match="past half the"):
+            async with admission.slot(0.6):
+                pass
         async with admission.slot(1.0):  # waits its turn, then runs
             assert time.monotonic() - started >= 0.15
-    assert admission.refused == 1
+    assert admission.refused == 2
+
+
+async def test_calls_that_time_out_do_not_teach_it_that_calls_are_short() -> None:
+    """A call cut off by its deadline held its slot only until then: counted
+    as a short call, it would make the queue admit more calls exactly when
+    they are timing out (measured under load: 4 of 5 admitted calls then
+    timed out)."""
+    admission = Admission(1)
+
+    async def hold(seconds: float, deadline: float | None = None) -> None:
+        with anyio.move_on_after(deadline if deadline is not None else math.inf):
+            async with admission.slot(None):
+                await anyio.sleep(seconds)
+
+    await hold(0.2)  # a call holds its slot about 0.2 s
+    for _ in range(5):
+        await hold(1.0, deadline=0.01)  # cut off after 0.01 s
+    async with anyio.create_task_group() as group:
+        group.start_soon(hold, 0.2)
+        await anyio.sleep(0.01)
+        # 0.2 s waiting plus 0.2 s its own: past half of 0.6 s. Taught by the
+        # cut-off calls, it would expect 0.25 s and let the call in.
+        with pytest.raises(Overloaded, match="past half the"):
+            async with admission.slot(0.6):
+                pass
 
 
 async def test_a_cancelled_waiter_passes_its_slot_on() -> None:

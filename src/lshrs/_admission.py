@@ -50,11 +50,20 @@ def deadline(seconds: float | None, what: str) -> Iterator[None]:
 WAITING_PER_SLOT = 64
 
 
+#: A queued call is admitted only if it is expected to finish within this
+#: share of its time left. The expectation is an average, so a call admitted
+#: at its deadline's edge times out about half the time, after costing its
+#: caller the whole deadline, where a refusal costs nothing. Measured under
+#: load (10,000 callers, 1 s deadlines, 15 s): 3,858 calls timed out after
+#: getting their slot with the edge at 1, 390 with it at 1/2.
+ADMIT_WITHIN = 0.5
+
+
 class Admission:
     """At most ``limit`` calls run at once and ``WAITING_PER_SLOT * limit``
-    more wait, in arrival order. A call that would wait past its deadline,
-    judged from how long recent calls held their slot, is refused at once
-    (``Overloaded``). Memory stays bounded whatever arrives: refused calls
+    more wait, in arrival order. A call that would not finish within half its
+    time left, judged from how long recent calls held their slot, is refused
+    at once (``Overloaded``). Memory stays bounded whatever arrives: refused calls
     hold nothing."""
 
     def __init__(self, limit: int) -> None:
@@ -77,9 +86,11 @@ class Admission:
         # The wait for a slot, then the call's own work: admitting a call that
         # gets its slot just before its deadline would only time it out later.
         expected = self._hold * ((len(self._waiting) + 1) / self.limit + 1)
-        if remaining is not None and expected > remaining:
+        if remaining is not None and expected > ADMIT_WITHIN * remaining:
             self.refused += 1
-            raise Overloaded(f"the call would take about {expected:.3g} s, past the {remaining:.3g} s left")
+            raise Overloaded(
+                f"the call would take about {expected:.3g} s, past half the {remaining:.3g} s left (max_inflight)"
+            )
         turn = anyio.Event()
         self._waiting.append(turn)
         return turn
@@ -95,8 +106,13 @@ class Admission:
                 self._release()
             raise
 
-    def leave(self, held: float) -> None:
-        """Give the slot back, after holding it ``held`` seconds."""
+    def leave(self, held: float, finished: bool = True) -> None:
+        """Give the slot back, after holding it ``held`` seconds. A call that
+        did not finish (timed out, cancelled, failed) only says its work takes
+        at least ``held``: counting it as a short call would admit more calls
+        exactly when they are timing out."""
+        if not finished:
+            held = max(held, self._hold)
         self._hold = held if self._hold == 0.0 else 0.9 * self._hold + 0.1 * held
         self._release()
 
@@ -114,8 +130,10 @@ class Admission:
         started = anyio.current_time()
         try:
             yield
-        finally:
-            self.leave(anyio.current_time() - started)
+        except BaseException:
+            self.leave(anyio.current_time() - started, finished=False)
+            raise
+        self.leave(anyio.current_time() - started)
 
 
 class Call:
@@ -143,7 +161,7 @@ class Call:
         self._started = anyio.current_time()
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Traceback) -> None:
-        self._admission.leave(anyio.current_time() - self._started)
+        self._admission.leave(anyio.current_time() - self._started, finished=kind is None)
         self._exit_scope(kind, exc, tb)
         lost = lost_connection(exc)
         if lost is not None:

@@ -14,8 +14,8 @@ if sys.version_info < (3, 11):
 
 class Overloaded(TimeoutError):
     """Refused without waiting: ``max_inflight`` calls are running and the
-    queue behind them is full, or the wait for a slot would pass the call's deadline.
-    A ``TimeoutError``, so one ``except TimeoutError`` handles late and refused
+    queue behind them is full, or the call would not finish within half its
+    time left. A ``TimeoutError``, so one ``except TimeoutError`` handles late and refused
     calls alike; retry later or raise ``max_inflight``."""
 
 

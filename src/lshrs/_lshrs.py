@@ -176,8 +176,8 @@ class LSHRS:
     ``delete`` as a whole (each also takes ``timeout=`` for itself) and every
     Redis command; past it a call raises ``TimeoutError``. At most
     ``max_inflight`` of those calls run at once and 64 times as many wait;
-    more, or one whose wait would pass its deadline, fail at once with
-    ``Overloaded`` (a ``TimeoutError``).
+    more, or one that would not finish within half its time left, fail at
+    once with ``Overloaded`` (a ``TimeoutError``).
 
     Use it as ``async with LSHRS(dim=384) as lsh:``, or call :meth:`open`
     (also done on first use) and :meth:`close`.
