@@ -584,17 +584,18 @@ class ShardedIndex:
 
     async def _group_memory(self) -> int:
         """Bytes of the record groups, from ``MEMORY USAGE`` of up to
-        ``GROUP_SAMPLE`` of them a shard, scaled to all."""
-        total = 0
-        for shard in range(self._shards if self.groups else 0):
-            keys = self._group_keys(shard)
-            picked = np.random.default_rng().permutation(len(keys))[:GROUP_SAMPLE]
-            pipe = self._client.pipeline(transaction=False)
-            for at in picked.tolist():
-                pipe.memory_usage(keys[at])
-            used = [int(u or 0) for u in await pipe.execute()]
-            total += round(sum(used) * len(keys) / max(1, len(picked)))
-        return total
+        ``GROUP_SAMPLE`` of them a shard, scaled to all; the shards at once."""
+        shards = range(self._shards if self.groups else 0)
+        return sum(await asyncio.gather(*(self._shard_group_memory(shard) for shard in shards)))
+
+    async def _shard_group_memory(self, shard: int) -> int:
+        keys = self._group_keys(shard)
+        picked = np.random.default_rng().permutation(len(keys))[:GROUP_SAMPLE]
+        pipe = self._client.pipeline(transaction=False)
+        for at in picked.tolist():
+            pipe.memory_usage(keys[at])
+        used = [int(u or 0) for u in await pipe.execute()]
+        return round(sum(used) * len(keys) / max(1, len(picked)))
 
     async def sample_ids(self, count: int) -> IdArray:
         """About ``count`` distinct random ids, from each shard in proportion to its size."""
