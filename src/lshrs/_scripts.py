@@ -214,12 +214,11 @@ end
 # queries' buckets, in one pipeline: in a script, each bucket name and each
 # bucket read becomes a Lua string, which cost the server 0.2 ms of a 0.25 ms
 # query at 100k (198 buckets; ad hoc, INFO commandstats), and MGET alone takes
-# 0.05 ms. The names cost the client instead (redis-py packs them in Python,
-# about 0.16 ms for 198 in an ad hoc timing),
-# which is off the server's one thread and shared by the client's processes.
-# The buckets are read after the log, so every write acknowledged before the
-# query is in one or the other; a write that lands between them is in the
-# next reply's log.
+# 0.05 ms. The names cost the client instead (redis-py packs them in
+# Python, about 0.16 ms for 198 in an ad hoc timing), which is off the
+# server's one thread and shared by the client's processes. The buckets are
+# read after the log, so every write acknowledged before the query is in one
+# or the other; a write that lands between them is in the next reply's log.
 CHANGES = (
     _RECORD_KEY
     + _CHANGES
