@@ -85,7 +85,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if "stores" not in args.skip:
             prefix = "bench-kmeans-None"  # the learned index lshrs_runs built: the default family
             rows = min(size, args.store_rows)
-            result["stores"] = await stores.compare(data, url, dsn, prefix, rows, min(args.queries, 200))
+            # Its default probes, given: the tune() calls saved their probes
+            # beside the index, and a client opened without probes= uses them.
+            probes = next(b["default_probes"] for b in builds if b["hashing"] == "kmeans")
+            result["stores"] = await stores.compare(data, url, dsn, prefix, rows, min(args.queries, 200), probes)
     result["seconds"] = round(time.time() - started, 1)
     return result
 

@@ -76,13 +76,15 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("stores"):
         lines += [
             "",
-            "| store | fetch 100 p50/p95 ms | fetch 1,000 p50/p95 ms | fetch 5,000 p50/p95 ms | query p50/p95 ms |",
-            "|---|---|---|---|---|",
+            "| store | fetch 100 p50/p95 ms | fetch 1,000 p50/p95 ms | fetch 5,000 p50/p95 ms "
+            "| query p50/p95 ms | query recall@10 (probes) |",
+            "|---|---|---|---|---|---|",
         ]
         for s in result["stores"]:
             cells = [f"{s[f'fetch{n}_p50_ms']} / {s[f'fetch{n}_p95_ms']}" for n in (100, 1000, 5000)]
             query = f"{s['query_p50_ms']} / {s['query_p95_ms']}" if "query_p50_ms" in s else "n/a"
-            lines.append(f"| {s['store']} | {' | '.join(cells)} | {query} |")
+            quality = f"{s['recall@10']} ({s['probes']})" if "recall@10" in s else "n/a"
+            lines.append(f"| {s['store']} | {' | '.join(cells)} | {query} | {quality} |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,7 @@ from lshrs import LSHRS, VectorStore
 from lshrs.adapters import InMemoryStore, PostgresStore, RedisStore, SQLAlchemyStore
 
 from .datasets import Dataset
-from .measure import one_client, percentiles
+from .measure import one_client, percentiles, recall
 
 
 async def fill_tables(dsn: str, base: np.ndarray) -> None:
@@ -39,9 +39,7 @@ async def fill_tables(dsn: str, base: np.ndarray) -> None:
 
             await conn.copy_to_table(f"store_{name}", source=io.BytesIO(body))
         # Settled, as a table in use is: an autovacuum pass over 100,000 new
-        # rows could otherwise run under the timed queries. (It was suspected
-        # of slowing the first store timed, InMemoryStore, to 1.5-2x the main
-        # table's same setting; vacuuming did not remove that gap: FAQ.)
+        # rows could otherwise run under the timed queries.
         await conn.execute(f"VACUUM ANALYZE store_{name}")
     await conn.close()
 
@@ -52,8 +50,10 @@ def _literal(name: str, v: np.ndarray) -> str:
 
 
 async def compare(
-    data: Dataset, redis_url: str, dsn: str, index_prefix: str, rows: int, sample: int
+    data: Dataset, redis_url: str, dsn: str, index_prefix: str, rows: int, sample: int, probes: int
 ) -> list[dict[str, Any]]:
+    """Each store's fetches, then queries through it at ``probes`` (the main
+    table's default row, so the two compare)."""
     base = data.base[:rows]
     await fill_tables(dsn, base)
     memory = InMemoryStore()
@@ -88,19 +88,22 @@ async def compare(
             stats = percentiles(seconds)
             row[f"fetch{count}_p50_ms"], row[f"fetch{count}_p95_ms"] = stats["p50_ms"], stats["p95_ms"]
         if rows == len(data.base):
-            async with LSHRS(dim=base.shape[1], redis_url=redis_url, prefix=index_prefix, store=store) as lsh:
+            async with LSHRS(
+                dim=base.shape[1], redis_url=redis_url, prefix=index_prefix, store=store, probes=probes
+            ) as lsh:
 
                 async def call(query: np.ndarray) -> list[int]:
                     return [h.id for h in await lsh.query(query, top_k=10)]
 
                 await lsh.warm()
-                _, latency = await one_client(call, data.queries[:sample])
+                found, latency = await one_client(call, data.queries[:sample])
             row["query_p50_ms"], row["query_p95_ms"] = latency["p50_ms"], latency["p95_ms"]
+            row["probes"], row["recall@10"] = probes, round(recall(found, data.truth[:sample], 10), 4)
         else:
             await store.close()
         print(
             f"  {name}: fetch 1000 p50 {row['fetch1000_p50_ms']} ms"
-            + (f", query p50 {row.get('query_p50_ms')} ms" if "query_p50_ms" in row else "")
+            + (f", query p50 {row['query_p50_ms']} ms, recall@10 {row['recall@10']}" if "query_p50_ms" in row else "")
         )
         results.append(row)
     return results

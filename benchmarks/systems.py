@@ -89,6 +89,7 @@ async def lshrs_runs(
                 "build_s": round(seconds, 2),
                 "vectors_per_s": round(len(data.base) / seconds),
                 "redis_bytes_per_vector": round(memory / len(data.base), 1),
+                "default_probes": default,
             }
         )
         print(f"  lshrs {shape}: built in {seconds:.1f} s, {memory / len(data.base):.0f} B/vector")

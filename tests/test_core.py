@@ -338,6 +338,38 @@ async def test_warm_loads_every_signature_and_still_follows_writes(make_lsh: Any
     assert_found_itself(await reader.query(-base[5], top_k=1), 5)
 
 
+async def test_a_write_between_the_warm_reads_log_and_its_buckets_is_in_the_next_log(
+    make_lsh: Any, raw_redis: Any
+) -> None:
+    """The warm read asks the change log, then reads the buckets. Another
+    client's write can land between the two: the buckets then show it but the
+    log did not name it, so the reader must not claim it has seen it; the next
+    query's log names it and the reader's cache drops the old sketch."""
+    base = clustered(600, 32, centers=5)
+    writer = await make_lsh()
+    await writer.index(np.arange(600), base)
+    reader = await make_lsh()
+    await reader.warm()
+    index = (await reader._ready()).sharded
+    log_only = index._read_buckets
+    wrote = []
+
+    async def write_between(shard: int, plans: Any, known: Any) -> list[Any]:
+        reply = await log_only(shard, [b""] * len(plans), known)  # no plans: the log alone
+        if not wrote:
+            wrote.append(await writer.ingest(5, -base[5]))  # moves 5 to other buckets
+        width, prefix = index.probe_key_width, index.bucket_base(shard)
+        for plan in filter(None, plans):
+            reply.append(await raw_redis.mget([prefix + plan[at : at + width] for at in range(0, len(plan), width)]))
+        return reply
+
+    index._read_buckets = write_between
+    await reader.query(-base[5], top_k=1)  # may rank 5 by its old sketch: the log has not named it
+    index._read_buckets = log_only
+    assert wrote
+    assert_found_itself(await reader.query(-base[5], top_k=1), 5)
+
+
 def test_signature_cache_claims_a_generation_only_when_every_write_since_is_evicted() -> None:
     """Query replies arrive out of order. A reply whose change list starts after
     the generation the cache claims cannot move the claim forward, or a stale
