@@ -87,7 +87,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             rows = min(size, args.store_rows)
             # Its default probes, given: the tune() calls saved their probes
             # beside the index, and a client opened without probes= uses them.
-            probes = next(b["default_probes"] for b in builds if b["hashing"] == "kmeans")
+            probes = next(b["default_probes"] for b in result["builds"] if b.get("hashing") == "kmeans")
             result["stores"] = await stores.compare(data, url, dsn, prefix, rows, min(args.queries, 200), probes)
     result["seconds"] = round(time.time() - started, 1)
     return result
