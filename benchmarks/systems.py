@@ -102,7 +102,7 @@ async def lshrs_runs(
                 f"    tune(0.95): probes={tuning.probes}, sample recall {tuning.recall:.3f}, {builds[-1]['tune_s']} s"
             )
             # The recall / candidate-share curve on real held-out queries, up to 0.98.
-            curve = await lsh.tune(0.98, queries=queries[:200])
+            curve = await lsh.tune(0.98, queries=queries[:200], save=False)
             builds[-1]["share_curve"] = share_curve(curve, len(data.base))
         if config.hashing == "kmeans":  # factors of the default: buckets are not bands
             ladder = {max(1, int(default * factor / 16)): "" for factor in probe_factors}

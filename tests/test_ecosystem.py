@@ -175,6 +175,9 @@ def test_cli_index_query_stats_drop(postgres_dsn: str, redis_proc: Any, tmp_path
     assert stats["probes"] == saved  # every later client uses what tune saved
     assert stats["vectors"] == N and stats["config"]["dim"] == DIM and stats["buckets"] > 0
     assert sum(stats["bucket_size_histogram"].values()) == stats["buckets"]
+    result = runner.invoke(cli, ["tune", "--target", "1.0", "--sample", "20", "--dry-run"], env=env)
+    assert result.exit_code == 0 and "would save probes=" in result.output, result.output
+    assert json.loads(runner.invoke(cli, ["stats"], env=env).output)["probes"] == saved  # nothing saved
 
     async def remove_row() -> None:
         conn = await asyncpg.connect(postgres_dsn)

@@ -225,6 +225,12 @@ async def test_tune_reaches_the_target_and_is_saved(make_lsh: Any) -> None:
     assert (await adopter._ready()).probes == tuning.probes
     explicit = await make_lsh(prefix=lsh.prefix, probes=7, hashing=None)
     assert (await explicit._ready()).probes == 7
+    # save=False measures and changes nothing, here or for a client opened after.
+    what_if = await lsh.tune(1.0, sample=60, save=False)
+    assert what_if.probes != tuning.probes
+    assert (await lsh._ready()).probes == tuning.probes
+    later = await make_lsh(prefix=lsh.prefix, hashing=None)
+    assert (await later._ready()).probes == tuning.probes
 
 
 async def test_tune_on_given_queries_measures_those(make_lsh: Any) -> None:

@@ -1151,6 +1151,7 @@ class LSHRS:
         sample: int = 200,
         top_k: int = 10,
         progress: bool | ProgressCallback | None = None,
+        save: bool = True,
     ) -> Tuning:
         """Measure this index against exact search and keep the fewest probes
         that reach ``target_recall`` (mean recall@``top_k``).
@@ -1164,7 +1165,8 @@ class LSHRS:
         once (so this reads the whole store: run it after a build, not per
         request). The chosen ``probes`` is saved beside the index
         configuration and used by every client that opens the prefix without
-        ``probes=``. Progress counts the probe settings tried.
+        ``probes=``; ``save=False`` only measures (a recall curve, a what-if)
+        and changes nothing. Progress counts the probe settings tried.
         """
         setting = self._progress_of(progress)
         if not 0.0 < target_recall <= 1.0:
@@ -1221,9 +1223,10 @@ class LSHRS:
             rebuild_bands=choose_bands(self._threshold, rows_for_size) if rows_for_size else 0,
             rebuild_rows=rows_for_size,
         )
-        await index.save_tuning(tuning.to_json())
-        if self._probes is None and self._opened is not None:
-            self._opened = self._opened._replace(probes=best.probes)
+        if save:
+            await index.save_tuning(tuning.to_json())
+            if self._probes is None and self._opened is not None:
+                self._opened = self._opened._replace(probes=best.probes)
         return tuning
 
     async def _rerank_exact(

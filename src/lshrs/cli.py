@@ -333,8 +333,9 @@ def query(
 @store_options
 @click.option("--target", type=float, default=0.95, show_default=True, help="Recall@10 to reach.")
 @click.option("--sample", type=int, default=200, show_default=True, help="Stored rows used as queries.")
+@click.option("--dry-run", is_flag=True, help="Measure and print the curve; save nothing.")
 @click.pass_obj
-def tune(obj: dict[str, str], store: VectorStore | None, target: float, sample: int) -> None:
+def tune(obj: dict[str, str], store: VectorStore | None, target: float, sample: int, dry_run: bool) -> None:
     """Measure recall against exact search and save the fewest probes that reach --target."""
     if store is None:
         raise click.UsageError("tune reads the vectors: give --postgres and --table")
@@ -342,12 +343,13 @@ def tune(obj: dict[str, str], store: VectorStore | None, target: float, sample: 
     async def measure() -> Tuning:
         config = await _stored_config(obj["url"], obj["prefix"])
         async with LSHRS(dim=config.dim, redis_url=obj["url"], prefix=obj["prefix"], store=store) as lsh:
-            return await lsh.tune(target, sample=sample, progress=True)
+            return await lsh.tune(target, sample=sample, progress=True, save=not dry_run)
 
     tuning = _run(measure)
     for point in tuning.curve:
         click.echo(f"probes {point.probes:>6}: recall@10 {point.recall:.3f}, {point.candidates:,.0f} candidates")
-    saved = f"saved probes={tuning.probes} (recall {tuning.recall:.3f}, {tuning.candidate_share:.1%} of the index read)"
+    verb = "would save" if dry_run else "saved"
+    saved = f"{verb} probes={tuning.probes} (recall {tuning.recall:.3f}, {tuning.candidate_share:.1%} of the index read)"
     if tuning.rebuild_bands:  # hyperplanes: what a rebuild at this size would choose
         saved += f"; a rebuild at this size would use {tuning.rebuild_bands} bands x {tuning.rebuild_rows} rows"
     click.echo(saved)
