@@ -349,7 +349,8 @@ def tune(obj: dict[str, str], store: VectorStore | None, target: float, sample: 
     for point in tuning.curve:
         click.echo(f"probes {point.probes:>6}: recall@10 {point.recall:.3f}, {point.candidates:,.0f} candidates")
     verb = "would save" if dry_run else "saved"
-    saved = f"{verb} probes={tuning.probes} (recall {tuning.recall:.3f}, {tuning.candidate_share:.1%} of the index read)"
+    read = f"{tuning.candidate_share:.1%} of the index read"
+    saved = f"{verb} probes={tuning.probes} (recall {tuning.recall:.3f}, {read})"
     if tuning.rebuild_bands:  # hyperplanes: what a rebuild at this size would choose
         saved += f"; a rebuild at this size would use {tuning.rebuild_bands} bands x {tuning.rebuild_rows} rows"
     click.echo(saved)
