@@ -92,6 +92,12 @@ async def run(url: str, seconds: float, concurrency: int, timeout: float, max_in
         deleted: set[int] = set()
         rss_after_build = rss_mb()
 
+        # Calls begun in the first second share the loop with the 10,000
+        # callers' first calls, all made in one pass of the loop: reported
+        # apart, as the start-up burst.
+        after_burst: list[float] = []
+        burst_ends = time.perf_counter() + 1.0
+
         async def reader(k: int) -> None:
             i = k
             while time.monotonic() < deadline:
@@ -107,6 +113,8 @@ async def run(url: str, seconds: float, concurrency: int, timeout: float, max_in
                 except Exception as exc:  # counted, not hidden: the report shows them
                     errors.append(repr(exc))
                     refusal = None
+                if started > burst_ends and refusal is not refused:
+                    after_burst.append(time.perf_counter() - started)
                 if refusal is not None:
                     refusal.append(time.perf_counter() - started)
                     # A client told 503 backs off. Outside the except block: a
@@ -163,6 +171,7 @@ async def run(url: str, seconds: float, concurrency: int, timeout: float, max_in
             "refused_max_ms": round(1000 * max(refused, default=0.0), 2),
             "longest_call_s": round(max(calls, default=0.0), 3),
             "worst_overrun_ms": round(1000 * max(0.0, max(calls, default=0.0) - timeout), 1),
+            "worst_overrun_after_burst_ms": round(1000 * max(0.0, max(after_burst, default=0.0) - timeout), 1),
             "writes_acknowledged": len(ingested) + len(deleted),
             "acknowledged_ingests_missing": len((ingested - deleted) - present),
             "acknowledged_deletes_present": len(deleted & present),
@@ -186,6 +195,7 @@ def table(result: dict[str, Any]) -> str:
         ("one at a time p50 / p95 / p99 ms", f"{alone['p50_ms']} / {alone['p95_ms']} / {alone['p99_ms']}"),
         ("refusal p99 / slowest ms", f"{result['refused_ms']['p99_ms']} / {result['refused_max_ms']}"),
         ("longest call s (worst overrun ms)", f"{result['longest_call_s']} ({result['worst_overrun_ms']})"),
+        ("worst overrun after the first second ms", result["worst_overrun_after_burst_ms"]),
         ("writes acknowledged / lost", f"{result['writes_acknowledged']} / "
          f"{result['acknowledged_ingests_missing'] + result['acknowledged_deletes_present']}"),
         ("longest loop stall ms (GC pause ms)", f"{result['longest_loop_stall_ms']} ({result['longest_gc_pause_ms']})"),
