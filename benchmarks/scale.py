@@ -106,12 +106,12 @@ async def scale_run(url: str, size: int, sample: int, batch: int = 100_000) -> d
         default = (await lsh._ready()).probes or 1
         await lsh.warm()
         t = time.perf_counter()
-        curve = await lsh.tune(0.98, queries=queries[:200])
+        curve = await lsh.tune(0.98, queries=queries[:200], save=False)
         build["share_curve_s"] = round(time.perf_counter() - t, 1)
         build["share_curve"] = share_curve(curve, size)
         for c in build["share_curve"]:
             print(f"    probes={c['probes']}: recall@10 {c['recall@10']}, candidate share {c['share']:.3%}")
-    # The default, half and twice it; probes= given explicitly overrides the tuning just saved.
+    # The default, half and twice it, each given as probes=.
     for probes in (default // 2, default, 2 * default):
         async with LSHRS(dim=real.shape[1], redis_url=url, prefix="scale", store=store, probes=probes, **cache) as lsh:
             setting = f"{config.hashing} K={build['buckets']}, probes={probes}"
