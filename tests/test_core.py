@@ -200,6 +200,18 @@ async def test_context_manager_opens_and_closes(redis_url: str) -> None:
         assert await again.count() == 1
 
 
+async def test_a_dropped_index_built_again_keeps_its_client(make_lsh: Any) -> None:
+    """drop() then index() reopens the prefix on the same Redis client: a new
+    one would leave the first one's connections open (a ResourceWarning when
+    collected, which failed an unrelated test in CI)."""
+    lsh = await make_lsh(store=InMemoryStore())
+    await lsh.index(np.arange(300), clustered(300, 32))
+    client = lsh._client
+    await lsh.drop()
+    await lsh.index(np.arange(300), clustered(300, 32))
+    assert lsh._client is client and await lsh.count() == 300
+
+
 @pytest.mark.parametrize("offset", [0, 2**40])
 async def test_signature_cache_never_serves_a_replaced_signature(make_lsh: Any, offset: int) -> None:
     """A reader caches signatures; another client replaces and re-adds ids. The

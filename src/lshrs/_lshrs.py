@@ -319,7 +319,8 @@ class LSHRS:
                     raise
 
     async def _open(self) -> _Opened:
-        client = self._given_client or await connect(self._url, self._timeout, self._redis_options)
+        # After drop() the client stays: connecting again would orphan its pool.
+        client = self._given_client or self._client or await connect(self._url, self._timeout, self._redis_options)
         self._client = client
         await _check_eviction(client)
         cfg_key, proj_key = meta_keys(self._prefix)
