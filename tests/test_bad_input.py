@@ -98,6 +98,7 @@ async def test_bad_input_is_refused_and_writes_nothing(
         ({"hashing": "lsh"}, ValueError, "hashing must be one of 'kmeans', 'hyperplane'"),
         ({"hashing": "kmeans", "num_bands": 8}, ValueError, "shape hashing='hyperplane'"),
         ({"buckets": 0}, ValueError, "buckets must be at least 1"),
+        ({"buckets": 2**31 + 1}, ValueError, "^buckets must be at least 1 and at most 2147483648, got 2147483649$"),
         ({"hashing": "hyperplane", "buckets": 64}, ValueError, "buckets= sizes hashing='kmeans'"),
         ({"rerank": 0}, ValueError, "^rerank must be at least 1, got 0$"),
         ({"probes": 0}, ValueError, "probes must be at least 1"),

@@ -87,6 +87,11 @@ async def test_postgres_filter_finds_what_exact_filtered_search_finds(
     async with LSHRS(dim=DIM, redis_url=url, prefix=name, store=PostgresStore(dsn, table=name)) as lsh:
         found = await lsh.query_many(QUERIES, top_k=10, where=("lang = $1", lang))
         alone = await lsh.query(QUERIES[0], top_k=10, where=("lang = $1", lang))
+        # top_p keeps its share of the 30 passing rows, on whichever path a
+        # query took (the index's, or the exact one when probing ran short).
+        thin = await lsh.query_many(QUERIES, top_k=10, top_p=0.05, where=("lang = $1", lang)) if lang == "en" else []
+    for few, hits in zip(thin, found):
+        assert 1 <= len(few) <= 2 and [h.id for h in few] == [h.id for h in hits][: len(few)], (few, hits)
     assert all(language(h.id) == lang for hits in found for h in hits)
     assert all(len(hits) == 10 for hits in found)  # 30 'en' rows exist: a short list would be a lost result
     recall = np.mean([len({h.id for h in hits} & want) / 10 for hits, want in zip(found, truth)])

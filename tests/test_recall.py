@@ -260,6 +260,8 @@ async def test_tune_refuses_what_it_cannot_measure(make_lsh: Any) -> None:
         await empty.tune()
     with pytest.raises(ValueError, match="target_recall"):
         await empty.tune(1.5)
+    with pytest.raises(ValueError, match=r"^sample must be at least 1, got 0$"):
+        await empty.tune(sample=0)
 
 
 async def test_open_clients_adopt_a_new_tuning(make_lsh: Any, monkeypatch: pytest.MonkeyPatch) -> None:

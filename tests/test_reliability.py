@@ -287,12 +287,29 @@ async def test_a_release_that_failed_is_retried_until_it_lands() -> None:
             assert time.monotonic() - started < 1.0
 
 
+async def test_a_release_that_cannot_land_gives_up_once_its_leases_lapse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the leases' lapse the server frees the ids itself: a release still
+    retrying against a server that stays down would only spin."""
+    import lshrs._lshrs as lshrs_module
+
+    monkeypatch.setattr(lshrs_module, "_LEASE_MS", 400)
+    with redis_server() as server:
+        async with LSHRS(dim=DIM, redis_url=server.url, store=InMemoryStore(), prefix="rel", timeout=0.2) as lsh:
+            await lsh.index(np.arange(500), BASE[:500])
+            index = lsh._opened.sharded  # type: ignore[union-attr]
+            server.executor.stop()
+            lsh._release_later(index, np.arange(3), b"cut")
+            _, retrying = await asyncio.wait(set(lsh._releasing), timeout=5)
+            assert not retrying
+            await restart(server)
+
+
 async def test_a_reconcile_waits_out_a_lease_that_an_ingest_gives_up_on(redis_url: str, raw_redis: Any) -> None:
     """A lease nobody will release (its client crashed, or a failover kept the
     lease and lost the release) holds its id until it lapses. An ingest has a
     deadline and fails at it; a reconcile, the repair to run after such a
     failure, waits for the lapse instead of failing on the client's timeout,
-    and so does a build read from the store."""
+    and so does a build, from the store or of given arrays."""
     async with LSHRS(dim=DIM, redis_url=redis_url, store=InMemoryStore(), prefix="orphan", timeout=0.5) as lsh:
         await lsh.index(np.arange(1000), BASE[:1000])
         index = lsh._opened.sharded  # type: ignore[union-attr]
@@ -312,4 +329,10 @@ async def test_a_reconcile_waits_out_a_lease_that_an_ingest_gives_up_on(redis_ur
         await raw_redis.hset(index.lease_key(int(index.shard_of(orphan)[0])), packed_id(7), f"{lapses_ms}:gone")
         started = time.monotonic()
         assert await lsh.index() == 1000
+        assert time.monotonic() - started > 1.0, "the build did not wait for the lease"
+        # And so does a build of given arrays: index(), not an ingest.
+        lapses_ms = int(time.time() * 1000) + 2500
+        await raw_redis.hset(index.lease_key(int(index.shard_of(orphan)[0])), packed_id(7), f"{lapses_ms}:gone")
+        started = time.monotonic()
+        assert await lsh.index(np.arange(1000), BASE[:1000]) == 1000
         assert time.monotonic() - started > 1.0, "the build did not wait for the lease"
