@@ -102,21 +102,23 @@ async def run(url: str, seconds: float, concurrency: int, timeout: float, max_in
             i = k
             while time.monotonic() < deadline:
                 started = time.perf_counter()
+                outcome: list[float] | None
                 try:
                     await lsh.query(data.queries[i % len(data.queries)], top_k=10, timeout=timeout)
-                    served.append(time.perf_counter() - started)
-                    refusal = None
+                    outcome = served
                 except Overloaded:
-                    refusal = refused
+                    outcome = refused
                 except TimeoutError:
-                    refusal = late
+                    outcome = late
                 except Exception as exc:  # counted, not hidden: the report shows them
                     errors.append(repr(exc))
-                    refusal = None
-                if started > burst_ends and refusal is not refused:
-                    after_burst.append(time.perf_counter() - started)
-                if refusal is not None:
-                    refusal.append(time.perf_counter() - started)
+                    outcome = None
+                took = time.perf_counter() - started
+                if outcome is not None:
+                    outcome.append(took)
+                if started > burst_ends and (outcome is served or outcome is late):
+                    after_burst.append(took)
+                if outcome is refused or outcome is late:
                     # A client told 503 backs off. Outside the except block: a
                     # sleep inside it keeps the exception, its traceback and
                     # every frame of the call alive, 200,000 objects for the GC.

@@ -15,8 +15,8 @@ if sys.version_info < (3, 11):
 class Overloaded(TimeoutError):
     """Refused without waiting: ``max_inflight`` calls are running and the
     queue behind them is full, or the call would not finish within half its
-    time left. A ``TimeoutError``, so one ``except TimeoutError`` handles late and refused
-    calls alike; retry later or raise ``max_inflight``."""
+    time left. A ``TimeoutError``, so one ``except TimeoutError`` handles late
+    and refused calls alike; retry later or raise ``max_inflight``."""
 
 
 class IndexMissing(RuntimeError):
