@@ -232,16 +232,22 @@ async def test_signature_cache_never_serves_a_replaced_signature(make_lsh: Any, 
     assert 6 + offset not in {h.id for h in await reader.query(base[6], top_k=5) if h.score > 0.9}
 
 
+async def writer_and_warm_reader(make_lsh: Any, base: np.ndarray) -> tuple[LSHRS, LSHRS, Any]:
+    """A client that built ``base``, another whose cache holds all of it, and
+    that one's sharded index."""
+    writer = await make_lsh()
+    await writer.index(np.arange(len(base)), base)
+    reader = await make_lsh()
+    await reader.warm()
+    return writer, reader, (await reader._ready()).sharded
+
+
 async def test_other_clients_writes_keep_a_warm_cache_warm(make_lsh: Any) -> None:
     """A replace or delete elsewhere evicts only the ids it wrote from a
     reader's cache (the shard's change log says which), so the reader stays
     warm and still never uses a replaced signature."""
     base = clustered(600, 32, centers=5)
-    writer = await make_lsh()
-    await writer.index(np.arange(600), base)
-    reader = await make_lsh()
-    await reader.warm()
-    index = (await reader._ready()).sharded
+    writer, reader, index = await writer_and_warm_reader(make_lsh, base)
     shards = range(reader.config.shards)
     await writer.delete([3, 4])
     await writer.ingest(5, -base[5])
@@ -358,11 +364,7 @@ async def test_a_write_between_the_warm_reads_log_and_its_buckets_is_in_the_next
     log did not name it, so the reader must not claim it has seen it; the next
     query's log names it and the reader's cache drops the old sketch."""
     base = clustered(600, 32, centers=5)
-    writer = await make_lsh()
-    await writer.index(np.arange(600), base)
-    reader = await make_lsh()
-    await reader.warm()
-    index = (await reader._ready()).sharded
+    writer, reader, index = await writer_and_warm_reader(make_lsh, base)
     log_only = index._read_buckets
     wrote = []
 
