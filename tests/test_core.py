@@ -708,7 +708,10 @@ async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatc
     assert exact["index_bytes_per_vector"] == round(used / 3000, 1)
     if exact["buckets"] <= lshrs_module.STATS_SAMPLE:
         assert await lsh.stats() == exact  # fewer buckets than the sample: the sample is all of them
-    sample = max(8, exact["buckets"] // 4)
+    # Half the buckets: a learned partition's 186 bucket sizes are skewed, and
+    # a quarter of them missed the count by more than 35% in 1% of draws
+    # (simulated; CI met one). Half: 30% at worst in 20,000 draws.
+    sample = max(8, exact["buckets"] // 2)
     monkeypatch.setattr(lshrs_module, "STATS_SAMPLE", sample)
     sampled = await lsh.stats()
     shards = lsh.config.shards
