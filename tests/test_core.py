@@ -363,6 +363,8 @@ async def test_a_write_between_the_warm_reads_log_and_its_buckets_is_in_the_next
     client's write can land between the two: the buckets then show it but the
     log did not name it, so the reader must not claim it has seen it; the next
     query's log names it and the reader's cache drops the old sketch."""
+    from lshrs._index import plan_keys
+
     base = clustered(600, 32, centers=5)
     writer, reader, index = await writer_and_warm_reader(make_lsh, base)
     log_only = index._read_buckets
@@ -374,7 +376,7 @@ async def test_a_write_between_the_warm_reads_log_and_its_buckets_is_in_the_next
             wrote.append(await writer.ingest(5, -base[5]))  # moves 5 to other buckets
         width, prefix = index.probe_key_width, index.bucket_base(shard)
         for plan in filter(None, plans):
-            reply.append(await raw_redis.mget([prefix + plan[at : at + width] for at in range(0, len(plan), width)]))
+            reply.append(await raw_redis.mget([prefix + key for key in plan_keys(plan, width)]))
         return reply
 
     index._read_buckets = write_between

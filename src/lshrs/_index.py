@@ -450,7 +450,7 @@ class ShardedIndex:
         pipe.execute_command("EVALSHA", self._changes.sha, 4, *keys, known_arg, self.groups, **route)
         for plan in plans:
             if plan:
-                buckets = [base + plan[at : at + width] for at in range(0, len(plan), width)]
+                buckets = [base + key for key in plan_keys(plan, width)]
                 pipe.execute_command("MGET", *buckets, **route)
         return list(await pipe.execute())
 
@@ -671,6 +671,11 @@ RECORDS_PER_GROUP = 32
 #: Record groups whose ``MEMORY USAGE`` ``stats()`` reads, at most, a shard.
 GROUP_SAMPLE = 1_000
 _MIX = 1 << 24
+
+
+def plan_keys(plan: bytes, width: int) -> list[bytes]:
+    """The bucket key suffixes a probe plan packs, ``width`` bytes each."""
+    return [plan[at : at + width] for at in range(0, len(plan), width)]
 
 
 def packed_id(id_: int | np.integer[Any]) -> bytes:

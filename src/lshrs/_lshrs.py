@@ -40,7 +40,7 @@ from ._connect import check_client, connect
 from ._errors import IndexMissing, cause_of, memory_in_use, out_of_memory
 from ._family import Family, HyperplaneFamily, Layout, LearnedFamily, banded_layout, learned_layout
 from ._hashing import Bands, make_projection
-from ._index import Candidates, Client, ShardedIndex, meta_keys
+from ._index import Candidates, Client, ShardedIndex, meta_keys, plan_keys
 from ._partition import Partition, choose_buckets, fit
 from ._sampling import sample_store
 from ._tuning import Tuning, TuningPoint, exact_neighbours, recall
@@ -1355,7 +1355,7 @@ async def _release_until_done(index: ShardedIndex, ids: npt.NDArray[np.int64], t
 
 def _unread(plan: bytes, read: set[bytes], width: int) -> bytes:
     """The bucket suffixes of ``plan`` not in ``read``, which gains them."""
-    fresh = [key for key in (plan[at : at + width] for at in range(0, len(plan), width)) if key not in read]
+    fresh = [key for key in plan_keys(plan, width) if key not in read]
     read.update(fresh)
     return b"".join(fresh)
 
