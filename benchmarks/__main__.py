@@ -85,8 +85,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if "stores" not in args.skip:
             prefix = "bench-kmeans-None"  # the learned index lshrs_runs built: the default family
             rows = min(size, args.store_rows)
-            # Its default probes, given: the tune() calls saved their probes
-            # beside the index, and a client opened without probes= uses them.
+            # Its default probes, given: tune(0.95) saved its probes beside the
+            # index, and a client opened without probes= would use those.
             probes = next(b["default_probes"] for b in result["builds"] if b.get("hashing") == "kmeans")
             result["stores"] = await stores.compare(data, url, dsn, prefix, rows, min(args.queries, 200), probes)
     result["seconds"] = round(time.time() - started, 1)

@@ -98,7 +98,7 @@ async def measure(base: np.ndarray, queries: np.ndarray) -> dict[str, Any]:
                 build = time.perf_counter() - started
                 ten = await lsh.query_many(queries, top_k=10)
                 hundred = await lsh.query_many(queries, top_k=100)
-                default = (await lsh._ready()).probes  # read first: a saved tuning would replace it
+                default = (await lsh._ready()).probes  # what the queries above ran with
                 curve = await lsh.tune(0.95, queries=queries[:200], save=False)
                 row = {
                     "hashing": hashing,
