@@ -155,6 +155,8 @@ BREAKAGES = [
      "        patience = lapse if self._timeout is None else self._timeout", "test_reliability.py -k waits_out"),
     ("the signature cache counts evicted entries", "src/lshrs/_cache.py",
      "        self.alive = int(self.live.sum())", "        pass", "test_core.py -k counts_what_writes"),
+    ("an id cached again keeps its old signature live in the large tier", "src/lshrs/_cache.py",
+     "        self.main.evict(added)\n", "", "test_core.py -k added_again"),
     ("a resumed build hashes every row again", "src/lshrs/_lshrs.py",
      "if skip_held else rows for rows in usable]", "if False else rows for rows in usable]",
      "test_reconcile.py -k resumed"),

@@ -468,6 +468,25 @@ def test_signature_cache_finds_dense_and_sparse_ids(ids: list[int]) -> None:
     assert signatures[1 : len(ids), 0].tolist() == list(range(2, len(ids) + 1))
 
 
+@pytest.mark.parametrize("scale", [1, 10**9])  # dense ids (position tables) and sparse (binary search)
+def test_a_signature_added_again_replaces_the_large_tiers(scale: int) -> None:
+    """An id cached again (rewritten, refetched) is evicted from the large
+    tier, which a lookup asks first: the newer signature is the one found,
+    and the id counts once."""
+    from lshrs._cache import SignatureCache
+
+    cache = SignatureCache(shards=1, width=1, capacity=10_000)
+    cache.reset(0, generation=0, shard_size=5_000)
+    cache.add(0, np.arange(5_000, dtype=np.int64) * scale, np.ones((5_000, 1), np.uint8))
+    cache.lookup(0, np.zeros(1, np.int64))  # 5,000 additions: settled into the large tier
+    cache.add(0, np.array([7, 6_000, 3], dtype=np.int64) * scale, np.array([[2], [3], [4]], np.uint8))
+    probe = np.array([6_000, 7, 8, 3, 9_999, 7], dtype=np.int64) * scale
+    signatures, missing = cache.lookup(0, probe)
+    assert signatures[:, 0].tolist() == [3, 2, 1, 4, 0, 2]
+    assert missing.tolist() == [False, False, False, False, True, False]
+    assert len(cache._shards[0]) == 5_001
+
+
 def test_a_cache_is_warm_once_it_holds_most_of_its_shard_or_all_it_may() -> None:
     """Warm decides whether a query's reply carries signatures: too early and
     queries pay a second round trip for them, too late and every reply

