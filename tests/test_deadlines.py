@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from conftest import clustered, index_state
 from lshrs import LSHRS, IndexMissing, Overloaded
 from lshrs import _lshrs as lshrs_module
-from lshrs._admission import WAITING_PER_SLOT, Admission
+from lshrs._admission import WAITING_PER_SLOT, Admission, Call
 from lshrs.adapters import InMemoryStore, PostgresStore, RedisStore
 from servers import postgres, redis_server
 
@@ -51,6 +51,7 @@ async def test_a_call_keeps_its_own_deadline_on_a_frozen_server() -> None:
                     ("query_many", lsh.query_many(BASE[3:5], timeout=0.3)),
                     ("ingest", lsh.ingest(600, BASE[600], timeout=0.3)),
                     ("delete", lsh.delete([4, 5], timeout=0.3)),
+                    ("index", lsh.index(np.arange(800, 900), BASE[800:900], timeout=0.3)),
                 ):
                     started = time.monotonic()
                     with pytest.raises(TimeoutError, match=rf"^{name}\(\) did not finish within its 0.3 s timeout$"):
@@ -65,7 +66,7 @@ async def test_a_call_keeps_its_own_deadline_on_a_frozen_server() -> None:
             # once the server thaws; such a lease expires on its own.
             indexed = set(await index_state(client, lsh, leases=True))
             await client.aclose()
-            held = set((await store.fetch(np.arange(700))).ids.tolist())
+            held = set((await store.fetch(np.arange(900))).ids.tolist())
             assert indexed == held  # a write that timed out is whole in both, or in neither
 
 
@@ -182,6 +183,98 @@ async def test_a_cancelled_waiter_passes_its_slot_on() -> None:
             pass
 
 
+async def test_a_gather_of_thousands_of_queries_waits_its_turn(redis_proc: Any) -> None:
+    """The queue holds 64 calls a slot so that a service's ``gather()`` of a
+    few thousand queries just waits with the defaults; only a full queue or
+    a wait past the deadline is refused."""
+    async with LSHRS(dim=DIM, redis_url=redis_url_of(redis_proc, 6), store=InMemoryStore(), timeout=60) as lsh:
+        await lsh.drop()
+        await lsh.index(np.arange(1000), BASE[:1000])
+        answers = await asyncio.gather(*(lsh.query(BASE[i % 1000], top_k=1) for i in range(3000)))
+        assert [hits[0].id for hits in answers[:1000]] == list(range(1000))
+        await lsh.drop()
+
+
+async def test_waiters_get_their_slots_in_arrival_order() -> None:
+    admission = Admission(1)
+    order: list[int] = []
+    release = anyio.Event()
+
+    async def holder() -> None:
+        async with admission.slot(None):
+            await release.wait()
+
+    async def waiter(i: int) -> None:
+        async with admission.slot(None):
+            order.append(i)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(holder)
+        await anyio.sleep(0.01)
+        for i in range(5):
+            group.start_soon(waiter, i)
+            await anyio.sleep(0.005)  # each queued before the next arrives
+        release.set()
+    assert order == [0, 1, 2, 3, 4]
+
+
+async def test_a_waiter_cancelled_as_its_slot_arrives_passes_it_on() -> None:
+    """Handed a slot in the same loop turn as it is cancelled, a waiter is no
+    longer in the queue: it must give the slot back, or the slot leaks."""
+    admission = Admission(1)
+    turn = admission.enter(None)
+    assert turn is None  # the only slot, taken
+    queued = admission.enter(None)
+    assert queued is not None
+
+    async def waiter() -> None:
+        await admission.wait(queued)
+
+    task = asyncio.ensure_future(waiter())
+    await asyncio.sleep(0.01)
+    admission.leave(0.01)  # hands the slot to the waiter...
+    task.cancel()  # ...which is cancelled before it runs again
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert admission.enter(None) is None  # the slot came back
+
+
+async def test_one_slow_call_moves_the_hold_estimate_a_tenth() -> None:
+    """The hold estimate is smoothed: one slow call among quick ones must not
+    make the queue refuse everything, nor one quick call admit too much."""
+    admission = Admission(1)
+    for _ in range(50):
+        assert admission.enter(None) is None
+        admission.leave(0.01)
+    admission.enter(None)
+    admission.leave(1.0)
+    assert 0.1 <= admission._hold <= 0.12  # 0.9 * 0.01 + 0.1 * 1.0
+
+
+async def test_a_call_counts_its_own_work_not_its_wait_and_a_cut_call_no_less() -> None:
+    """``Call`` is the path every public method takes: the time a call held
+    its slot starts when it gets the slot, and a call cut off by its deadline
+    never lowers the estimate."""
+    admission = Admission(1)
+
+    async def call(seconds: float, deadline: float | None = None) -> None:
+        async with Call(admission, deadline, "a call"):
+            await anyio.sleep(seconds)
+
+    for _ in range(50):  # calls hold their slot 0.01 s
+        assert admission.enter(None) is None
+        admission.leave(0.01)
+    async with anyio.create_task_group() as group:
+        group.start_soon(call, 0.3)  # the estimate: 0.9 * 0.01 + 0.1 * 0.3 = 0.039
+        await anyio.sleep(0.01)
+        await call(0.01)  # waits about 0.3 s for its slot, then works 0.01 s
+    assert admission._hold < 0.05  # 0.9 * 0.039 + 0.1 * 0.01, not + 0.1 * 0.31
+    before = admission._hold
+    with pytest.raises(TimeoutError, match=r"^a call did not finish within its 0\.02 s timeout$"):
+        await call(1.0, deadline=0.02)
+    assert admission._hold >= before
+
+
 async def test_a_redis_flushed_under_a_live_client_is_an_error(
     redis_proc: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -248,7 +341,9 @@ async def test_an_evicting_redis_is_warned_about() -> None:
             pass
 
 
-@pytest.mark.parametrize("options", [{"timeout": 0}, {"timeout": -1.0}, {"timeout": "1"}, {"max_inflight": 0}])
+@pytest.mark.parametrize(
+    "options", [{"timeout": 0}, {"timeout": -1.0}, {"timeout": math.inf}, {"timeout": "1"}, {"max_inflight": 0}]
+)
 def test_bad_deadline_settings(options: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(options))):
         LSHRS(dim=DIM, **options)
