@@ -191,7 +191,7 @@ async def test_a_gather_of_thousands_of_queries_waits_its_turn(redis_proc: Any) 
         await lsh.drop()
         await lsh.index(np.arange(1000), BASE[:1000])
         answers = await asyncio.gather(*(lsh.query(BASE[i % 1000], top_k=1) for i in range(3000)))
-        assert [hits[0].id for hits in answers[:1000]] == list(range(1000))
+        assert [hits[0].id for hits in answers] == [i % 1000 for i in range(3000)]
         await lsh.drop()
 
 
@@ -272,7 +272,7 @@ async def test_a_call_counts_its_own_work_not_its_wait_and_a_cut_call_no_less() 
     before = admission._hold
     with pytest.raises(TimeoutError, match=r"^a call did not finish within its 0\.02 s timeout$"):
         await call(1.0, deadline=0.02)
-    assert admission._hold >= before
+    assert admission._hold >= before - 1e-9  # 0.9 * h + 0.1 * h may round below h
 
 
 async def test_a_redis_flushed_under_a_live_client_is_an_error(
