@@ -604,8 +604,32 @@ async def test_concurrent_queries_get_what_a_lone_query_gets(make_lsh: Any) -> N
     assert mixed == [alone[i][: 3 + i % 3] for i in range(30)]
     doomed = asyncio.ensure_future(lsh.query(queries[0], top_k=7))
     survivors = [asyncio.ensure_future(lsh.query(q, top_k=7)) for q in queries[1:20]]
+    doomed.cancel()  # before it joins a batch
+    assert await asyncio.gather(*survivors) == alone[1:20]
+    # A caller that gives up once its batch is running: the batch goes on
+    # for the others (it stops only when every caller has given up).
+    doomed = asyncio.ensure_future(lsh.query(queries[0], top_k=7))
+    survivors = [asyncio.ensure_future(lsh.query(q, top_k=7)) for q in queries[1:20]]
+    for _ in range(1000):  # a few loop turns: the callers join, then their batch starts
+        if any(not batch.done() for batch in lsh._coalescer._running):
+            break
+        await asyncio.sleep(0)
     doomed.cancel()
     assert await asyncio.gather(*survivors) == alone[1:20]
+    # When every caller of a running batch gives up, the batch stops: under
+    # overload, finishing work nobody waits for starves the calls that can
+    # still be served.
+    earlier = set(lsh._coalescer._running)  # batches still ending
+    callers = [asyncio.ensure_future(lsh.query(q, top_k=7)) for q in queries[:5]]
+    for _ in range(1000):
+        if lsh._coalescer._running - earlier:
+            break
+        await asyncio.sleep(0)
+    (batch,) = lsh._coalescer._running - earlier
+    for caller in callers:
+        caller.cancel()
+    await asyncio.wait([batch])
+    assert batch.cancelled()
     bad = await asyncio.gather(lsh.query(np.full(32, np.nan)), lsh.query(queries[0], top_k=7), return_exceptions=True)
     assert isinstance(bad[0], ValueError) and bad[1] == alone[0]
 
