@@ -589,6 +589,18 @@ async def test_max_candidates_bounds_each_shard_and_keeps_the_query_deterministi
     assert await lsh.query(vectors[0], top_k=100) == first
 
 
+async def batches_started(lsh: LSHRS, earlier: set[asyncio.Task[Any]]) -> set[asyncio.Task[Any]]:
+    """The coalesced batches begun since ``earlier``, once there are some: a
+    few loop turns, as the callers join and their batch starts."""
+    for _ in range(1000):
+        if lsh._coalescer._running - earlier:
+            break
+        await asyncio.sleep(0)
+    started = lsh._coalescer._running - earlier
+    assert started
+    return started
+
+
 async def test_concurrent_queries_get_what_a_lone_query_gets(make_lsh: Any) -> None:
     """Queries from many tasks at once are answered in batches: each gets
     exactly its own hits, a caller that gives up does not disturb the rest,
@@ -608,12 +620,10 @@ async def test_concurrent_queries_get_what_a_lone_query_gets(make_lsh: Any) -> N
     assert await asyncio.gather(*survivors) == alone[1:20]
     # A caller that gives up once its batch is running: the batch goes on
     # for the others (it stops only when every caller has given up).
+    earlier = set(lsh._coalescer._running)  # batches still ending
     doomed = asyncio.ensure_future(lsh.query(queries[0], top_k=7))
     survivors = [asyncio.ensure_future(lsh.query(q, top_k=7)) for q in queries[1:20]]
-    for _ in range(1000):  # a few loop turns: the callers join, then their batch starts
-        if any(not batch.done() for batch in lsh._coalescer._running):
-            break
-        await asyncio.sleep(0)
+    await batches_started(lsh, earlier)
     doomed.cancel()
     assert await asyncio.gather(*survivors) == alone[1:20]
     # When every caller of a running batch gives up, the batch stops: under
@@ -621,11 +631,7 @@ async def test_concurrent_queries_get_what_a_lone_query_gets(make_lsh: Any) -> N
     # still be served.
     earlier = set(lsh._coalescer._running)  # batches still ending
     callers = [asyncio.ensure_future(lsh.query(q, top_k=7)) for q in queries[:5]]
-    for _ in range(1000):
-        if lsh._coalescer._running - earlier:
-            break
-        await asyncio.sleep(0)
-    (batch,) = lsh._coalescer._running - earlier
+    (batch,) = await batches_started(lsh, earlier)
     for caller in callers:
         caller.cancel()
     await asyncio.wait([batch])

@@ -239,13 +239,18 @@ async def test_a_waiter_cancelled_as_its_slot_arrives_passes_it_on() -> None:
     assert admission.enter(None) is None  # the slot came back
 
 
+def held_for(admission: Admission, seconds: float, times: int) -> None:
+    """``times`` calls, one after another, each holding the slot ``seconds``."""
+    for _ in range(times):
+        assert admission.enter(None) is None
+        admission.leave(seconds)
+
+
 async def test_one_slow_call_moves_the_hold_estimate_a_tenth() -> None:
     """The hold estimate is smoothed: one slow call among quick ones must not
     make the queue refuse everything, nor one quick call admit too much."""
     admission = Admission(1)
-    for _ in range(50):
-        assert admission.enter(None) is None
-        admission.leave(0.01)
+    held_for(admission, 0.01, times=50)
     admission.enter(None)
     admission.leave(1.0)
     assert 0.1 <= admission._hold <= 0.12  # 0.9 * 0.01 + 0.1 * 1.0
@@ -261,9 +266,7 @@ async def test_a_call_counts_its_own_work_not_its_wait_and_a_cut_call_no_less() 
         async with Call(admission, deadline, "a call"):
             await anyio.sleep(seconds)
 
-    for _ in range(50):  # calls hold their slot 0.01 s
-        assert admission.enter(None) is None
-        admission.leave(0.01)
+    held_for(admission, 0.01, times=50)  # calls hold their slot 0.01 s
     async with anyio.create_task_group() as group:
         group.start_soon(call, 0.3)  # the estimate: 0.9 * 0.01 + 0.1 * 0.3 = 0.039
         await anyio.sleep(0.01)

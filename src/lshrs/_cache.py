@@ -58,8 +58,9 @@ class _Sorted:
 
     def evict(self, ids: IdArray) -> None:
         hit, at = self.find(ids)
-        self.live[at[hit]] = False
-        self.alive = int(self.live.sum())
+        if hit.any():  # a settle evicts every id it adds, and few are here: skip the recount
+            self.live[at[hit]] = False
+            self.alive = int(self.live.sum())
 
     def kept(self) -> tuple[IdArray, ByteArray]:
         return self.ids[self.live], self.signatures[self.live]
