@@ -279,6 +279,15 @@ BREAKAGES = [
     ("a learned record hashes a vector's length too", "src/lshrs/_family.py",
      "unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)",
      "unit = vectors * np.linalg.norm(vectors, axis=1, keepdims=True)", "test_codes.py -k length"),
+    ("a capped spilled query keeps the smallest ids", "src/lshrs/_index.py",
+     "ids = nearest_buckets(buckets, cap, self.id_bytes, repeated=True)", "ids = ids[:cap]",
+     "test_regressions.py -k capped"),
+    ("a spilled row's second bucket is its second nearest", "src/lshrs/_partition.py",
+     "cost[rows] += SPILL_WEIGHT * (along[:, None] - across) ** 2", "pass", "test_partition.py -k spill"),
+    ("a spilled row's second bucket sought in its two nearest groups only", "src/lshrs/_partition.py",
+     "return max(_ASSIGN_GROUPS, math.ceil(", "return min(_ASSIGN_GROUPS, math.ceil(", "test_partition.py -k spill"),
+    ("a spilled query reads its first table only", "src/lshrs/_family.py",
+     "keys[:, :, 0] = np.arange(self.tables)", "keys[:, :, 0] = 0", "test_spill.py -k finds_more"),
 ]  # fmt: skip
 
 

@@ -233,8 +233,9 @@ async def index_state(client: Any, lsh: LSHRS, leases: bool = False) -> dict[int
         assert logged <= set(signatures), f"the change log names deleted ids {logged - set(signatures)}"
     expected: dict[bytes, set[int]] = {}
     config = lsh.config
-    if config.hashing == "kmeans":  # one table; a record is a 4-byte bucket number, then a sketch
-        tables, width, size = 1, 4, 4 + (config.code_bytes or config.sketch_bits // 8)
+    if config.hashing == "kmeans":  # a record is a 4-byte bucket number (two when spilled), then a sketch
+        tables, width = 1 + config.spill, 4
+        size = 4 * tables + (config.code_bytes or config.sketch_bits // 8)
     else:
         tables, width = config.num_bands, (config.rows_per_band + 7) // 8
         size = tables * width

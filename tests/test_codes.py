@@ -121,7 +121,9 @@ async def test_a_new_learned_index_keeps_codes(make_lsh: Any, raw_redis: Any) ->
     assert (lsh.config.code_bytes, lsh.config.sketch_bits) == (24, 0)  # 48-d: 24 slices of 2
     await lsh.index(np.arange(1000), BASE[:1000])
     records = await index_state(raw_redis, lsh)
-    assert len(records) == 1000 and {len(r) for r in records.values()} == {4 + 24}
+    # Two bucket numbers (its nearest, then its spill), then the code.
+    assert (lsh.config.spill, lsh.config.layout) == (1, 4)
+    assert len(records) == 1000 and {len(r) for r in records.values()} == {2 * 4 + 24}
     assert await raw_redis.get("{coded}:proj") == b""  # codes need no projection
     family = (await lsh._ready()).family
     assert family is not None and family.default_rerank(1000) == 256

@@ -751,7 +751,7 @@ async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatc
     exact = await lsh.stats(exact=True)
     assert exact["bucket_statistics"] == "exact"
     assert sum(exact["bucket_size_histogram"].values()) == exact["buckets"]
-    tables = lsh.config.num_bands if lsh.config.hashing == "hyperplane" else 1
+    tables = lsh.config.num_bands if lsh.config.hashing == "hyperplane" else 1 + lsh.config.spill
     assert exact["mean_bucket_size"] * exact["buckets"] == pytest.approx(3000 * tables)
     keys = [key async for key in raw_redis.scan_iter(match=f"{{{lsh.prefix}*", count=1000)]
     used = sum([await raw_redis.memory_usage(key) for key in keys])
@@ -801,6 +801,11 @@ def test_a_capped_learned_query_cuts_its_boundary_bucket_by_id(width: int) -> No
     assert nearest_buckets(list(reversed(buckets[:2])), 4, width).tolist() == [30, 7, 12, 4]
     assert nearest_buckets(buckets, 2, width).tolist() == [9, 4]
     assert nearest_buckets(buckets, 1, width).tolist() == [4]
+    # Spilled: an id named by two buckets counts at the first (4 and 9 again below).
+    spilled = [bucket(9, 4), bucket(30, 4, 12), bucket(1, 9, 2)]
+    assert nearest_buckets(spilled, 3, width, repeated=True).tolist() == [9, 4, 12]
+    assert nearest_buckets(spilled, 5, width, repeated=True).tolist() == [9, 4, 30, 12, 1]
+    assert nearest_buckets(spilled, 6, width, repeated=True).tolist() == [9, 4, 30, 12, 1, 2]
 
 
 async def test_sampled_ids_are_distinct_indexed_ids(make_lsh: Any) -> None:

@@ -205,12 +205,18 @@ def test_cli_index_query_stats_drop(postgres_dsn: str, redis_proc: Any, tmp_path
 
 def test_cli_index_npy_takes_the_hash_family(redis_proc: Any, tmp_path: Path) -> None:
     """``--hashing`` picks the family of a new index built from a .npy file,
-    ``--id-bytes`` its id width; the learned build says on stderr what it fits."""
+    ``--id-bytes`` its id width, ``--spill`` whether a learned id takes a
+    second bucket; the learned build says on stderr what it fits."""
     np.save(tmp_path / "vectors.npy", BASE[:300])
     env = {"LSHRS_REDIS_URL": f"redis://{redis_proc.host}:{redis_proc.port}/2"}
     runner = CliRunner()
-    cases = (("npy-banded", "hyperplane", [], 4), ("npy-learned", "kmeans", [], 4))
-    for prefix, hashing, options, width in (*cases, ("npy-long", "kmeans", ["--id-bytes", "8"], 8)):
+    cases = (
+        ("npy-banded", "hyperplane", [], 4, 0),
+        ("npy-learned", "kmeans", [], 4, 1),
+        ("npy-long", "kmeans", ["--id-bytes", "8"], 8, 1),
+        ("npy-once", "kmeans", ["--spill", "0"], 4, 0),
+    )
+    for prefix, hashing, options, width, spill in cases:
         runner.invoke(cli, ["--prefix", prefix, "drop", "--yes"], env=env)
         source = ["--npy", str(tmp_path / "vectors.npy"), "--hashing", hashing, *options]
         built = runner.invoke(cli, ["--prefix", prefix, "index", *source], env=env)
@@ -218,7 +224,9 @@ def test_cli_index_npy_takes_the_hash_family(redis_proc: Any, tmp_path: Path) ->
         assert ("fitting" in built.output) == (hashing == "kmeans"), built.output
         stats = json.loads(runner.invoke(cli, ["--prefix", prefix, "stats"], env=env).output)
         assert stats["config"]["hashing"] == hashing and stats["vectors"] == 300
-        assert stats["config"]["id_bytes"] == width
+        assert (stats["config"]["id_bytes"], stats["config"]["spill"]) == (width, spill)
         runner.invoke(cli, ["--prefix", prefix, "drop", "--yes"], env=env)
     bad = runner.invoke(cli, ["index", "--npy", str(tmp_path / "vectors.npy"), "--id-bytes", "5"], env=env)
     assert bad.exit_code == 2 and "'5' is not one of '4', '8'" in bad.output
+    bad = runner.invoke(cli, ["index", "--npy", str(tmp_path / "vectors.npy"), "--spill", "2"], env=env)
+    assert bad.exit_code == 2 and "'2' is not one of '0', '1'" in bad.output

@@ -62,15 +62,18 @@ async def test_the_id_width_is_stored_and_adopted(make_lsh: Any) -> None:
     assert (await make_lsh(dim=DIM, prefix="long")).config.id_bytes == 8
     with pytest.raises(ValueError, match="id_bytes: given 8, stored 4"):
         await make_lsh(dim=DIM, prefix="short", id_bytes=8)
-    assert (short.config.layout, long.config.layout) == (3, 2)  # a client before 4-byte ids refuses layout 3
+    # A client before 4-byte ids refuses layout 3; one before spilled records, layout 4.
+    assert (short.config.layout, long.config.layout) == ((4, 4) if short.config.spill else (3, 2))
 
 
 def test_a_configuration_stored_before_id_width_holds_8_byte_ids() -> None:
     old = {"dim": 8, "num_bands": 0, "rows_per_band": 0, "seed": 0, "shards": 1, "layout": 2, "hashing": "kmeans"}
     assert IndexConfig.from_json(json.dumps(old)).id_bytes == 8
-    for layout, id_bytes in ((3, 8), (2, 4), (3, 6)):
+    for layout, id_bytes, spill in ((3, 8, 0), (2, 4, 0), (3, 6, 0), (3, 4, 1), (4, 4, 0), (4, 8, 2)):
         with pytest.raises(ValueError, match="unknown to this lshrs version"):
-            IndexConfig.from_json(json.dumps({**old, "layout": layout, "id_bytes": id_bytes}))
+            IndexConfig.from_json(json.dumps({**old, "layout": layout, "id_bytes": id_bytes, "spill": spill}))
+    for id_bytes in (4, 8):
+        assert IndexConfig.from_json(json.dumps({**old, "layout": 4, "id_bytes": id_bytes, "spill": 1})).spill == 1
 
 
 async def test_a_first_batch_with_an_id_that_does_not_fit_trains_nothing(make_lsh: Any, raw_redis: Any) -> None:

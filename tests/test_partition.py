@@ -232,3 +232,58 @@ def test_a_large_samples_coarse_level_starts_on_a_quarter_and_ends_on_all(monkey
     np.add.at(sums, nearest, UNIT)
     means = sums / np.linalg.norm(sums, axis=1, keepdims=True)
     assert np.abs(means - coarse).max() <= 1e-3
+
+
+def test_a_spilled_row_gets_its_nearest_bucket_and_the_soar_choice_of_its_pool(
+    fitted: Partition, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each row's two buckets, computed here from the centroids themselves:
+    the pool is the children of its ``_spill_groups()`` nearest coarse
+    groups; the first bucket is the pool's nearest centroid, the second the
+    one of its ``_SPILL_CHOICES`` nearest that minimises
+    ``|x - c|^2 + w <r, x - c>^2`` with ``r`` the unit residual ``x - first``
+    (written out as vectors, not as lshrs's decomposition). Compared by
+    score and cost, so a float near-tie cannot fail it."""
+    from lshrs._partition import _SPILL_CHOICES, SPILL_WEIGHT
+
+    monkeypatch.setattr(_partition, "_SPILL_POOL", 64)  # 251 buckets in 16 groups: a pool of 5 groups
+    groups = fitted._spill_groups()
+    assert 2 < groups < len(fitted.coarse)  # a pool wider than assignment's two groups, narrower than all
+    rows = np.random.default_rng(5).standard_normal((600, DIM)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    got = fitted.assign_spilled(rows)
+    centroids = fitted.fine
+    first_score, second_cost, plain, outside = [], [], 0, 0
+    for row, (first, second) in zip(rows, got.tolist()):
+        nearest_groups = np.argsort(-(fitted.coarse @ row), kind="stable")[:groups]
+        pool = np.concatenate([np.arange(fitted.starts[g], fitted.starts[g + 1]) for g in nearest_groups])
+        choices = pool[np.argsort(-(centroids[pool] @ row), kind="stable")[:_SPILL_CHOICES]]
+        best = choices[0]
+        residual = row - centroids[best]
+        residual /= np.linalg.norm(residual)
+        costs = [
+            float(np.sum((row - centroids[c]) ** 2) + SPILL_WEIGHT * np.dot(residual, row - centroids[c]) ** 2)
+            for c in choices[1:]
+        ]
+        first_score.append((float(centroids[first] @ row), float(centroids[best] @ row)))
+        cost_of = float(
+            np.sum((row - centroids[second]) ** 2) + SPILL_WEIGHT * np.dot(residual, row - centroids[second]) ** 2
+        )
+        second_cost.append((cost_of, min(costs)))
+        assert first != second and second in choices
+        plain += second != choices[1]
+        in_two = np.argsort(-(fitted.coarse @ row), kind="stable")[:2]
+        outside += not any(fitted.starts[g] <= second < fitted.starts[g + 1] for g in in_two)
+    scores = np.array(first_score)
+    assert np.abs(scores[:, 0] - scores[:, 1]).max() < 1e-4
+    costs = np.array(second_cost)
+    assert np.abs(costs[:, 0] - costs[:, 1]).max() < 1e-3
+    # Rows whose choice is not simply the second nearest, and rows whose
+    # second bucket lies outside their two nearest groups: without them this
+    # test could not tell SOAR from the second nearest, or the pool from two groups.
+    assert plain > 60 and outside > 20, (plain, outside)
+
+
+def test_a_partition_of_one_bucket_files_a_spilled_row_twice_in_it() -> None:
+    partition = fit(UNIT, 1, seed=1, trained_for=4000)
+    assert partition.assign_spilled(UNIT[:50]).tolist() == [[0, 0]] * 50

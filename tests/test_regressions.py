@@ -55,18 +55,22 @@ async def test_a_reader_past_the_change_log_drops_its_cache(
         assert await reader.query(moved[i], top_k=5) == await fresh.query(moved[i], top_k=5), i
 
 
-async def test_a_capped_query_keeps_the_nearest_candidates(make_lsh: Any) -> None:
+async def test_a_capped_query_keeps_the_nearest_candidates(make_lsh: Any, hashing: str) -> None:
     """With ``max_candidates`` far below what the probes read, a stored
     vector still finds itself first, whatever its id (a cap that kept the
     smallest ids passed a test that only ever queried id 0)."""
     base = clustered(2000, DIM, centers=100, seed=3)
     cap = 64  # four learned buckets' worth, far below the 400 probes' ids
-    lsh = await make_lsh(max_candidates=cap, probes=400, store=InMemoryStore(), rerank=1000)
-    await lsh.index(np.arange(2000), base)
-    for i in (1999, 1500, 777):
-        hits = await lsh.query(base[i], top_k=1000)
-        assert hits and hits[0].id == i, (i, hits[:3])
-        assert len(hits) <= cap * lsh.config.shards
+    # A learned index is spilled by default (two buckets an id); spill=0 is one.
+    for spill in (None, 0) if hashing == "kmeans" else (None,):
+        lsh = await make_lsh(
+            prefix=f"capped{spill}", max_candidates=cap, probes=400, store=InMemoryStore(), rerank=1000, spill=spill
+        )
+        await lsh.index(np.arange(2000), base)
+        for i in (1999, 1500, 777):
+            hits = await lsh.query(base[i], top_k=1000)
+            assert hits and hits[0].id == i, (spill, i, hits[:3])
+            assert len(hits) <= cap * lsh.config.shards
 
 
 async def test_ids_the_store_lacks_are_skipped_on_the_query_path(make_lsh: Any) -> None:

@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, fields
 #: 4-byte ids (``id_bytes``); this version reads both.
 LAYOUT_VERSION = 2
 LAYOUT_SHORT_IDS = 3
+#: Layout 4: a learned index whose records hold a second bucket (``spill``),
+#: with ids of either width. A client that predates it refuses the index
+#: rather than read its records' second bucket number as code bytes.
+LAYOUT_SPILLED = 4
 #: The ids a 4-byte index holds are 0 to this.
 MAX_SHORT_ID = 2**32 - 1
 #: Bytes a new index stores an id in, in each bucket and record. Four fit
@@ -85,9 +89,11 @@ class IndexConfig:
     sketch_bits: int = 0
     code_bytes: int = 0
     id_bytes: int = 8  # what an index stored before the field holds
+    spill: int = 0  # learned: second buckets an id is filed in (0 or 1)
 
     def __post_init__(self) -> None:
-        if self.id_bytes not in (4, 8) or self.layout != layout_of(self.id_bytes):
+        known = self.id_bytes in (4, 8) and self.spill in (0, 1)
+        if not known or self.layout != layout_of(self.id_bytes, self.spill):
             raise ValueError(
                 f"the stored index has layout {self.layout} with {self.id_bytes}-byte ids, "
                 "unknown to this lshrs version: open it with the version that built it, or drop() it and build again"
@@ -116,8 +122,11 @@ class IndexConfig:
         ]
 
 
-def layout_of(id_bytes: int) -> int:
+def layout_of(id_bytes: int, spill: int = 0) -> int:
     """The layout version of an index with ``id_bytes``-byte ids: a client
     that predates 4-byte ids reads layout 3 as another configuration and
-    refuses it, rather than read its buckets as 8-byte ids."""
+    refuses it, rather than read its buckets as 8-byte ids (and layout 4,
+    spilled records, likewise)."""
+    if spill:
+        return LAYOUT_SPILLED
     return LAYOUT_SHORT_IDS if id_bytes == 4 else LAYOUT_VERSION

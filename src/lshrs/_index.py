@@ -163,6 +163,11 @@ class ShardedIndex:
         """Bytes of an id as a bucket entry and a record field."""
         return self._layout.id_bytes
 
+    @property
+    def tables(self) -> int:
+        """Buckets an id is filed in: its bands, or its learned bucket and spill."""
+        return self._layout.tables
+
     def fits(self, ids: IdArray) -> npt.NDArray[np.bool_]:
         """Which ``ids`` this index can hold. One that does not fit is in no
         bucket; cut to 4 bytes it would name another id, so deletes and
@@ -479,7 +484,9 @@ class ShardedIndex:
             ids = nearest_buckets(buckets, cap, self.id_bytes)
         else:
             ids, hits = count_ids(self._ids(b"".join(buckets)))
-            if len(ids) > cap:
+            if len(ids) > cap and self._layout.ranked:  # spilled: an id's first bucket read ranks it
+                ids = nearest_buckets(buckets, cap, self.id_bytes, repeated=True)
+            elif len(ids) > cap:
                 ids = most_named(ids, hits, cap)
         signatures, missing = self._cache.lookup(shard, ids)
         if not missing.any():
@@ -713,16 +720,24 @@ def count_ids(ids: IdArray) -> tuple[IdArray, npt.NDArray[np.int64]]:
     return ordered[starts].astype(np.int64), np.diff(starts, append=len(ordered))
 
 
-def nearest_buckets(buckets: Sequence[bytes], cap: int, id_bytes: int = 8) -> IdArray:
+def nearest_buckets(buckets: Sequence[bytes], cap: int, id_bytes: int = 8, repeated: bool = False) -> IdArray:
     """With one table each id is in one bucket, and the buckets come best
     first: a capped query keeps whole buckets in that order and, from the
     bucket that crosses the cap, its smallest ids. The order of ids inside a
     bucket depends on which write reached Redis first, so cutting it as it
-    stands would make a capped query differ from run to run."""
+    stands would make a capped query differ from run to run. ``repeated``:
+    an id may be in two of the buckets (a spilled index), and counts at the
+    first."""
     named = parse_ids(b"".join(buckets), id_bytes)
     if len(named) <= cap:
         return named
-    ends = np.cumsum([len(bucket) // id_bytes for bucket in buckets])
+    owner = np.repeat(np.arange(len(buckets)), [len(bucket) // id_bytes for bucket in buckets])
+    if repeated:
+        first = np.sort(np.unique(named, return_index=True)[1])
+        named, owner = named[first], owner[first]
+        if len(named) <= cap:
+            return named
+    ends = np.searchsorted(owner, np.arange(len(buckets)), side="right")  # ids through each bucket
     whole = int(np.searchsorted(ends, cap, side="right"))  # buckets that fit whole
     start = int(ends[whole - 1]) if whole else 0
     boundary = np.sort(named[start : int(ends[whole])])[: cap - start]

@@ -190,6 +190,12 @@ def main(context: click.Context, redis_url: str, prefix: str, debug: bool) -> No
     default=None,
     help="Bytes a new index stores an id in: 4 (the default; ids 0 to 2**32 - 1) or 8 (any 64-bit id).",
 )
+@click.option(
+    "--spill",
+    type=click.Choice(["0", "1"]),
+    default=None,
+    help="Learned index: 1 (the default) files each id in a second bucket too, for a third of the probes; 0 once.",
+)
 @click.option("--batch-size", type=int, default=10_000, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_obj
@@ -201,6 +207,7 @@ def index(
     shards: int | None,
     hashing: str | None,
     id_bytes: str | None,
+    spill: str | None,
     batch_size: int,
     quiet: bool,
 ) -> None:
@@ -221,6 +228,7 @@ def index(
             hashing=hashing,
             shards=shards,
             id_bytes=None if id_bytes is None else int(id_bytes),
+            spill=None if spill is None else int(spill),
             expected_size=max(await source.count() or 1, 1),
             batch_size=batch_size,
             progress=not quiet,
