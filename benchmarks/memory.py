@@ -35,7 +35,7 @@ RESULTS = Path(__file__).parent / "results"
 PREFIX = "mem"
 #: Key suffix -> what the key holds.
 KINDS = {
-    "s": "id records (hashes of about 32: id -> bucket + 32-byte code)",
+    "s": "id records (hashes of about 32: id -> bucket numbers + 32-byte code)",
     "b": "buckets (strings of ids)",
     "l": "change log (last 4,096 written ids a shard)",
     "g": "change generation counters",
@@ -87,7 +87,7 @@ async def run(size: int, id_bytes: int | None = None) -> dict[str, Any]:
         await lsh.index(np.arange(len(data.base)), data.base)
         build = time.perf_counter() - started
         after = int((await client.info("memory"))["used_memory"])
-        record_bytes = 4 + (lsh.config.code_bytes or lsh.config.sketch_bits // 8)
+        record_bytes = 4 * (1 + lsh.config.spill) + (lsh.config.code_bytes or lsh.config.sketch_bits // 8)
         started = time.perf_counter()
         stats = await lsh.stats()
         sampled = time.perf_counter() - started

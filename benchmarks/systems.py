@@ -135,7 +135,7 @@ async def lshrs_runs(
 def _shape(family: Any) -> str:
     """How a family reads in a table: ``kmeans K=6246`` or ``48x12``."""
     if isinstance(family, LearnedFamily):
-        return f"kmeans K={family.partition.buckets}"
+        return f"kmeans K={family.partition.buckets}" + (", spilled" if family.tables == 2 else "")
     return f"{family.bands.num_bands}x{family.bands.rows}"
 
 

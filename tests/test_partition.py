@@ -200,6 +200,19 @@ def test_a_learned_index_reads_between_128_and_256_buckets_by_default(buckets: i
     assert family.default_probes() == probes
 
 
+@pytest.mark.parametrize(
+    ("buckets", "probes"), [(40, 40), (100, 64), (625, 64), (6_253, 79), (10_000, 100), (20_000, 128), (65_536, 128)]
+)
+def test_a_spilled_learned_index_reads_between_64_and_128_buckets_by_default(buckets: int, probes: int) -> None:
+    """``sqrt(K)`` within [64, 128], never more buckets than there are."""
+    from lshrs._codes import ProductCodes
+    from lshrs._family import LearnedFamily
+
+    partition = Partition(np.ones((1, 4), np.float32), np.ones((buckets, 4), np.float32), np.array([0, buckets]), 0)
+    family = LearnedFamily(partition, ProductCodes(np.zeros((2, 256, 2), np.float32), 4), spill=True)
+    assert family.default_probes() == probes
+
+
 def test_large_indexes_get_at_most_131072_buckets_fitted_on_4_rows_each() -> None:
     """16 ids a bucket up to 2.1M vectors, then 131,072 buckets; the fit reads
     262,144 rows, or 4 a bucket where that is more (6.4M: 524,288)."""
@@ -247,6 +260,7 @@ def test_a_spilled_row_gets_its_nearest_bucket_and_the_soar_choice_of_its_pool(
     from lshrs._partition import _SPILL_CHOICES, SPILL_WEIGHT
 
     monkeypatch.setattr(_partition, "_SPILL_POOL", 64)  # 251 buckets in 16 groups: a pool of 5 groups
+    monkeypatch.setattr(_partition, "_SPILL_CHUNK", 7)  # rows chosen for in many chunks, one ragged
     groups = fitted._spill_groups()
     assert 2 < groups < len(fitted.coarse)  # a pool wider than assignment's two groups, narrower than all
     rows = np.random.default_rng(5).standard_normal((600, DIM)).astype(np.float32)

@@ -107,7 +107,7 @@ async def test_a_tune_that_reaches_its_target_ends_its_count_full(redis_proc: An
     async with LSHRS(dim=DIM, redis_url=url_of(redis_proc), prefix="tuned", store=store) as lsh:
         await lsh.drop()
         await lsh.index()
-        tuning = await lsh.tune(0.9, sample=20, progress=lambda done, total: seen.append((done, total)))
+        tuning = await lsh.tune(0.98, sample=20, progress=lambda done, total: seen.append((done, total)))
         await lsh.drop()
     ladder = len(seen) - 1
     assert ladder >= 1 and len(tuning.curve) == len(seen) and seen[-1] == (len(seen), len(seen))

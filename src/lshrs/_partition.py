@@ -131,10 +131,9 @@ class Partition:
             across = _gathered_scores(self, choices[rows], residual)
             cost[rows] += SPILL_WEIGHT * (along[:, None] - across) ** 2
         cost[picked, first] = np.inf
+        # A partition of one bucket has no second: every cost is inf, and the
+        # row is filed twice in bucket 0 (what unfilled choices name).
         second = np.argmin(cost, axis=1)
-        # A partition of one bucket has no second: the row is filed twice in it.
-        alone = ~np.isfinite(cost[picked, second])
-        second[alone] = first[alone]
         spilled: IntArray = np.stack([choices[picked, first], choices[picked, second]], axis=1)
         return spilled
 
@@ -147,12 +146,11 @@ class Partition:
         choices = np.zeros((len(unit), width), np.int64)
         for rows, begin, end in self._assignable(unit, self._spill_groups()):
             both = np.concatenate([scores[rows], self._fine_scores(unit[rows], begin, end)], axis=1)
-            ids = np.concatenate(
-                [choices[rows], np.broadcast_to(np.arange(begin, end), (len(rows), end - begin))], axis=1
-            )
-            top = np.argpartition(-both, width - 1, axis=1)[:, :width]
+            cut = both.shape[1] - width
+            top = np.argpartition(both, cut, axis=1)[:, cut:]  # positions of the best ``width``
             scores[rows] = np.take_along_axis(both, top, axis=1)
-            choices[rows] = np.take_along_axis(ids, top, axis=1)
+            kept = np.take_along_axis(choices[rows], np.minimum(top, width - 1), axis=1)
+            choices[rows] = np.where(top < width, kept, begin + top - width)  # a kept choice, or a child
         return scores, choices
 
     def _spill_groups(self) -> int:
