@@ -139,7 +139,7 @@ class LearnedFamily:
     projection's bits.
 
     With ``spill``, each id is also filed in a second bucket
-    (:meth:`._partition.Partition.spill`), kept as a second table so the
+    (:meth:`._partition.Partition.assign_spilled`), kept as a second table so the
     scripts file and remove it like a band: a query reads both tables'
     buckets of each centroid it probes, and needs about a third of the
     probes for the same recall."""

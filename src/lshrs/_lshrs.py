@@ -171,7 +171,7 @@ class LSHRS:
     any signed 64-bit id, at 8 more bytes a vector of Redis.
     A learned index files each id in its nearest bucket and a second one
     (``spill=1``, the default), so a query needs about a third of the
-    probes for the same recall, at 4-8 more bytes a vector of Redis;
+    probes for the same recall, at about 11 more bytes a vector of Redis;
     ``spill=0`` files it once.
     Opening a prefix that already holds an index adopts its configuration;
     explicitly given values that differ raise ``ValueError``.
