@@ -476,7 +476,7 @@ def _scaled(
 ) -> FloatArray:
     """Scores of ``queries`` against ``rows[picked]`` times their ``scales``
     (None: float32 rows): the scale multiplies the scores, not the rows."""
-    scores: FloatArray = queries @ rows[picked].astype(np.float32, copy=False).T
+    scores = _product(queries, rows[picked].astype(np.float32, copy=False).T)
     return scores if scales is None else scores * scales[picked]
 
 
@@ -507,8 +507,21 @@ def _dense(partition: Partition, picked: slice | IntArray) -> FloatArray:
 
 
 def _scores(unit: FloatArray, centroids: FloatArray) -> FloatArray:
-    scores: FloatArray = unit @ centroids.T
-    return scores
+    return _product(unit, centroids.T)
+
+
+def _product(rows: FloatArray, matrix: FloatArray) -> FloatArray:
+    """``rows @ matrix``, a lone row computed as a pair: numpy hands one row
+    to BLAS's matrix-vector kernel, which rounds differently from the matrix
+    kernel every larger batch gets, so a row hashed alone (an ingest, or the
+    only row near a group) could land in another bucket at a near-tie than
+    the same row in a build (a resumed build's records differed from a clean
+    build's in one CI run)."""
+    if rows.ndim == 2 and len(rows) == 1:
+        paired: FloatArray = (np.concatenate([rows, rows]) @ matrix)[:1]
+        return paired
+    product: FloatArray = rows @ matrix
+    return product
 
 
 def _nearest(unit: FloatArray, centroids: FloatArray) -> IntArray:
