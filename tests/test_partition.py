@@ -186,18 +186,22 @@ def test_a_sieved_plan_rescores_the_best_of_its_first_pass_exactly(
     assert np.mean(agree) >= 0.9, np.mean(agree)  # 0.96; on random axes 0.75, on the least 0.36
 
 
+def default_probes(buckets: int, spill: bool) -> int:
+    """The default probes of a learned family over ``buckets`` centroids."""
+    from lshrs._codes import ProductCodes
+    from lshrs._family import LearnedFamily
+
+    partition = Partition(np.ones((1, 4), np.float32), np.ones((buckets, 4), np.float32), np.array([0, buckets]), 0)
+    return LearnedFamily(partition, ProductCodes(np.zeros((2, 256, 2), np.float32), 4), spill=spill).default_probes()
+
+
 @pytest.mark.parametrize(
     ("buckets", "probes"),
     [(100, 100), (625, 128), (3_125, 140), (6_253, 198), (10_000, 250), (20_000, 256), (65_536, 256)],
 )
 def test_a_learned_index_reads_between_128_and_256_buckets_by_default(buckets: int, probes: int) -> None:
     """``2.5 * sqrt(K)`` within [128, 256], never more buckets than there are."""
-    from lshrs._codes import ProductCodes
-    from lshrs._family import LearnedFamily
-
-    partition = Partition(np.ones((1, 4), np.float32), np.ones((buckets, 4), np.float32), np.array([0, buckets]), 0)
-    family = LearnedFamily(partition, ProductCodes(np.zeros((2, 256, 2), np.float32), 4))
-    assert family.default_probes() == probes
+    assert default_probes(buckets, spill=False) == probes
 
 
 @pytest.mark.parametrize(
@@ -205,12 +209,7 @@ def test_a_learned_index_reads_between_128_and_256_buckets_by_default(buckets: i
 )
 def test_a_spilled_learned_index_reads_between_64_and_128_buckets_by_default(buckets: int, probes: int) -> None:
     """``sqrt(K)`` within [64, 128], never more buckets than there are."""
-    from lshrs._codes import ProductCodes
-    from lshrs._family import LearnedFamily
-
-    partition = Partition(np.ones((1, 4), np.float32), np.ones((buckets, 4), np.float32), np.array([0, buckets]), 0)
-    family = LearnedFamily(partition, ProductCodes(np.zeros((2, 256, 2), np.float32), 4), spill=True)
-    assert family.default_probes() == probes
+    assert default_probes(buckets, spill=True) == probes
 
 
 def test_large_indexes_get_at_most_131072_buckets_fitted_on_4_rows_each() -> None:

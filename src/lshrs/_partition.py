@@ -123,10 +123,11 @@ class Partition:
         scores, choices = self._nearest_choices(unit)
         picked = np.arange(len(unit))
         first = np.argmax(scores, axis=1)
+        nearest = choices[picked, first]
         cost = 2 - 2 * scores
         for lo in range(0, len(unit), _SPILL_CHUNK):
             rows = slice(lo, lo + _SPILL_CHUNK)
-            residual = unit[rows] - _dense(self, choices[rows][picked[rows] - lo, first[rows]])
+            residual = unit[rows] - _dense(self, nearest[rows])
             residual /= np.maximum(np.linalg.norm(residual, axis=1, keepdims=True), 1e-12)
             along = np.einsum("ij,ij->i", residual, unit[rows])  # <r, x>: the part of <r, x - c> not c's
             across = _gathered_scores(self, choices[rows], residual)
@@ -135,7 +136,7 @@ class Partition:
         # A partition of one bucket has no second: every cost is inf, and the
         # row is filed twice in bucket 0 (what unfilled choices name).
         second = np.argmin(cost, axis=1)
-        spilled: IntArray = np.stack([choices[picked, first], choices[picked, second]], axis=1)
+        spilled: IntArray = np.stack([nearest, choices[picked, second]], axis=1)
         return spilled
 
     def _nearest_choices(self, unit: FloatArray) -> tuple[FloatArray, IntArray]:
