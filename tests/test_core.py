@@ -790,7 +790,7 @@ async def test_a_bulk_build_leaves_no_room_to_grow_in_its_buckets(redis_url: str
 def test_a_capped_learned_query_cuts_its_boundary_bucket_by_id(width: int) -> None:
     """Whole buckets in probe order, then the smallest ids of the bucket that
     crosses the cap, whatever order the writes left inside it."""
-    from lshrs._index import nearest_buckets
+    from lshrs._index import FirstNamed, nearest_buckets
 
     def bucket(*ids: int) -> bytes:
         return b"".join(i.to_bytes(width, "little") for i in ids)
@@ -801,11 +801,27 @@ def test_a_capped_learned_query_cuts_its_boundary_bucket_by_id(width: int) -> No
     assert nearest_buckets(list(reversed(buckets[:2])), 4, width).tolist() == [30, 7, 12, 4]
     assert nearest_buckets(buckets, 2, width).tolist() == [9, 4]
     assert nearest_buckets(buckets, 1, width).tolist() == [4]
-    # Spilled: an id named by two buckets counts at the first (4 and 9 again below).
+    # Spilled: an id named by two buckets is kept once, and counts at the first (4 and 9 again below).
     spilled = [bucket(9, 4), bucket(30, 4, 12), bucket(1, 9, 2)]
-    assert nearest_buckets(spilled, 3, width, repeated=True).tolist() == [9, 4, 12]
-    assert nearest_buckets(spilled, 5, width, repeated=True).tolist() == [9, 4, 30, 12, 1]
-    assert nearest_buckets(spilled, 6, width, repeated=True).tolist() == [9, 4, 30, 12, 1, 2]
+    first = FirstNamed(lambda: 0)
+    assert nearest_buckets(spilled, 3, width, first).tolist() == [9, 4, 12]
+    assert nearest_buckets(spilled, 5, width, first).tolist() == [9, 4, 30, 12, 1]
+    assert nearest_buckets(spilled, 6, width, first).tolist() == [9, 4, 30, 12, 1, 2]
+    assert nearest_buckets(spilled, 100, width, first).tolist() == [9, 4, 30, 12, 1, 2]
+
+
+@pytest.mark.parametrize("high", [1_000, 10**12])
+def test_first_named_keeps_each_ids_first_position_in_order(high: int) -> None:
+    """Against ``np.unique``'s first indexes, on dense ids (a table reused
+    from call to call, stale entries and all) and on ids too sparse for one."""
+    from lshrs._index import FirstNamed
+
+    rng = np.random.default_rng(high)
+    first = FirstNamed(lambda: 100)
+    for size in [0, 1, 5, 300, 3_000, 2_000]:
+        named = rng.integers(0, high, size) if size != 5 else np.array([3, 3, 1, 3, 1])
+        expected = np.sort(np.unique(named, return_index=True)[1])
+        assert first(named.astype(np.int64)).tolist() == expected.tolist()
 
 
 async def test_sampled_ids_are_distinct_indexed_ids(make_lsh: Any) -> None:
@@ -977,3 +993,46 @@ async def test_tune_on_stored_vectors_leaves_each_one_out_of_its_own_truth(make_
     await lsh.index(np.arange(600), clustered(600, 32))
     tuning = await lsh.tune(0.97, sample=50)
     assert tuning.recall >= 0.97, tuning
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("MGET", b"{p:0}:b\x00\x01\x02\x03", b"{p:0}:b\x01\xff\x00\x00\x00"),
+        ("CONFIG GET", "maxmemory-policy"),
+        (b"CLIENT SETNAME", "lshrs-é"),
+        ("EVALSHA", "0" * 40, 4, -1, 2.5, bytearray(b"ab"), memoryview(b"cd")),
+    ],
+)
+def test_commands_packed_with_hiredis_are_the_bytes_redis_py_would_send(args: tuple[Any, ...]) -> None:
+    from redis.asyncio.connection import Connection
+
+    from lshrs._connect import _Connection
+
+    assert b"".join(_Connection().pack_command(*args)) == b"".join(Connection().pack_command(*args))
+
+
+@pytest.mark.parametrize("bad", [True, None, object()])
+def test_an_argument_hiredis_cannot_pack_is_redis_pys_data_error(bad: object) -> None:
+    from redis.exceptions import DataError
+
+    from lshrs._connect import _Connection
+
+    with pytest.raises(DataError):
+        _Connection().pack_command("SET", "key", bad)
+
+
+async def test_a_client_opened_by_url_packs_with_hiredis(redis_proc: Any) -> None:
+    from redis.asyncio import Redis
+
+    from lshrs._connect import _Connection, connect
+
+    client = await connect(f"redis://{redis_proc.host}:{redis_proc.port}/6", timeout=5.0)
+    try:
+        assert isinstance(client, Redis)
+        assert client.connection_pool.connection_class is _Connection
+        await client.mset({b"packed:\x00": b"a", b"packed:\xff": b"b"})
+        assert await client.mget([b"packed:\x00", b"packed:\xff", b"packed:none"]) == [b"a", b"b", None]
+        assert await client.config_get("maxmemory-policy")  # a command name with a space, split
+    finally:
+        await client.aclose()

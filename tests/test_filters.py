@@ -210,9 +210,9 @@ def test_filter_checks_ask_nearest_first_by_whole_distance_levels() -> None:
     ids = np.array([50, 40, 30, 20, 10, 60, 70, 80], dtype=np.int64)
     distance = np.array([3, 1, 1, 2, 5, 2, 2, 9], dtype=np.int64)
     check = Checks(Candidates(ids, np.zeros((8, 4), np.uint8)), distance, None)
-    assert check.ids.tolist() == [40, 30, 20, 60, 70, 50, 10, 80]  # distance order, stable
+    assert check.ids.tolist() == [30, 40, 20, 60, 70, 50, 10, 80]  # distance order, ties to the smaller id
     first = check.next(depth=2)  # ceil(1.25 * 2) = 3 asked, to the end of level 2
-    assert check.ids[first].tolist() == [40, 30, 20, 60, 70]
+    assert check.ids[first].tolist() == [30, 40, 20, 60, 70]
     check.answer(first, np.array([30, 70]))
     assert check.counts() == (5, 2, False)
     assert len(check.next(depth=2)) == 0  # two passed

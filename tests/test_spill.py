@@ -38,8 +38,9 @@ async def test_a_learned_index_files_each_id_in_one_bucket_a_table(
     if spill:
         assert (numbers[:, 0] != numbers[:, 1]).all()
     for i in (0, 1234, 2999):
-        hits = await lsh.query(BASE[i], top_k=5)
+        hits = await lsh.query(BASE[i], top_k=50)
         assert hits[0].id == i
+        assert len({hit.id for hit in hits}) == len(hits) == 50  # an id read from both its buckets counts once
 
 
 async def test_spilling_finds_more_with_the_same_probes(make_lsh: Any, hashing: str) -> None:

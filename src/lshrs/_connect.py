@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError
 
 from ._index import Client
 
@@ -25,6 +28,7 @@ async def connect(url: str, timeout: float | None, extra: Mapping[str, Any] | No
     # frozen server would cost the caller three socket timeouts).
     reconnect = {"retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2, (RedisConnectionError,))}
     pool = BlockingConnectionPool.from_url(url, max_connections=64, **{**reconnect, **options})
+    pool.connection_class = _PACKED.get(pool.connection_class, pool.connection_class)
     single = Redis.from_pool(pool)
     try:
         info = await single.info("cluster")
@@ -51,3 +55,41 @@ def check_client(client: object) -> Client:
             "signatures: create it with decode_responses=False"
         )
     return client
+
+
+class _HiredisPacked(AbstractConnection):
+    """Packs commands with hiredis, as redis-py's synchronous client does: its
+    asyncio connections pack in Python, 0.40 ms for the 394-key MGET of a
+    query at recall 0.99 on 100k rows, against 0.08 ms (one process's
+    throughput there: 580 against 488 QPS, measured ad hoc, alternating).
+    A cluster client builds its own connections and keeps redis-py's packing."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str):  # "CONFIG GET" and the like go as two arguments
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        packable: Any = tuple(bytes(arg) if isinstance(arg, bytearray) else arg for arg in args)
+        try:
+            return [hiredis.pack_command(packable)]
+        except TypeError as error:  # redis-py's own packing raises DataError for what it cannot send
+            raise DataError(str(error)) from error
+
+
+class _Connection(_HiredisPacked, Connection):
+    pass
+
+
+class _SSLConnection(_HiredisPacked, SSLConnection):
+    pass
+
+
+class _UnixConnection(_HiredisPacked, UnixDomainSocketConnection):
+    pass
+
+
+_PACKED: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _Connection,
+    SSLConnection: _SSLConnection,
+    UnixDomainSocketConnection: _UnixConnection,
+}

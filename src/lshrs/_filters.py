@@ -73,9 +73,9 @@ class Checks:
     the ids in; a query is answered the same from run to run."""
 
     def __init__(self, candidates: Candidates, distance: Distances, before: Checks | None) -> None:
-        # A Hamming distance is at most the sketch's bits: a radix sort on 16 bits.
-        key = distance.astype(np.uint16) if distance.dtype.kind == "i" else distance
-        self._order = np.argsort(key, kind="stable")
+        # Ties to the smaller id: candidates come in bucket order, which
+        # within a bucket is the order writes reached Redis.
+        self._order = np.lexsort((candidates.ids, distance))
         self.candidates = candidates
         self.ids = candidates.ids[self._order]
         self._distance = distance[self._order]

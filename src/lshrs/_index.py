@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -94,6 +94,7 @@ class ShardedIndex:
     ) -> None:
         self._client = client
         self._cache = SignatureCache(shards, layout.record_bytes, cache_size)
+        self._first_named = FirstNamed(self.reported_size)
         # Bounds the calls in flight, so thousands of concurrent tasks queue here
         # instead of exhausting the client's connection pool. Writes have their
         # own, smaller budget: queued behind thousands of reads in one line, an
@@ -482,11 +483,11 @@ class ShardedIndex:
         signatures from the cache, or fetched."""
         if self._layout.tables == 1:
             ids = nearest_buckets(buckets, cap, self.id_bytes)
+        elif self._layout.ranked:  # spilled: an id's first bucket read ranks it
+            ids = nearest_buckets(buckets, cap, self.id_bytes, self._first_named)
         else:
             ids, hits = count_ids(self._ids(b"".join(buckets)))
-            if len(ids) > cap and self._layout.ranked:  # spilled: an id's first bucket read ranks it
-                ids = nearest_buckets(buckets, cap, self.id_bytes, repeated=True)
-            elif len(ids) > cap:
+            if len(ids) > cap:
                 ids = most_named(ids, hits, cap)
         signatures, missing = self._cache.lookup(shard, ids)
         if not missing.any():
@@ -720,28 +721,61 @@ def count_ids(ids: IdArray) -> tuple[IdArray, npt.NDArray[np.int64]]:
     return ordered[starts].astype(np.int64), np.diff(starts, append=len(ordered))
 
 
-def nearest_buckets(buckets: Sequence[bytes], cap: int, id_bytes: int = 8, repeated: bool = False) -> IdArray:
+def nearest_buckets(
+    buckets: Sequence[bytes],
+    cap: int,
+    id_bytes: int = 8,
+    first_named: Callable[[IdArray], npt.NDArray[np.intp]] | None = None,
+) -> IdArray:
     """With one table each id is in one bucket, and the buckets come best
     first: a capped query keeps whole buckets in that order and, from the
     bucket that crosses the cap, its smallest ids. The order of ids inside a
     bucket depends on which write reached Redis first, so cutting it as it
-    stands would make a capped query differ from run to run. ``repeated``:
-    an id may be in two of the buckets (a spilled index), and counts at the
-    first."""
+    stands would make a capped query differ from run to run. With
+    ``first_named`` (where each id is first named: :class:`FirstNamed`), an id
+    may be in two of the buckets (a spilled index): it is kept once, and
+    counts at the first."""
     named = parse_ids(b"".join(buckets), id_bytes)
-    if len(named) <= cap:
-        return named
+    kept = first_named(named) if first_named is not None else None
+    if (len(named) if kept is None else len(kept)) <= cap:
+        return named if kept is None else named[kept]
     owner = np.repeat(np.arange(len(buckets)), [len(bucket) // id_bytes for bucket in buckets])
-    if repeated:
-        first = np.sort(np.unique(named, return_index=True)[1])
-        named, owner = named[first], owner[first]
-        if len(named) <= cap:
-            return named
+    if kept is not None:
+        named, owner = named[kept], owner[kept]
     ends = np.searchsorted(owner, np.arange(len(buckets)), side="right")  # ids through each bucket
     whole = int(np.searchsorted(ends, cap, side="right"))  # buckets that fit whole
     start = int(ends[whole - 1]) if whole else 0
     boundary = np.sort(named[start : int(ends[whole])])[: cap - start]
     return np.concatenate([named[:start], boundary])
+
+
+class FirstNamed:
+    """Where each id is first named among a query's bucket ids, in order: a
+    spilled index names most candidates twice. A table by id, kept from query
+    to query, finds them in two passes over the ids (12,000 ids below 100k:
+    0.15 ms, against 0.48 ms for ``count_ids``' bincount and 1.9 ms for
+    ``np.unique``, which ids too sparse for a table still get: past eight
+    times the index's size)."""
+
+    def __init__(self, index_size: Callable[[], int]) -> None:
+        self._index_size = index_size
+        self._table = np.empty(0, np.int32)
+
+    def __call__(self, named: IdArray) -> npt.NDArray[np.intp]:
+        if not len(named):
+            return np.empty(0, np.intp)
+        low, high = int(named.min()), int(named.max())
+        if low < 0 or high >= 8 * max(len(named), self._index_size()) + 65_536:
+            first = np.unique(named, return_index=True)[1]
+            return np.sort(first)
+        if high >= len(self._table):
+            self._table = np.empty(high + 1 + high // 4, np.int32)  # grown with headroom, never cleared
+        order = np.arange(len(named), dtype=np.int32)
+        # Every slot read below is written first, so stale entries never matter.
+        self._table[named] = len(named)
+        np.minimum.at(self._table, named, order)
+        kept: npt.NDArray[np.intp] = np.flatnonzero(self._table[named] == order)
+        return kept
 
 
 def most_named(ids: IdArray, hits: npt.NDArray[np.int64], cap: int) -> IdArray:
