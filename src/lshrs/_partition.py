@@ -121,28 +121,35 @@ class Partition:
         one bucket a row needed 13.7% for 0.992; the plain second nearest
         found 0.006-0.011 less than this at 64 to 256 probes."""
         scores, choices = self._nearest_choices(unit)
-        picked = np.arange(len(unit))
-        first = np.argmax(scores, axis=1)
-        nearest = choices[picked, first]
-        cost = 2 - 2 * scores
+        spilled: IntArray = np.empty((len(unit), 2), np.int64)
         for lo in range(0, len(unit), _SPILL_CHUNK):
-            rows = slice(lo, lo + _SPILL_CHUNK)
-            residual = unit[rows] - _dense(self, nearest[rows])
+            rows, mine = slice(lo, lo + _SPILL_CHUNK), choices[lo : lo + _SPILL_CHUNK]
+            at = np.arange(len(mine))
+            # The choices scored again a row at a time: BLAS rounds a batch's
+            # product by the batch's shape (small products take another
+            # kernel), so a near-tie could flip with the batch a row is hashed
+            # in, and a resumed build or an ingest file it elsewhere than a
+            # clean build (one id in 2,000, one CI run in twenty).
+            exact = np.where(np.isfinite(scores[rows]), _gathered_scores(self, mine, unit[rows]), -np.inf)
+            first = np.argmax(exact, axis=1)
+            nearest = mine[at, first]
+            residual = unit[rows] - _dense(self, nearest)
             residual /= np.maximum(np.linalg.norm(residual, axis=1, keepdims=True), 1e-12)
             along = np.einsum("ij,ij->i", residual, unit[rows])  # <r, x>: the part of <r, x - c> not c's
-            across = _gathered_scores(self, choices[rows], residual)
-            cost[rows] += SPILL_WEIGHT * (along[:, None] - across) ** 2
-        cost[picked, first] = np.inf
-        # A partition of one bucket has no second: every cost is inf, and the
-        # row is filed twice in bucket 0 (what unfilled choices name).
-        second = np.argmin(cost, axis=1)
-        spilled: IntArray = np.stack([nearest, choices[picked, second]], axis=1)
+            across = _gathered_scores(self, mine, residual)
+            cost = 2 - 2 * exact
+            cost += SPILL_WEIGHT * (along[:, None] - across) ** 2
+            # A partition of one bucket has no second: every cost is inf, and
+            # the row is filed twice in bucket 0 (what unfilled choices name).
+            cost[at, first] = np.inf
+            spilled[rows] = np.stack([nearest, mine[at, np.argmin(cost, axis=1)]], axis=1)
         return spilled
 
     def _nearest_choices(self, unit: FloatArray) -> tuple[FloatArray, IntArray]:
-        """Each row's ``_SPILL_CHOICES`` best scores and their buckets (fewer
-        real ones in a smaller partition: the rest score -inf), among the
-        children of its nearest ``_spill_groups()`` coarse groups."""
+        """Each row's ``_SPILL_CHOICES`` best scores and their buckets, in
+        bucket order (fewer real ones in a smaller partition: the rest score
+        -inf), among the children of its nearest ``_spill_groups()`` coarse
+        groups."""
         width = _SPILL_CHOICES
         scores = np.full((len(unit), width), -np.inf, np.float32)
         choices = np.zeros((len(unit), width), np.int64)
@@ -153,7 +160,10 @@ class Partition:
             scores[rows] = np.take_along_axis(both, top, axis=1)
             kept = np.take_along_axis(choices[rows], np.minimum(top, width - 1), axis=1)
             choices[rows] = np.where(top < width, kept, begin + top - width)  # a kept choice, or a child
-        return scores, choices
+        # In bucket order, so that an exact tie goes to the smaller bucket
+        # whatever order the batch's partitioning left them in.
+        order = np.argsort(choices, axis=1, kind="stable")
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(choices, order, axis=1)
 
     def _spill_groups(self) -> int:
         """Coarse groups a second bucket is sought in: enough for about
