@@ -335,7 +335,8 @@ def test_rows_tied_between_two_buckets_get_the_same_ones_in_any_batch(fitted: Pa
     apart = dense[top[:, 0]] - dense[top[:, 1]]
     tied = rows - (np.einsum("ij,ij->i", rows, apart) / np.einsum("ij,ij->i", apart, apart))[:, None] * apart
     tied = (tied / np.linalg.norm(tied, axis=1, keepdims=True)).astype(np.float32)
-    together = partition.assign_spilled(tied)
+    together, alone = partition.assign_spilled(tied), partition.assign(tied)
     for size in (1, 2, 3, 5, 16):
         apart_batches = np.concatenate([partition.assign_spilled(tied[lo : lo + size]) for lo in range(0, 400, size)])
         assert (apart_batches == together).all(axis=1).mean() == 1.0, size
+        assert (np.concatenate([partition.assign(tied[lo : lo + size]) for lo in range(0, 400, size)]) == alone).all()

@@ -94,16 +94,15 @@ class Partition:
     def assign(self, unit: FloatArray) -> IntArray:
         """The bucket of each (unit) row: its nearest fine centroid under its
         ``_ASSIGN_GROUPS`` nearest coarse ones (with one, 13% of rows of real
-        sentence embeddings missed their nearest fine centroid)."""
-        best = np.full(len(unit), -np.inf, np.float32)
-        out = np.zeros(len(unit), np.int64)
-        for rows, begin, end in self._assignable(unit, _ASSIGN_GROUPS):
-            scores = self._fine_scores(unit[rows], begin, end)
-            at = np.argmax(scores, axis=1)
-            score = scores[np.arange(len(rows)), at]
-            better = score > best[rows]
-            best[rows[better]] = score[better]
-            out[rows[better]] = begin + at[better]
+        sentence embeddings missed their nearest fine centroid); the same
+        whatever batch the row is hashed in (:meth:`assign_spilled`)."""
+        scores, choices = self._nearest_choices(unit, 2, _ASSIGN_GROUPS)
+        out = np.empty(len(unit), np.int64)
+        for lo in range(0, len(unit), _SPILL_CHUNK):
+            rows, mine = slice(lo, lo + _SPILL_CHUNK), choices[lo : lo + _SPILL_CHUNK]
+            # The best two scored again a row at a time, as in assign_spilled.
+            exact = np.where(np.isfinite(scores[rows]), _gathered_scores(self, mine, unit[rows]), -np.inf)
+            out[rows] = mine[np.arange(len(mine)), np.argmax(exact, axis=1)]
         return out
 
     def assign_spilled(self, unit: FloatArray) -> IntArray:
@@ -120,7 +119,7 @@ class Partition:
         after reranking 256 reached 0.991 reading 6.1% of the corpus, where
         one bucket a row needed 13.7% for 0.992; the plain second nearest
         found 0.006-0.011 less than this at 64 to 256 probes."""
-        scores, choices = self._nearest_choices(unit)
+        scores, choices = self._nearest_choices(unit, _SPILL_CHOICES, self._spill_groups())
         spilled: IntArray = np.empty((len(unit), 2), np.int64)
         for lo in range(0, len(unit), _SPILL_CHUNK):
             rows, mine = slice(lo, lo + _SPILL_CHUNK), choices[lo : lo + _SPILL_CHUNK]
@@ -145,15 +144,13 @@ class Partition:
             spilled[rows] = np.stack([nearest, mine[at, np.argmin(cost, axis=1)]], axis=1)
         return spilled
 
-    def _nearest_choices(self, unit: FloatArray) -> tuple[FloatArray, IntArray]:
-        """Each row's ``_SPILL_CHOICES`` best scores and their buckets, in
-        bucket order (fewer real ones in a smaller partition: the rest score
-        -inf), among the children of its nearest ``_spill_groups()`` coarse
-        groups."""
-        width = _SPILL_CHOICES
+    def _nearest_choices(self, unit: FloatArray, width: int, groups: int) -> tuple[FloatArray, IntArray]:
+        """Each row's ``width`` best scores and their buckets, in bucket order
+        (fewer real ones in a smaller partition: the rest score -inf), among
+        the children of its nearest ``groups`` coarse groups."""
         scores = np.full((len(unit), width), -np.inf, np.float32)
         choices = np.zeros((len(unit), width), np.int64)
-        for rows, begin, end in self._assignable(unit, self._spill_groups()):
+        for rows, begin, end in self._assignable(unit, groups):
             both = np.concatenate([scores[rows], self._fine_scores(unit[rows], begin, end)], axis=1)
             cut = both.shape[1] - width
             top = np.argpartition(both, cut, axis=1)[:, cut:]  # positions of the best ``width``
