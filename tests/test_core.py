@@ -808,6 +808,9 @@ def test_a_capped_learned_query_cuts_its_boundary_bucket_by_id(width: int) -> No
     assert nearest_buckets(spilled, 5, width, first).tolist() == [9, 4, 30, 12, 1]
     assert nearest_buckets(spilled, 6, width, first).tolist() == [9, 4, 30, 12, 1, 2]
     assert nearest_buckets(spilled, 100, width, first).tolist() == [9, 4, 30, 12, 1, 2]
+    for empty in ([], [b"", b""]):  # probed buckets that hold nothing
+        nothing = nearest_buckets(empty, 10, width, first)
+        assert nothing.dtype == np.int64 and not len(nothing)
 
 
 @pytest.mark.parametrize("high", [1_000, 10**12])
@@ -821,7 +824,11 @@ def test_first_named_keeps_each_ids_first_position_in_order(high: int) -> None:
     for size in [0, 1, 5, 300, 3_000, 2_000]:
         named = rng.integers(0, high, size) if size != 5 else np.array([3, 3, 1, 3, 1])
         expected = np.sort(np.unique(named, return_index=True)[1])
-        assert first(named.astype(np.int64)).tolist() == expected.tolist()
+        kept = first(named.astype(np.int64))
+        assert kept.dtype == np.intp and kept.tolist() == expected.tolist()
+    growing = FirstNamed(lambda: 10_000)
+    for high in range(1, 400):  # every largest id once, the table's own length among them
+        assert growing(np.array([high, 0, high], np.int64)).tolist() == [0, 1]
 
 
 async def test_sampled_ids_are_distinct_indexed_ids(make_lsh: Any) -> None:

@@ -264,6 +264,9 @@ def test_a_spilled_row_gets_its_nearest_bucket_and_the_soar_choice_of_its_pool(
     assert 2 < groups < len(fitted.coarse)  # a pool wider than assignment's two groups, narrower than all
     rows = np.random.default_rng(5).standard_normal((600, DIM)).astype(np.float32)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    # And rows of the clusters, nearer their centroids than 1: a residual
+    # shorter than 1 must be scaled up to unit length too.
+    rows = np.concatenate([rows, UNIT[:300]])
     got = fitted.assign_spilled(rows)
     centroids = fitted.fine
     first_score, second_cost, plain, outside = [], [], 0, 0
@@ -295,6 +298,16 @@ def test_a_spilled_row_gets_its_nearest_bucket_and_the_soar_choice_of_its_pool(
     # second bucket lies outside their two nearest groups: without them this
     # test could not tell SOAR from the second nearest, or the pool from two groups.
     assert plain > 60 and outside > 20, (plain, outside)
+
+
+def test_a_partition_of_fewer_buckets_than_choices_files_rows_in_their_nearest() -> None:
+    """Four buckets, eight choices a row: the four unfilled choices score
+    -inf and are never a row's bucket."""
+    partition = fit(UNIT, 4, seed=1, trained_for=4000)
+    got = partition.assign_spilled(UNIT[:300])
+    nearest = np.argmax(UNIT[:300] @ partition.fine.T, axis=1)
+    assert (got[:, 0] == nearest).mean() > 0.99 and (got[:, 0] != got[:, 1]).all()
+    assert (partition.assign(UNIT[:300]) == nearest).mean() > 0.99
 
 
 def test_a_partition_of_one_bucket_files_a_spilled_row_twice_in_it() -> None:

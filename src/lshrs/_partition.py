@@ -128,7 +128,7 @@ class Partition:
             # product by the batch's shape (small products take another
             # kernel), so a near-tie could flip with the batch a row is hashed
             # in, and a resumed build or an ingest file it elsewhere than a
-            # clean build (one id in 2,000, one CI run in twenty).
+            # clean build (one id of 2,000, in about one test run of twenty).
             exact = np.where(np.isfinite(scores[rows]), _gathered_scores(self, mine, unit[rows]), -np.inf)
             first = np.argmax(exact, axis=1)
             nearest = mine[at, first]
