@@ -100,8 +100,7 @@ class Partition:
         out = np.empty(len(unit), np.int64)
         for lo in range(0, len(unit), _SPILL_CHUNK):
             rows, mine = slice(lo, lo + _SPILL_CHUNK), choices[lo : lo + _SPILL_CHUNK]
-            # The best two scored again a row at a time, as in assign_spilled.
-            exact = np.where(np.isfinite(scores[rows]), _gathered_scores(self, mine, unit[rows]), -np.inf)
+            exact = self._row_by_row(unit[rows], scores[rows], mine)
             out[rows] = mine[np.arange(len(mine)), np.argmax(exact, axis=1)]
         return out
 
@@ -124,12 +123,7 @@ class Partition:
         for lo in range(0, len(unit), _SPILL_CHUNK):
             rows, mine = slice(lo, lo + _SPILL_CHUNK), choices[lo : lo + _SPILL_CHUNK]
             at = np.arange(len(mine))
-            # The choices scored again a row at a time: BLAS rounds a batch's
-            # product by the batch's shape (small products take another
-            # kernel), so a near-tie could flip with the batch a row is hashed
-            # in, and a resumed build or an ingest file it elsewhere than a
-            # clean build (one id of 2,000, in about one test run of twenty).
-            exact = np.where(np.isfinite(scores[rows]), _gathered_scores(self, mine, unit[rows]), -np.inf)
+            exact = self._row_by_row(unit[rows], scores[rows], mine)
             first = np.argmax(exact, axis=1)
             nearest = mine[at, first]
             residual = unit[rows] - _dense(self, nearest)
@@ -143,6 +137,16 @@ class Partition:
             cost[at, first] = np.inf
             spilled[rows] = np.stack([nearest, mine[at, np.argmin(cost, axis=1)]], axis=1)
         return spilled
+
+    def _row_by_row(self, unit: FloatArray, scores: FloatArray, choices: IntArray) -> FloatArray:
+        """The ``choices``' ``scores`` again, a row at a time (-inf stays where
+        a choice is unfilled): BLAS rounds a batch's product by the batch's
+        shape (small products take another kernel), so a near-tie could flip
+        with the batch a row is hashed in, and a resumed build or an ingest
+        file it elsewhere than a clean build (one id of 2,000, in about one
+        test run of twenty)."""
+        exact: FloatArray = np.where(np.isfinite(scores), _gathered_scores(self, choices, unit), -np.inf)
+        return exact
 
     def _nearest_choices(self, unit: FloatArray, width: int, groups: int) -> tuple[FloatArray, IntArray]:
         """Each row's ``width`` best scores and their buckets, in bucket order
