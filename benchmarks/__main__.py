@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from servers import postgres, redis_server
 
-from . import stores, systems
+from . import redisearch, stores, systems
 from .datasets import load, parse_size
 from .report import write
 from .scale import scale_run
@@ -82,6 +82,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             points, builds = await systems.pgvector_runs(data, dsn, args.queries)
             result["points"] += points
             result["builds"] += builds
+        if "redisearch" not in args.skip:
+            points, builds = await redisearch.redisearch_runs(data, args.queries)
+            result["points"] += points
+            result["builds"] += builds
         if "stores" not in args.skip:
             prefix = "bench-kmeans-None"  # the learned index lshrs_runs built: the default family
             rows = min(size, args.store_rows)
@@ -117,7 +121,8 @@ def main() -> None:
     parser.add_argument(
         "--rerank", type=int, nargs="*", default=[0], help="candidates reranked exactly (0: lshrs's default)"
     )
-    parser.add_argument("--skip", nargs="*", default=[], choices=["faiss", "pgvector", "stores", "hyperplane"])
+    peers = ["faiss", "pgvector", "redisearch", "stores", "hyperplane"]
+    parser.add_argument("--skip", nargs="*", default=[], choices=peers)
     parser.add_argument("--store-rows", type=int, default=100_000, help="rows per store table in the store comparison")
     parser.add_argument(
         "--scale",

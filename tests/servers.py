@@ -44,11 +44,12 @@ def _cluster_port(taken: list[int]) -> int:
 
 
 @contextmanager
-def redis_server(*extra: str, port: int | None = None) -> Iterator[Server]:
+def redis_server(*extra: str, port: int | None = None, binary: str | None = None) -> Iterator[Server]:
     """One throwaway redis-server on loopback, for benchmarks and for tests that
     configure or restart it (the plain suite uses pytest-redis). ``--port 0``
-    in ``extra`` with ``--tls-port`` makes it TLS-only on ``port``."""
-    redis_server = shutil.which("redis-server")
+    in ``extra`` with ``--tls-port`` makes it TLS-only on ``port``; ``binary``
+    runs another server that takes redis-server's options (Valkey)."""
+    redis_server = binary or shutil.which("redis-server")
     if redis_server is None:
         raise RuntimeError("redis-server is not installed: run scripts/install-servers.sh")
     port = port or _free_port()
