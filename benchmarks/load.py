@@ -7,6 +7,7 @@ acknowledged writes missing at the end, and memory.
 
     nox -s load                       # 10,000 queries in flight for 60 s, 1 s deadlines
     python -m benchmarks.load --seconds 10 --concurrency 1000 --timeout 0.5
+    python -m benchmarks.load --gc-freeze   # as a service that freezes its start-up objects
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ async def unloaded(lsh: LSHRS, queries: np.ndarray, count: int = 300) -> dict[st
     return percentiles(latencies)
 
 
-async def run(url: str, seconds: float, concurrency: int, timeout: float, max_inflight: int) -> dict[str, Any]:
+async def run(
+    url: str, seconds: float, concurrency: int, timeout: float, max_inflight: int, freeze: bool = False
+) -> dict[str, Any]:
     data = load("minilm", 100_000, 1000)
     # The deadline goes on each call (timeout=): the client's own timeout stays
     # the default, which also bounds every Redis command of the build.
@@ -83,6 +86,11 @@ async def run(url: str, seconds: float, concurrency: int, timeout: float, max_in
         await lsh.index(np.arange(100_000), data.base)
         await lsh.warm()  # as a service does at start-up
         alone = await unloaded(lsh, data.queries)
+        if freeze:
+            # What start-up made (modules, the client, the data) lives as long
+            # as the process: frozen, a full collection no longer walks it.
+            gc.collect()
+            gc.freeze()
         deadline = time.monotonic() + seconds
         served: list[float] = []
         refused: list[float] = []
@@ -152,6 +160,8 @@ async def run(url: str, seconds: float, concurrency: int, timeout: float, max_in
         await asyncio.gather(*tasks)  # every call keeps its deadline, so this ends by seconds + timeout
         elapsed = time.monotonic() - started
         gc.callbacks.remove(stalls.on_gc)
+        frozen = gc.get_freeze_count()
+        gc.unfreeze()
         client = Redis.from_url(url)
         present = set(await index_state(client, lsh))
         await client.aclose()
@@ -161,6 +171,7 @@ async def run(url: str, seconds: float, concurrency: int, timeout: float, max_in
             "seconds": seconds,
             "timeout_s": timeout,
             "max_inflight": max_inflight,
+            "gc_frozen_objects": frozen,
             "elapsed_s": round(elapsed, 1),
             "served": len(served),
             "served_qps": round(len(served) / elapsed, 1),
@@ -191,6 +202,7 @@ def table(result: dict[str, Any]) -> str:
     rows = [
         ("calls in flight", result["concurrency"]),
         ("max_inflight, deadline", f"{result['max_inflight']}, {result['timeout_s']} s"),
+        ("objects frozen at start-up (gc.freeze)", result.get("gc_frozen_objects", 0)),
         ("served / refused / timed out", f"{result['served']} / {result['refused']} / {result['timed_out']}"),
         ("served QPS", result["served_qps"]),
         ("served p50 / p95 / p99 ms", f"{served['p50_ms']} / {served['p95_ms']} / {served['p99_ms']}"),
@@ -237,10 +249,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=10_000)
     parser.add_argument("--timeout", type=float, default=1.0, help="each call's deadline, seconds")
     parser.add_argument("--max-inflight", type=int, default=64)
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after start-up, as a service may")
     args = parser.parse_args()
     with redis_server("--appendonly", "no") as server:
-        result = asyncio.run(run(server.url, args.seconds, args.concurrency, args.timeout, args.max_inflight))
-    stem = Path(__file__).parent / "results" / f"load-{args.concurrency}-{args.max_inflight}x{args.timeout:g}s"
+        run_args = (server.url, args.seconds, args.concurrency, args.timeout, args.max_inflight, args.gc_freeze)
+        result = asyncio.run(run(*run_args))
+    frozen = "-frozen" if args.gc_freeze else ""
+    stem = Path(__file__).parent / "results" / f"load-{args.concurrency}-{args.max_inflight}x{args.timeout:g}s{frozen}"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
     Path(f"{stem}.md").write_text(table(result) + "\n")
     plot(result, Path(f"{stem}.png"))
