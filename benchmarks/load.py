@@ -252,8 +252,9 @@ def main() -> None:
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after start-up, as a service may")
     args = parser.parse_args()
     with redis_server("--appendonly", "no") as server:
-        run_args = (server.url, args.seconds, args.concurrency, args.timeout, args.max_inflight, args.gc_freeze)
-        result = asyncio.run(run(*run_args))
+        result = asyncio.run(
+            run(server.url, args.seconds, args.concurrency, args.timeout, args.max_inflight, args.gc_freeze)
+        )
     frozen = "-frozen" if args.gc_freeze else ""
     stem = Path(__file__).parent / "results" / f"load-{args.concurrency}-{args.max_inflight}x{args.timeout:g}s{frozen}"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
