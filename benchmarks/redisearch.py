@@ -79,7 +79,7 @@ async def redisearch_runs(data: Dataset, sample: int) -> tuple[list[dict[str, An
             await concurrent_qps(call, queries[:128])  # untimed: opens the pool's 64 connections
             found, latency = await one_client(call, queries)
             qps = await concurrent_qps(call, queries)
-            extra: dict[str, Any] = {"redis_bytes_per_vector": builds[0]["redis_bytes_per_vector"]}
+            extra: dict[str, Any] = {}
             if ef >= 100:  # a KNN 100 query searches at least 100 deep, whatever EF_RUNTIME says
                 extra["recall@100"] = round(recall([await call(q, 100) for q in queries], truth, 100), 4)
             points.append(point("RediSearch HNSW", f"M={M}, EF_RUNTIME={ef}", found, truth, latency, qps, **extra))
