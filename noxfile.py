@@ -20,6 +20,16 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs)
 
 
+@nox.session(python=["3.10", "3.12", "3.13"])
+def compat(session: nox.Session) -> None:
+    """The suite on the other Pythons that ``requires-python`` admits. Not in CI,
+    whose machines need not have them; with pyenv, make them visible first:
+    ``PYENV_VERSION=3.11.7:3.10.13:3.12.1:3.13.0 nox -s compat``."""
+    session.run("bash", "scripts/install-servers.sh", external=True)
+    session.install("-e", ".[test,progress]")
+    session.run("pytest", *session.posargs)
+
+
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     session.install("ruff")

@@ -540,10 +540,11 @@ class LSHRS:
                 await asyncio.sleep(pause * (0.5 + random.random()))
                 pause = min(2 * pause, 0.05)
             yield
-        except (anyio.get_cancelled_exc_class(), TimeoutError, RedisError):
+        except (anyio.get_cancelled_exc_class(), TimeoutError, asyncio.TimeoutError, RedisError):
             # Given up on a server that may be frozen or gone: the release must
             # not hold the caller up, nor be skipped (the lease may even land
-            # after this), so it goes out in the background.
+            # after this), so it goes out in the background. (A store's
+            # asyncio.TimeoutError is not the built-in one before Python 3.11.)
             self._release_later(index, ids, token)
             raise
         except BaseException:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
 import logging
 import re
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import numpy as np
@@ -78,6 +79,20 @@ class PostgresStore:
             self._kind, self._dim = await self._inspect(self._pool)
         return self._pool
 
+    @contextlib.contextmanager
+    def _answering(self, what: str) -> Iterator[None]:
+        """asyncpg's ``command_timeout`` raises a bare ``asyncio.TimeoutError``
+        (before Python 3.11 not even the built-in ``TimeoutError``): a build
+        over a frozen server ended in ``TimeoutError()`` with no word of what
+        timed out. Raised again as the built-in one, naming the wait."""
+        try:
+            yield
+        except asyncio.TimeoutError as error:
+            limit = "its timeout" if self._timeout is None else f"command_timeout={self._timeout:g} s"
+            raise TimeoutError(
+                f"PostgreSQL did not answer PostgresStore.{what}() on table {self._table!r} within {limit}"
+            ) from error
+
     async def _inspect(self, pool: asyncpg.Pool) -> tuple[str, int | None]:
         relation = await pool.fetchval("SELECT to_regclass($1)::oid", self._table_sql)
         if relation is None:
@@ -133,23 +148,26 @@ class PostgresStore:
 
     async def dimension(self) -> int | None:
         """From the column's type modifier (``vector(384)``), else from one row."""
-        await self._ready()
-        return self._dim
+        with self._answering("dimension"):
+            await self._ready()
+            return self._dim
 
     async def count(self) -> int:
         """Rows with a vector: what ``LSHRS.index()`` will read."""
-        pool = await self._ready()
-        return int(await pool.fetchval(f"SELECT count(*) FROM {self._table_sql} WHERE {self._vec_sql} IS NOT NULL"))
+        with self._answering("count"):
+            pool = await self._ready()
+            return int(await pool.fetchval(f"SELECT count(*) FROM {self._table_sql} WHERE {self._vec_sql} IS NOT NULL"))
 
     async def fetch(self, ids: npt.NDArray[np.int64]) -> Rows:
         """One ``id = ANY($1)`` round trip; ids the table lacks are absent from the result."""
-        pool = await self._ready()
-        query = self._select.format(vec=self._send()) + self._where_ids
-        records = await pool.fetch(query, ids.tolist())
-        if len(records) < len(ids):  # pragma: no mutate (a debug line only)
-            missing = len(ids) - len(records)  # pragma: no mutate
-            logger.debug("%d of %d candidate ids are not in %s", missing, len(ids), self._table)  # pragma: no mutate
-        return self._rows(records)
+        with self._answering("fetch"):
+            pool = await self._ready()
+            query = self._select.format(vec=self._send()) + self._where_ids
+            records = await pool.fetch(query, ids.tolist())
+            if len(records) < len(ids):  # pragma: no mutate (a debug line only)
+                missing = len(ids) - len(records)  # pragma: no mutate
+                logger.debug("%d of %d ids are not in %s", missing, len(ids), self._table)  # pragma: no mutate
+            return self._rows(records)
 
     async def passing(self, ids: npt.NDArray[np.int64], where: Any) -> npt.NDArray[np.int64]:
         """Which of ``ids`` the table holds with a vector and ``where`` keeps,
@@ -160,29 +178,31 @@ class PostgresStore:
         no plan for the values (the primary key serves it whatever they
         are), so it runs outside the transaction that forces one: three round
         trips fewer a call."""
-        condition, params = _condition(where)
-        everything = f"SELECT {self._id_sql} FROM {self._table_sql}{self._passing_only(condition)}"
-        if await self._expected_rows(everything, params) < len(ids):
-            async with self._planned_for_values() as conn:
-                records = await conn.fetch(everything, [], *params)
-            found = np.fromiter((r[0] for r in records), dtype=np.int64, count=len(records))
-            return np.intersect1d(ids, found)
-        query = f"SELECT {self._id_sql} FROM {self._table_sql}{self._where_ids} AND ({condition})"
-        records = await (await self._ready()).fetch(query, ids.tolist(), *params)
-        return np.fromiter((r[0] for r in records), dtype=np.int64, count=len(records))
+        with self._answering("passing"):
+            condition, params = _condition(where)
+            everything = f"SELECT {self._id_sql} FROM {self._table_sql}{self._passing_only(condition)}"
+            if await self._expected_rows(everything, params) < len(ids):
+                async with self._planned_for_values() as conn:
+                    records = await conn.fetch(everything, [], *params)
+                found = np.fromiter((r[0] for r in records), dtype=np.int64, count=len(records))
+                return np.intersect1d(ids, found)
+            query = f"SELECT {self._id_sql} FROM {self._table_sql}{self._where_ids} AND ({condition})"
+            records = await (await self._ready()).fetch(query, ids.tolist(), *params)
+            return np.fromiter((r[0] for r in records), dtype=np.int64, count=len(records))
 
     async def passing_rows(self, where: Any, most: int) -> Rows | None:
         """Every row with a vector that ``where`` keeps, when there are at most
         ``most``: a selective filter is answered exactly from them. None when
         the planner expects more, or more come back (its statistics were
         stale); the query then searches the index."""
-        condition, params = _condition(where)
-        query = self._select.format(vec=self._send()) + self._passing_only(condition)
-        if await self._expected_rows(query, params) > most:
-            return None
-        async with self._planned_for_values() as conn:
-            records = await conn.fetch(f"{query} LIMIT {int(most) + 1}", [], *params)
-        return None if len(records) > most else self._rows(records)
+        with self._answering("passing_rows"):
+            condition, params = _condition(where)
+            query = self._select.format(vec=self._send()) + self._passing_only(condition)
+            if await self._expected_rows(query, params) > most:
+                return None
+            async with self._planned_for_values() as conn:
+                records = await conn.fetch(f"{query} LIMIT {int(most) + 1}", [], *params)
+            return None if len(records) > most else self._rows(records)
 
     def _passing_only(self, condition: str) -> str:
         """Every row with a vector that ``condition`` keeps. The condition's
@@ -225,22 +245,23 @@ class PostgresStore:
         input; values always go as parameters. It is tried once on the table
         (``LIMIT 0``), so an unknown column or a syntax error is a
         ``ValueError`` before any Redis work."""
-        condition, params = _condition(where)
-        if (condition, len(params)) in self._checked:
-            return
-        pool = await self._ready()
-        try:
-            # The same numbering as a fetch: $1 is the id array, the condition's own start at $2.
-            await pool.fetch(
-                f"SELECT 1 FROM {self._table_sql} WHERE $1::bigint[] IS NULL AND ({condition}) LIMIT 0", [], *params
-            )
-        except asyncpg.PostgresError as exc:  # the server refused the condition: unknown column, syntax, types
-            raise ValueError(f"where={where!r} does not apply to table {self._table!r}: {exc}") from None
-        except asyncpg.InterfaceError as exc:
-            if "argument" not in str(exc):  # not a parameter count: the connection's own trouble
-                raise
-            raise ValueError(f"where={where!r}: {exc}") from None
-        self._checked.add((condition, len(params)))
+        with self._answering("check_where"):
+            condition, params = _condition(where)
+            if (condition, len(params)) in self._checked:
+                return
+            pool = await self._ready()
+            try:
+                # The same numbering as a fetch: $1 is the id array, the condition's own start at $2.
+                await pool.fetch(
+                    f"SELECT 1 FROM {self._table_sql} WHERE $1::bigint[] IS NULL AND ({condition}) LIMIT 0", [], *params
+                )
+            except asyncpg.PostgresError as exc:  # the server refused the condition: unknown column, syntax, types
+                raise ValueError(f"where={where!r} does not apply to table {self._table!r}: {exc}") from None
+            except asyncpg.InterfaceError as exc:
+                if "argument" not in str(exc):  # not a parameter count: the connection's own trouble
+                    raise
+                raise ValueError(f"where={where!r}: {exc}") from None
+            self._checked.add((condition, len(params)))
 
     async def sample(self, count: int) -> Rows:
         """About ``count`` random rows with a vector, to fit a learned partition on.
@@ -249,32 +270,34 @@ class PostgresStore:
         SYSTEM``), reading only that share of it: ``ORDER BY random()``
         sorts every row, vectors and all, and took longer than the 30 s
         command timeout at 6.4M rows (11 GiB)."""
-        pool = await self._ready()
-        select = self._select.format(vec=self._send())
-        rows = await pool.fetchval("SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)", self._table_sql)
-        if rows is not None and rows >= _SAMPLE_BY_PAGES * count:  # else small, or never analyzed
-            query = select + f" TABLESAMPLE SYSTEM ($1) WHERE {self._vec_sql} IS NOT NULL"
-            found = self._rows(await pool.fetch(query, 100.0 * count / float(rows)))
-            if len(found) > count:
-                keep = np.zeros(len(found), dtype=bool)
-                keep[np.random.default_rng().choice(len(found), count, replace=False)] = True
-                return found.only(keep)
-            if len(found) >= count // 2:  # else few, large pages: a page sample is too coarse
-                return found
-        query = select + f" WHERE {self._vec_sql} IS NOT NULL ORDER BY random() LIMIT $1"
-        return self._rows(await pool.fetch(query, count))
+        with self._answering("sample"):
+            pool = await self._ready()
+            select = self._select.format(vec=self._send())
+            rows = await pool.fetchval("SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)", self._table_sql)
+            if rows is not None and rows >= _SAMPLE_BY_PAGES * count:  # else small, or never analyzed
+                query = select + f" TABLESAMPLE SYSTEM ($1) WHERE {self._vec_sql} IS NOT NULL"
+                found = self._rows(await pool.fetch(query, 100.0 * count / float(rows)))
+                if len(found) > count:
+                    keep = np.zeros(len(found), dtype=bool)
+                    keep[np.random.default_rng().choice(len(found), count, replace=False)] = True
+                    return found.only(keep)
+                if len(found) >= count // 2:  # else few, large pages: a page sample is too coarse
+                    return found
+            query = select + f" WHERE {self._vec_sql} IS NOT NULL ORDER BY random() LIMIT $1"
+            return self._rows(await pool.fetch(query, count))
 
     async def batches(self, batch_size: int) -> AsyncIterator[Rows]:
         """The whole table through a server-side cursor, ``batch_size`` rows at a time."""
-        pool = await self._ready()
-        self.skipped_nulls = 0
-        query = self._select.format(vec=self._send())
-        async with pool.acquire() as conn, conn.transaction(readonly=True):
-            cursor = await conn.cursor(query)
-            while records := await cursor.fetch(batch_size):
-                rows = self._rows(records)
-                self.skipped_nulls += rows.left_out.get(NULL_VECTOR, 0)
-                yield rows
+        with self._answering("batches"):
+            pool = await self._ready()
+            self.skipped_nulls = 0
+            query = self._select.format(vec=self._send())
+            async with pool.acquire() as conn, conn.transaction(readonly=True):
+                cursor = await conn.cursor(query)
+                while records := await cursor.fetch(batch_size):
+                    rows = self._rows(records)
+                    self.skipped_nulls += rows.left_out.get(NULL_VECTOR, 0)
+                    yield rows
         if self.skipped_nulls:
             logger.warning("skipped %d rows of %s with a NULL vector", self.skipped_nulls, self._table)
 
