@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import clustered, index_state
-from lshrs._codes import ProductCodes, code_bytes, fit_codes
+from lshrs._codes import ProductCodes, _slices, code_bytes, fit_codes
 from lshrs._config import IndexConfig
 from lshrs._hashing import make_projection
 from lshrs.adapters import InMemoryStore
@@ -43,6 +43,23 @@ def test_codes_estimate_cosines_closely_enough_to_rank_by(codes: ProductCodes) -
         assert np.corrcoef(estimate, exact)[0, 1] > 0.95
         found += len(set(np.argsort(-exact)[:10]) & set(np.argsort(-estimate)[:40]))
     assert found >= 0.85 * 10 * len(queries)
+
+
+def test_fitted_codebooks_quantise_better_than_random_rows_and_stay_float32(codes: ProductCodes) -> None:
+    """Lloyd iterations move each centroid to its rows' mean: the fitted
+    codebooks' mean squared error is 0.56 of 256 random rows' here (0.95 if
+    every filled centroid were reseeded, not only the emptied ones). The
+    arrays stay float32: a float64 copy would double a client's memory and
+    the queries' time, with the same answers."""
+    slices = UNIT[:3000].reshape(3000, 16, 3).transpose(1, 0, 2)
+
+    def error(books: np.ndarray) -> float:
+        return float(((slices[:, :, None, :] - books[:, None, :, :]) ** 2).sum(axis=-1).min(axis=-1).mean())
+
+    rows = slices[:, np.random.default_rng(5).choice(3000, 256, replace=False)]
+    assert error(codes.codebooks) < 0.75 * error(rows)
+    assert codes.codebooks.dtype == np.float32 and codes.tables(UNIT[:2]).dtype == np.float32
+    assert _slices(UNIT[:2], 16, ones=True).dtype == np.float32
 
 
 def test_a_code_is_each_slice_s_nearest_centroid(codes: ProductCodes) -> None:
