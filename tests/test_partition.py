@@ -82,6 +82,32 @@ def test_a_centroid_that_wins_no_row_is_reseeded() -> None:
     assert (fitted[2] >= 0).all()  # a row of the sample, not the start
 
 
+def test_one_lloyd_step_moves_each_centroid_to_its_rows_normalised_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against a reference written here, with the sums taken in chunks of 7
+    rows (``_CHUNK``; a fit's samples pass 8,192): a centroid becomes the
+    normalised sum of the rows nearest to it, one with a single row becomes
+    that row, and each of two that win no row becomes a distinct sample row."""
+    monkeypatch.setattr(_partition, "_CHUNK", 7)
+    positive = np.abs(UNIT[:300]) / np.linalg.norm(np.abs(UNIT[:300]), axis=1, keepdims=True)
+    lone = np.zeros(DIM, np.float32)
+    lone[0] = -1.0  # the only row with a negative part: its own centroid's only row
+    unit = np.vstack([positive, lone]).astype(np.float32)
+    start = unit[[0, 100, 200, 300]].copy()
+    against = -np.ones((2, DIM), np.float32) / np.sqrt(DIM)
+    against[1, 1] = 0.0  # two starts below zero against every row but ``lone``, which is nearer its own
+    start = np.vstack([start, against / np.linalg.norm(against, axis=1, keepdims=True)]).astype(np.float32)
+    nearest = np.argmax(unit @ start.T, axis=1)
+    assert set(nearest.tolist()) == {0, 1, 2, 3} and (nearest == 3).sum() == 1
+    fitted = _partition._lloyd(unit, start.copy(), 1, np.random.default_rng(0))
+    for c in range(4):
+        total = unit[nearest == c].sum(axis=0)
+        assert np.allclose(fitted[c], total / np.linalg.norm(total), atol=1e-5)
+    assert np.array_equal(fitted[3], lone)
+    reseeded = fitted[4:]
+    assert np.abs(reseeded[:, None, :] - unit[None]).max(axis=2).min(axis=1).max() < 1e-6  # sample rows
+    assert not np.array_equal(reseeded[0], reseeded[1])
+
+
 @pytest.mark.parametrize("form", ["fitted", "stored"])
 def test_a_row_is_assigned_the_nearest_child_of_its_two_nearest_groups(fitted: Partition, form: str) -> None:
     """A bucket is a row's nearest fine centroid among the children of its
