@@ -101,10 +101,12 @@ def test_stored_codebooks_round_trip_and_refuse_what_does_not_fit(codes: Product
         ProductCodes.from_bytes(blob, DIM, 32)
     with pytest.raises(ValueError, match="have 49163 bytes, expected 49168"):
         ProductCodes.from_bytes(blob[:-5], DIM, 16)
-    with pytest.raises(ValueError, match="not lshrs codebooks"):
+    with pytest.raises(ValueError, match="^the stored codebooks are not lshrs codebooks$"):
         ProductCodes.from_bytes(b"junk" + blob[4:], DIM, 16)
-    with pytest.raises(ValueError, match="missing or truncated"):
+    with pytest.raises(ValueError, match="^the stored codebooks are missing or truncated$"):
         ProductCodes.from_bytes(b"", DIM, 16)
+    with pytest.raises(ValueError, match="have 16 bytes, expected 49168"):
+        ProductCodes.from_bytes(blob[:16], DIM, 16)  # a header and nothing else
 
 
 async def test_a_learned_index_of_an_earlier_version_keeps_its_simhash(

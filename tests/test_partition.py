@@ -26,6 +26,9 @@ def test_a_stored_partition_is_int8_and_assigns_as_fitted(fitted: Partition) -> 
     assert len(blob) == 20 + 4 * (len(fitted.coarse) + 1) + rows * (4 + DIM)  # a scale and DIM bytes a row
     stored = Partition.from_bytes(blob, DIM)
     assert fitted.coarse.dtype == fitted.fine.dtype == np.float32  # float64 would double the planning's reads
+    assert stored.coarse.dtype == np.float32 and stored.fine_scales is not None
+    assert stored.fine_scales.dtype == np.float32
+    assert np.abs(stored.coarse - fitted.coarse).max() <= np.abs(fitted.coarse).max() / 127
     assert stored.trained_for == 4000
     assert np.array_equal(stored.starts, fitted.starts)
     assert np.abs(stored.fine - fitted.fine).max() <= np.abs(fitted.fine).max() / 127
@@ -37,10 +40,23 @@ def test_a_stored_partition_is_int8_and_assigns_as_fitted(fitted: Partition) -> 
     assert lost.max() <= 0.005
     with pytest.raises(ValueError, match=f"have {len(blob) + 1} bytes, expected {len(blob)}"):
         Partition.from_bytes(blob + b"\0", DIM)  # what a longer key holds is not a partition
-    damaged = bytearray(blob)
-    damaged[20:24] = (1).to_bytes(4, "little")  # the first group starting at its second bucket
-    with pytest.raises(ValueError, match="damaged group table"):
-        Partition.from_bytes(bytes(damaged), DIM)
+    # The first group starting at its second bucket, the last group ending
+    # short of the last bucket, and a group of no bucket.
+    last, second = len(fitted.coarse), int(fitted.starts[2])
+    for at, start in ((0, 1), (last, fitted.buckets - 1), (1, second)):
+        damaged = bytearray(blob)
+        damaged[20 + 4 * at : 24 + 4 * at] = start.to_bytes(4, "little")
+        with pytest.raises(ValueError, match="^the stored centroids have a damaged group table$"):
+            Partition.from_bytes(bytes(damaged), DIM)
+    with pytest.raises(ValueError, match="^the stored centroids are truncated$"):
+        Partition.from_bytes(blob[:19], DIM)
+    with pytest.raises(ValueError, match="have 20 bytes, expected"):
+        Partition.from_bytes(blob[:20], DIM)  # a header and nothing else
+    with pytest.raises(ValueError, match="^the stored centroids are not an lshrs partition$"):
+        Partition.from_bytes(b"junk" + blob[4:], DIM)
+    empty = np.array([0x4C534B32, DIM, 0, 0, 4000, 0], "<u4").tobytes()  # no group, no bucket
+    with pytest.raises(ValueError, match="have 24 bytes"):
+        Partition.from_bytes(empty, DIM)
 
 
 def test_a_float16_partition_of_an_earlier_version_still_opens(fitted: Partition) -> None:
@@ -53,7 +69,7 @@ def test_a_float16_partition_of_an_earlier_version_still_opens(fitted: Partition
         + fitted.fine.astype("<f2").tobytes()
     )
     old = Partition.from_bytes(blob, DIM)
-    assert old.trained_for == 4000
+    assert old.trained_for == 4000 and old.coarse.dtype == old.fine.dtype == np.float32
     assert np.array_equal(old.fine, fitted.fine.astype(np.float16).astype(np.float32))
     assert (old.assign(UNIT) == fitted.assign(UNIT)).mean() >= 0.99
     with pytest.raises(ValueError, match="expected"):
