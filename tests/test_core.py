@@ -31,6 +31,18 @@ async def test_stored_vector_is_its_own_best_hit(make_lsh: Any) -> None:
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
+@pytest.mark.parametrize("count", [2, 3])
+async def test_a_query_finds_ids_on_every_shard(make_lsh: Any, count: int) -> None:
+    """Each shard's candidates join one list, whatever the shard count (a
+    mutant that kept the first shard's alone where there were exactly two
+    passed every other test): every stored vector of a sample finds itself."""
+    base = clustered(400, 32, seed=4)
+    lsh = await make_lsh(store=InMemoryStore(), shards=count, prefix=f"every-shard-{count}")
+    await lsh.index(np.arange(400), base)
+    asked = list(range(0, 400, 7))
+    assert [(await lsh.query(base[i], top_k=1))[0].id for i in asked] == asked
+
+
 async def test_recall_at_10_against_brute_force(make_lsh: Any) -> None:
     base, queries = clustered(4000, 32, seed=1), clustered(100, 32, seed=1)[:100]
     queries = queries + 0.05 * np.random.default_rng(3).standard_normal(queries.shape).astype(np.float32)
@@ -843,6 +855,13 @@ async def test_sampled_ids_are_distinct_indexed_ids(make_lsh: Any) -> None:
         assert set(picked.tolist()) <= set(range(1000))
     every = await index.sample_ids(5000)
     assert sorted(every.tolist()) == list(range(1000))  # asking for more than exist: each id once
+    # 256 learned vectors over 8 shards: one record group a shard, which a
+    # sample asks for all of its share of ids at once.
+    grouped = await make_lsh(prefix="one-group-a-shard", shards=8, hashing="kmeans")
+    await grouped.index(np.arange(256), clustered(256, 32, seed=2))
+    sharded = (await grouped._ready()).sharded
+    assert sharded.groups == 1
+    assert len(set((await sharded.sample_ids(37)).tolist())) == 37
 
 
 def test_the_learned_tuning_ladder() -> None:
