@@ -101,9 +101,9 @@ def test_stored_codebooks_round_trip_and_refuse_what_does_not_fit(codes: Product
         ProductCodes.from_bytes(blob, DIM, 32)
     with pytest.raises(ValueError, match="have 49163 bytes, expected 49168"):
         ProductCodes.from_bytes(blob[:-5], DIM, 16)
-    with pytest.raises(ValueError, match="^the stored codebooks are not lshrs codebooks$"):
+    with pytest.raises(ValueError, match=r"^the stored codebooks are not lshrs codebooks$"):
         ProductCodes.from_bytes(b"junk" + blob[4:], DIM, 16)
-    with pytest.raises(ValueError, match="^the stored codebooks are missing or truncated$"):
+    with pytest.raises(ValueError, match=r"^the stored codebooks are missing or truncated$"):
         ProductCodes.from_bytes(b"", DIM, 16)
     with pytest.raises(ValueError, match="have 16 bytes, expected 49168"):
         ProductCodes.from_bytes(blob[:16], DIM, 16)  # a header and nothing else

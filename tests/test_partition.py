@@ -46,13 +46,13 @@ def test_a_stored_partition_is_int8_and_assigns_as_fitted(fitted: Partition) -> 
     for at, start in ((0, 1), (last, fitted.buckets - 1), (1, second)):
         damaged = bytearray(blob)
         damaged[20 + 4 * at : 24 + 4 * at] = start.to_bytes(4, "little")
-        with pytest.raises(ValueError, match="^the stored centroids have a damaged group table$"):
+        with pytest.raises(ValueError, match=r"^the stored centroids have a damaged group table$"):
             Partition.from_bytes(bytes(damaged), DIM)
-    with pytest.raises(ValueError, match="^the stored centroids are truncated$"):
+    with pytest.raises(ValueError, match=r"^the stored centroids are truncated$"):
         Partition.from_bytes(blob[:19], DIM)
     with pytest.raises(ValueError, match="have 20 bytes, expected"):
         Partition.from_bytes(blob[:20], DIM)  # a header and nothing else
-    with pytest.raises(ValueError, match="^the stored centroids are not an lshrs partition$"):
+    with pytest.raises(ValueError, match=r"^the stored centroids are not an lshrs partition$"):
         Partition.from_bytes(b"junk" + blob[4:], DIM)
     empty = np.array([0x4C534B32, DIM, 0, 0, 4000, 0], "<u4").tobytes()  # no group, no bucket
     with pytest.raises(ValueError, match="have 24 bytes"):
