@@ -319,6 +319,18 @@ async def test_queries_take_one_round_trip_cold_or_warm(make_lsh: Any, raw_redis
         assert "cmdstat_hmget" not in stats and "cmdstat_hget" not in stats
 
 
+async def test_a_build_streamed_from_its_store_leaves_its_client_warm(make_lsh: Any) -> None:
+    """As a build of given arrays does (the test below): the records a build
+    from the store cached are claimed, so its client's first queries run warm."""
+    base = clustered(1000, 32, seed=6)
+    store = InMemoryStore()
+    await store.put(np.arange(1000), base)
+    lsh = await make_lsh(store=store, batch_size=300)
+    await lsh.index()
+    index = (await lsh._ready()).sharded
+    assert all(index._cache.is_warm(s) for s in range(lsh.config.shards))
+
+
 async def test_a_client_queries_its_own_build_warm_unless_another_wrote_meanwhile(
     make_lsh: Any, redis_url: str, shards: int, hashing: str
 ) -> None:
@@ -761,7 +773,7 @@ async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatc
     await lsh.index(np.arange(3000), base)
     await lsh.tune(0.5, sample=10)
     exact = await lsh.stats(exact=True)
-    assert exact["bucket_statistics"] == "exact"
+    assert exact["bucket_statistics"] == "exact" and exact["prefix"] == lsh.prefix
     assert sum(exact["bucket_size_histogram"].values()) == exact["buckets"]
     tables = lsh.config.num_bands if lsh.config.hashing == "hyperplane" else 1 + lsh.config.spill
     assert exact["mean_bucket_size"] * exact["buckets"] == pytest.approx(3000 * tables)

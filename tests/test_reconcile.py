@@ -293,6 +293,28 @@ async def test_a_resumed_build_skips_what_was_indexed(
     await store.close()
 
 
+async def test_a_cancelled_build_gives_its_cursor_back(
+    postgres_dsn: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build its caller cancels (a deadline, a client gone) closes the
+    store's cursor all the same, shielded from that cancellation: the
+    store's pool then closes at once instead of waiting for the connection."""
+    table = await make_table(postgres_dsn)
+    store = PostgresStore(postgres_dsn, table=table)
+    monkeypatch.setattr(_lshrs, "_HASH_ROWS", 200)
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="cancelled", store=store, batch_size=200) as lsh:
+        with anyio.CancelScope() as scope:
+
+            def cancel_at_60_percent(done: int, total: int | None) -> None:
+                if done >= 0.6 * ROWS:
+                    scope.cancel()
+
+            await lsh.index(progress=cancel_at_60_percent)
+        assert scope.cancelled_caught
+        with anyio.fail_after(10):
+            await store.close()
+
+
 async def test_resume_must_be_a_bool(redis_url: str) -> None:
     async with LSHRS(dim=DIM, redis_url=redis_url, prefix="resbad", store=InMemoryStore()) as lsh:
         with pytest.raises(TypeError, match="resume must be True or False"):
