@@ -297,8 +297,8 @@ async def test_a_cancelled_build_gives_its_cursor_back(
     postgres_dsn: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A build its caller cancels (a deadline, a client gone) closes the
-    store's cursor all the same, shielded from that cancellation: the
-    store's pool then closes at once instead of waiting for the connection."""
+    store's cursor all the same: the store's pool then closes at once
+    instead of waiting for the connection the cursor holds."""
     table = await make_table(postgres_dsn)
     store = PostgresStore(postgres_dsn, table=table)
     monkeypatch.setattr(_lshrs, "_HASH_ROWS", 200)
