@@ -75,7 +75,8 @@ class _HiredisPacked(AbstractConnection):
         except TypeError:
             # hiredis refuses bytearray, which redis-py may send; converting
             # only then spares every other command a pass over its arguments
-            # (a 160-key MGET packed in 31 us, against 45 with the pass).
+            # (a 160-key MGET packed in 31 us, against 45 with the pass,
+            # measured ad hoc with timeit).
             packable = tuple(bytes(arg) if isinstance(arg, bytearray) else arg for arg in args)
         try:
             return [hiredis.pack_command(packable)]
