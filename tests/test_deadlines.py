@@ -389,6 +389,33 @@ async def test_a_write_cut_by_its_deadline_is_whole_in_store_and_index() -> None
             assert indexed == held
 
 
+async def test_a_store_connecting_to_a_frozen_postgres_gives_up_at_its_command_timeout() -> None:
+    """A server that accepts connections and never answers them (its
+    postmaster frozen: the kernel still completes the TCP handshake) is not
+    waited on past ``command_timeout``; asyncpg's own connect timeout is 60 s."""
+    with postgres() as server:
+        conn = await asyncpg.connect(server.url)
+        data = await conn.fetchval("SELECT setting FROM pg_settings WHERE name = 'data_directory'")
+        await conn.close()
+        postmaster = int((await anyio.Path(data, "postmaster.pid").read_text()).split()[0])
+        store = PostgresStore(server.url, table="t", command_timeout=1.0)
+        os.kill(postmaster, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            expected = r"^PostgreSQL did not answer PostgresStore\.count\(\) on table 't' within command_timeout=1 s$"
+            with anyio.move_on_after(10), pytest.raises(TimeoutError, match=expected) as raised:
+                await store.count()
+            assert type(raised.value) is TimeoutError
+            assert time.monotonic() - started < 5
+        finally:
+            os.kill(postmaster, signal.SIGCONT)
+            # As root the server runs under runuser, which stops itself when its
+            # child stops (job control) and would then not pass on the shutdown.
+            assert server.executor.process is not None
+            os.kill(server.executor.process.pid, signal.SIGCONT)
+        await store.close()
+
+
 async def test_a_build_over_a_frozen_postgres_ends_at_the_stores_command_timeout(redis_proc: Any) -> None:
     """A build has no deadline of its own (it may take minutes): what bounds
     a wait on a PostgreSQL that accepts and never answers is the store's

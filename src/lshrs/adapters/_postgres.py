@@ -72,8 +72,12 @@ class PostgresStore:
     async def _ready(self) -> asyncpg.Pool:
         """Open the pool and check the table on first use, so errors name the column."""
         if self._pool is None:
+            # Connecting waits on the same limit (asyncpg's own is 60 s): a
+            # server that accepts and never answers is not waited on longer
+            # than one that stops answering a statement.
+            connect = {} if self._timeout is None else {"timeout": self._timeout}
             self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self._pool_size, command_timeout=self._timeout
+                self._dsn, min_size=1, max_size=self._pool_size, command_timeout=self._timeout, **connect
             )
         if self._kind is None:
             self._kind, self._dim = await self._inspect(self._pool)
