@@ -8,6 +8,7 @@ import random
 import threading
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 
@@ -279,7 +280,8 @@ async def test_queries_take_one_round_trip_cold_or_warm(make_lsh: Any, raw_redis
     base = clustered(800, 32)
     writer = await make_lsh()
     await writer.index(np.arange(800), base)
-    reader = await make_lsh(store=InMemoryStore(), probes=8)  # few buckets: the cache stays cold for 5 queries
+    # Few buckets, and no warm in the background: the cache stays cold for 5 queries.
+    reader = await make_lsh(store=InMemoryStore(), probes=8, warm_in_background=False)
     index = (await reader._ready()).sharded
     fetched: list[int] = []
     fetch = index._fetch_records
@@ -306,7 +308,7 @@ async def test_queries_take_one_round_trip_cold_or_warm(make_lsh: Any, raw_redis
     if backend == "redis":
         stats = await raw_redis.info("commandstats")
         evalsha = stats["cmdstat_evalsha"]  # a first NOSCRIPT reply, then SCRIPT LOAD, may precede
-        assert evalsha["calls"] - evalsha["failed_calls"] == 5, stats
+        assert evalsha["calls"] - evalsha["failed_calls"] == 5 + 1, stats  # and warm()'s read of the change log
         await raw_redis.config_resetstat()
     for vector in base[5:10]:
         await reader.query(vector)  # warm: the change log and bucket ids only
@@ -380,6 +382,95 @@ async def test_warm_loads_every_signature_and_still_follows_writes(make_lsh: Any
     assert_found_itself(await reader.query(-base[5], top_k=1), 5)
 
 
+async def test_a_reader_warms_itself_in_the_background_after_its_first_query(make_lsh: Any) -> None:
+    """A service restarted without ``warm()``: its first query finds the
+    cache cold, and the cache fills in the background; with
+    ``warm_in_background=False`` it stays cold."""
+    base = clustered(1200, 32, centers=6, seed=8)
+    writer = await make_lsh()
+    await writer.index(np.arange(1200), base)
+    for background in (True, False):
+        reader = await make_lsh(warm_in_background=background, probes=4)  # a few buckets: queries alone stay cold
+        index = (await reader._ready()).sharded
+        truth = [h.id for h in await reader.query(base[3], top_k=5)]
+        assert bool(index._warm_started) is background
+        with anyio.fail_after(10):
+            await asyncio.gather(*index._warming.values())
+        assert all(index._cache.is_warm(s) for s in range(reader.config.shards)) is background
+        assert [h.id for h in await reader.query(base[3], top_k=5)] == truth
+        await reader.close()
+        assert not index._warming
+
+
+async def test_a_warm_scan_keeps_no_record_written_while_it_ran(make_lsh: Any) -> None:
+    """The scan's replies can be read before a write and handled after a
+    query's reply that evicted that write and claimed a later generation
+    (replies on different connections arrive in any order): replayed here by
+    holding the scanned batches back until another client has rewritten
+    ids and this one has queried. No record older than Redis's may stay."""
+    base = clustered(600, 32, centers=5, seed=9)
+    writer = await make_lsh()
+    await writer.index(np.arange(600), base)
+    reader = await make_lsh(warm_in_background=False)
+    index = (await reader._ready()).sharded
+    scan = index._record_batches
+    rewritten = np.arange(0, 600, 7)
+
+    async def held_back(shard: int, batch: int) -> Any:
+        scanned = [b async for b in scan(shard, batch)]  # read now, handed over after the write
+        if shard == 0:
+            await writer.index(rewritten, -base[rewritten])
+            await reader.query(-base[7], top_k=1)  # its reply evicts the rewritten ids and claims past them
+        for found in scanned:
+            yield found
+
+    index._record_batches = held_back  # type: ignore[method-assign]
+    await index.warm()
+    index._record_batches = scan  # type: ignore[method-assign]
+    for shard in range(reader.config.shards):
+        packed = [b async for b in scan(shard, 1000)]
+        ids = index._ids(b"".join(i for i, _ in packed))
+        current = index._signature_rows(b"".join(r for _, r in packed))
+        cached, missing = index._cache.lookup(shard, ids)
+        stale = ids[~missing & (cached != current).any(axis=1)]
+        assert not len(stale), f"shard {shard} caches old records of {stale.tolist()}"
+        assert missing.sum() <= len(rewritten)  # the rest were cached
+    assert_found_itself(await reader.query(-base[7], top_k=1), 7)
+
+
+async def test_a_cold_reply_handled_after_a_later_one_caches_nothing_older(make_lsh: Any) -> None:
+    """Two cold queries' replies arrive out of order (different connections):
+    the earlier one, read before another client rewrote ids, is handled after
+    the later one that cached their new records. Its old records must not
+    win over them."""
+    base = clustered(600, 32, centers=5, seed=10)
+    writer = await make_lsh()
+    await writer.index(np.arange(600), base)
+    reader = await make_lsh(warm_in_background=False)
+    index = (await reader._ready()).sharded
+    script = index._query
+    rewritten = np.arange(0, 600, 3)
+    held: list[int] = []
+
+    async def reordered(keys: Any, args: Any) -> Any:
+        reply = await script(keys=keys, args=args)
+        if not held:  # the first reply waits until a later query has been answered
+            held.append(1)
+            await writer.index(rewritten, -base[rewritten])
+            await reader.query(base[3], top_k=3)
+        return reply
+
+    index._query = reordered  # type: ignore[method-assign]
+    await reader.query(base[3], top_k=3)
+    index._query = script  # type: ignore[method-assign]
+    for shard in range(reader.config.shards):
+        packed = [b async for b in index._record_batches(shard, 1000)]
+        ids = index._ids(b"".join(i for i, _ in packed))
+        current = index._signature_rows(b"".join(r for _, r in packed))
+        cached, missing = index._cache.lookup(shard, ids)
+        assert not (~missing & (cached != current).any(axis=1)).any(), f"shard {shard} caches old records"
+
+
 async def test_a_write_between_the_warm_reads_log_and_its_buckets_is_in_the_next_log(
     make_lsh: Any, raw_redis: Any
 ) -> None:
@@ -408,6 +499,24 @@ async def test_a_write_between_the_warm_reads_log_and_its_buckets_is_in_the_next
     index._read_buckets = log_only
     assert wrote
     assert_found_itself(await reader.query(-base[5], top_k=1), 5)
+
+
+def test_records_read_before_the_claimed_generation_are_not_cached() -> None:
+    """A reply read as of generation 4 arrives after one that claimed 5:
+    its records may predate a write the later reply evicted."""
+    from lshrs._cache import SignatureCache
+
+    cache = SignatureCache(1, 2, 100)
+    ids, signatures = np.array([1, 2]), np.array([[1, 1], [2, 2]], np.uint8)
+    assert cache.add_read(0, 4, ids, signatures) == 0  # no generation claimed yet: nothing is known current
+    cache.observe(0, 5, 2, None, None)
+    assert cache.add_read(0, 4, ids, signatures) == 0
+    assert cache.lookup(0, ids)[1].all()
+    assert cache.add_read(0, 5, ids, signatures) == 2
+    found, missing = cache.lookup(0, ids)
+    assert not missing.any() and (found == signatures).all()
+    assert cache.add_read(0, 6, ids[:1], signatures[1:]) == 1  # read later than the claim: current
+    assert (cache.lookup(0, ids[:1])[0] == signatures[1:]).all()
 
 
 def test_signature_cache_claims_a_generation_only_when_every_write_since_is_evicted() -> None:

@@ -308,7 +308,7 @@ async def test_a_cold_query_answers_without_an_id_whose_record_was_lost(make_lsh
     index = (await writer._ready()).sharded
     shard = 5 % writer.config.shards
     assert await raw_redis.hdel(index.record_keys(shard, np.array([5]))[0], stored_id(writer, 5))
-    reader = await make_lsh()  # a cold cache: the query script returns the records
+    reader = await make_lsh(warm_in_background=False)  # a cold cache: the query script returns the records
     hits = await reader.query(base[5], top_k=5)
     assert len(hits) == 5 and 5 not in {h.id for h in hits}
     assert (await reader.query(base[6], top_k=1))[0].id == 6

@@ -188,7 +188,11 @@ class SignatureCache:
         """
         cached = self._shards[shard]
         if cached.generation is None or known is None or changed is None:
-            self.reset(shard, generation, shard_size)
+            # Without the writes since the cache's generation, only a later
+            # reply forces it to start over; one no later (sent before a warm
+            # finished, or before another reply came back) tells it nothing new.
+            if cached.generation is None or generation > cached.generation:
+                self.reset(shard, generation, shard_size)
             return
         cached.evict(changed)
         if known <= cached.generation:
@@ -209,6 +213,16 @@ class SignatureCache:
             return 0
         cached.pending.append((ids[:room].copy(), signatures[:room].copy()))
         return min(room, len(ids))
+
+    def add_read(self, shard: int, generation: int, ids: IdArray, signatures: ByteArray) -> int:
+        """Cache records Redis read as of ``generation``, unless the shard
+        already claims a later one. Replies on different connections arrive
+        in any order: a later reply may have evicted an id written after this
+        read, and these records would bring its old signature back."""
+        claimed = self._shards[shard].generation
+        if claimed is None or generation < claimed:
+            return 0
+        return self.add(shard, ids, signatures)
 
     def begin(self) -> WriteChain:
         """A write's chain over the shards with no generation, emptied now:

@@ -4,6 +4,7 @@ and read it. Knows nothing of vectors; it moves ids and packed signatures."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ ByteArray = npt.NDArray[np.uint8]
 
 T = TypeVar("T")
 
+logger = logging.getLogger("lshrs")
+
 #: Ids per script call: keeps each atomic step short so other clients are not
 #: stalled behind a long script.
 WRITE_CHUNK = 500
@@ -35,6 +38,9 @@ WRITE_CHUNK = 500
 #: enough to spread a round trip's fixed cost, few enough that the client
 #: ranks one chunk's candidates while Redis reads the next.
 PIPELINED_QUERIES = 16
+
+#: A shard is warmed in the background at most once in this many seconds.
+REWARM_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -90,10 +96,20 @@ class ShardedIndex:
     one cluster slot, so per-shard scripts are atomic and run on one node."""
 
     def __init__(
-        self, client: Client, prefix: str, shards: int, layout: Layout, cache_size: int, max_in_flight: int = 64
+        self,
+        client: Client,
+        prefix: str,
+        shards: int,
+        layout: Layout,
+        cache_size: int,
+        max_in_flight: int = 64,
+        warm_in_background: bool = True,
     ) -> None:
         self._client = client
         self._cache = SignatureCache(shards, layout.record_bytes, cache_size)
+        self._warm_in_background = warm_in_background and cache_size > 0
+        self._warming: dict[int, asyncio.Task[None]] = {}
+        self._warm_started: dict[int, float] = {}
         self._first_named = FirstNamed(self.reported_size)
         # Bounds the calls in flight, so thousands of concurrent tasks queue here
         # instead of exhausting the client's connection pool. Writes have their
@@ -389,6 +405,7 @@ class ShardedIndex:
 
     async def _shard_candidates(self, shard: int, plans: Sequence[bytes], caps: Sequence[int]) -> list[Candidates]:
         if not self._cache.is_warm(shard):
+            self._warm_later(shard)
             return await together([self._cold_candidates(shard, plan, cap) for plan, cap in zip(plans, caps)])
         spans = [
             range(start, min(start + PIPELINED_QUERIES, len(plans)))
@@ -423,7 +440,7 @@ class ShardedIndex:
             )
             self._observe(shard, known, generation, size, changed, covered)
             if ids:  # the script read these in the same atomic step as the buckets
-                self._cache.add(shard, self._ids(ids), self._signature_rows(records))
+                self._cache.add_read(shard, int(generation), self._ids(ids), self._signature_rows(records))
             return await self._signed(shard, buckets, cap)
 
     async def _warm_candidates(self, shard: int, plans: Sequence[bytes], caps: Sequence[int]) -> list[Candidates]:
@@ -492,28 +509,32 @@ class ShardedIndex:
         signatures, missing = self._cache.lookup(shard, ids)
         if not missing.any():
             return Candidates(ids, signatures)
-        fetched = await self._fetch_records(shard, ids[missing])
+        generation, fetched = await self._fetch_records(shard, ids[missing])
         # An id deleted since the bucket read has no signature any more: drop it.
         present = np.array([sig is not None for sig in fetched], dtype=bool)
         rows = np.flatnonzero(missing)[present]
         if len(rows):
             signatures[rows] = self._signature_rows(b"".join(s for s in fetched if isinstance(s, bytes)))
-            self._cache.add(shard, ids[rows], signatures[rows])
+            self._cache.add_read(shard, generation, ids[rows], signatures[rows])
         keep = ~missing
         keep[rows] = True
         return Candidates(ids[keep], signatures[keep])
 
-    async def _fetch_records(self, shard: int, ids: IdArray) -> list[bytes | None]:
-        """The records of ``ids`` (None: no record), in one round trip."""
+    async def _fetch_records(self, shard: int, ids: IdArray) -> tuple[int, list[bytes | None]]:
+        """The shard's generation, then the records of ``ids`` (None: no
+        record), in one round trip: read after that generation, the records
+        hold every write it counts (:meth:`SignatureCache.add_read`)."""
         fields = [packed_id(i)[: self.id_bytes] for i in ids]
-        if not self.groups:
-            return [
-                r if isinstance(r, bytes) else None for r in await self._client.hmget(self.signature_key(shard), fields)
-            ]
         pipe = self._client.pipeline(transaction=False)
-        for key, field in zip(self.record_keys(shard, ids), fields):
-            pipe.hget(key, field)
-        return list(await pipe.execute())
+        pipe.get(self.script_keys(shard)[1])
+        if not self.groups:
+            pipe.hmget(self.signature_key(shard), fields)
+        else:
+            for key, field in zip(self.record_keys(shard, ids), fields):
+                pipe.hget(key, field)
+        generation, *replies = await pipe.execute()
+        records = replies[0] if not self.groups else replies
+        return int(generation or 0), [r if isinstance(r, bytes) else None for r in records]
 
     def reported_size(self) -> int:
         """Ids in the index as the query scripts last reported them (each
@@ -522,17 +543,74 @@ class ShardedIndex:
 
     async def warm(self, batch: int = 10_000) -> int:
         """Load every stored signature into the cache (an HSCAN per shard), so
-        that queries read only bucket ids from Redis. Returns how many were loaded."""
+        that queries read only bucket ids from Redis. Returns how many were cached."""
         loaded = 0
         for shard in range(self._shards):
-            # Generation first: a write during the scan is logged after it, and
-            # the next query evicts it from what this scan cached.
-            generation = await self._client.get(self.script_keys(shard)[1])
-            self._cache.reset(shard, int(generation or 0), await self._shard_size(shard))
-            async for ids, records in self._record_batches(shard, batch):
-                self._cache.add(shard, self._ids(ids), self._signature_rows(records))
-                loaded += len(ids) // self.id_bytes
+            loaded += await self.warm_shard(shard, batch)
         return loaded
+
+    async def warm_shard(self, shard: int, batch: int = 10_000) -> int:
+        """Scan a shard's records aside, then cache them as current as the
+        change log makes them. Queries and writes go on meanwhile: a record
+        scanned before a write to it is stale, so every id the log names
+        since the scan began is left out, and the records are cached only
+        once they are at least as current as the generation the cache claims
+        (a query's reply may have moved it past the scan's end, evicting a
+        write these records predate). Returns how many were cached."""
+        keys = self.script_keys(shard)
+        known = int(await self._client.get(keys[1]) or 0)  # before the scan: it holds every write this counts
+        id_parts: list[bytes] = []
+        record_parts: list[bytes] = []
+        async for packed_ids, packed_records in self._record_batches(shard, batch):
+            id_parts.append(packed_ids)
+            record_parts.append(packed_records)
+        ids, signatures = self._ids(b"".join(id_parts)), self._signature_rows(b"".join(record_parts))
+        while True:
+            reply = await self._changes(keys=keys, args=[known, self.groups])
+            generation, size, changed, covered = int(reply[0]), int(reply[1]), reply[2], int(reply[3])
+            if not covered:  # more writes than the log keeps: queries fill the cache instead
+                return 0
+            if changed:
+                current = ~np.isin(ids, parse_ids(changed, 8))
+                ids, signatures = ids[current], signatures[current]
+            known = generation
+            claimed = self._cache.generation(shard)
+            if claimed is None or claimed <= known:
+                break
+        self._cache.reset(shard, known, size)
+        return self._cache.add(shard, ids, signatures)
+
+    def _warm_later(self, shard: int) -> None:
+        """Warm a cold shard in the background: until its cache holds most
+        of it, each query reads its candidates' records too (at 1M, timed ad
+        hoc: 47 ms a cold query, 5 a warm one; a restarted service that
+        forgot ``warm()`` was still cold after 300 queries). One warm a shard at
+        a time, at most one a ``REWARM_SECONDS``, so writes that keep
+        outrunning the change log do not keep it scanning."""
+        if not self._warm_in_background or shard in self._warming:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._warm_started.get(shard, -math.inf) < REWARM_SECONDS:
+            return
+        self._warm_started[shard] = loop.time()
+        task = loop.create_task(self._warm_quietly(shard))
+        self._warming[shard] = task
+        task.add_done_callback(lambda _: self._warming.pop(shard, None))
+
+    async def _warm_quietly(self, shard: int) -> None:
+        """A background warm that fails leaves the cache cold, nothing more:
+        the queries meanwhile meet the same failure and raise it themselves."""
+        try:
+            await self.warm_shard(shard)
+        except Exception as error:
+            logger.debug("background warm of shard %d failed: %r", shard, error)
+
+    async def stop_warming(self) -> None:
+        """Cancel the background warms, before the client closes."""
+        tasks = list(self._warming.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def centroids(self) -> bytes | None:
         raw = await self._client.get(centroids_key(self._prefix))

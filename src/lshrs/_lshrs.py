@@ -183,6 +183,11 @@ class LSHRS:
     more, or one that would not finish within half its time left, fail at
     once with ``Overloaded`` (a ``TimeoutError``).
 
+    A client keeps the records of up to ``signature_cache`` ids a shard, so
+    a warm query reads only bucket ids from Redis; one that did not build
+    the index warms itself in the background from its first query on
+    (``warm_in_background``), or at once with :meth:`warm`.
+
     Use it as ``async with LSHRS(dim=384) as lsh:``, or call :meth:`open`
     (also done on first use) and :meth:`close`.
     """
@@ -209,6 +214,7 @@ class LSHRS:
         rerank: int | None = None,
         max_candidates: int = 50_000,
         signature_cache: int = 2_000_000,
+        warm_in_background: bool = True,
         batch_size: int = 10_000,
         timeout: float | None = 10.0,
         max_inflight: int = 64,
@@ -274,6 +280,8 @@ class LSHRS:
         if probes is not None:
             _positive_int("probes", probes)
         _positive_int("signature_cache", signature_cache, least=0)
+        if not isinstance(warm_in_background, bool):
+            raise TypeError(f"warm_in_background must be True or False, got {warm_in_background!r}")
         spilled = (1 if spill is None else spill) if family == "kmeans" else 0
         self._threshold = threshold
         self._wanted = IndexConfig(
@@ -298,6 +306,7 @@ class LSHRS:
         self._rerank = rerank
         self._max_candidates = max_candidates
         self._cache_size = signature_cache
+        self._warm_in_background = warm_in_background
         self._batch_size = batch_size
         self._timeout = timeout
         self._admission = Admission(max_inflight)
@@ -361,7 +370,14 @@ class LSHRS:
             store_dim = await self._store.dimension()
             if store_dim is not None and store_dim != stored.dim:
                 raise ValueError(f"the store holds {store_dim}-d vectors but the index is {stored.dim}-d")
-        sharded = ShardedIndex(client, self._prefix, stored.shards, _layout(stored), self._cache_size)
+        sharded = ShardedIndex(
+            client,
+            self._prefix,
+            stored.shards,
+            _layout(stored),
+            self._cache_size,
+            warm_in_background=self._warm_in_background,
+        )
         family: Family | None
         if stored.hashing == "hyperplane":
             family = HyperplaneFamily(Bands(stored.num_bands, stored.rows_per_band), sketch)
@@ -409,6 +425,8 @@ class LSHRS:
             _, late = await asyncio.wait(self._releasing, timeout=1.0)
             for task in late:
                 task.cancel()
+        if self._opened is not None:
+            await self._opened.sharded.stop_warming()
         client, self._client, self._opened = self._client, None, None
         if client is not None and client is not self._given_client:
             await client.aclose()
@@ -1327,6 +1345,8 @@ class LSHRS:
             keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
             for start in range(0, len(keys), 500):
                 deleted += await client.delete(*keys[start : start + 500])
+        if self._opened is not None:
+            await self._opened.sharded.stop_warming()
         self._opened = None
         return deleted
 
