@@ -380,6 +380,9 @@ async def test_warm_loads_every_signature_and_still_follows_writes(make_lsh: Any
     assert await reader.warm() == 500
     await writer.ingest(5, -base[5])
     assert_found_itself(await reader.query(-base[5], top_k=1), 5)
+    index = (await reader._ready()).sharded
+    # The write reached it through the change log: the cache dropped id 5, not the shard.
+    assert all(index._cache.is_warm(s) for s in range(reader.config.shards))
 
 
 async def test_a_reader_warms_itself_in_the_background_after_its_first_query(make_lsh: Any) -> None:

@@ -22,12 +22,13 @@ BASE = clustered(300, DIM, seed=21)
 
 async def test_an_index_of_8_byte_ids_holds_any_64_bit_id(make_lsh: Any, raw_redis: Any) -> None:
     ids = np.arange(300, dtype=np.int64)
-    ids[:5] = [-(2**63), -5, 2**32 + 100, 2**63 - 1, 2**40]
+    # Every byte of an id picks its record group: ids whose third and fourth bytes differ too.
+    ids[:8] = [-(2**63), -5, 2**32 + 100, 2**63 - 1, 2**40, 70_000, 2**24 + 2**16, 3 * 2**48 + 2**17]
     lsh = await make_lsh(dim=DIM, store=InMemoryStore(), id_bytes=8)
     assert lsh.config.id_bytes == 8
     await lsh.index(ids, BASE)
     assert set(await index_state(raw_redis, lsh)) == set(ids.tolist())  # 8-byte fields and bucket entries
-    for row in range(5):
+    for row in range(8):
         assert (await lsh.query(BASE[row], top_k=1))[0].id == ids[row]
     assert await lsh.delete([2**32 + 100, 100]) == 2
     assert set(await index_state(raw_redis, lsh)) == set(ids.tolist()) - {2**32 + 100, 100}
