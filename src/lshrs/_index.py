@@ -272,17 +272,14 @@ class ShardedIndex:
     def end_writes(self, chain: WriteChain) -> None:
         self._cache.claim(chain)
 
-    async def upsert(self, ids: IdArray, signatures: ByteArray, chain: WriteChain | None = None) -> int:
-        """Insert or replace; returns how many ids changed (same record: no-op)."""
+    async def upsert(self, ids: IdArray, signatures: ByteArray, chain: WriteChain | None = None) -> None:
+        """Insert or replace (an id whose record is the same is not written)."""
         chunks = self._chunks(ids)
         replies = await together(self._record_calls(self._upsert, ids, signatures, chunks))
-        changed = 0
         for (shard, _), (logged, generation, size) in zip(chunks, replies):
-            changed += int(logged)
             if chain is not None:
                 chain.scripted(shard, int(logged), int(generation), int(size))
         self._cache_records(ids, signatures, chain)
-        return changed
 
     async def repair(self, ids: IdArray, signatures: ByteArray) -> npt.NDArray[np.int64]:
         """Reconcile ``ids`` with records computed afresh (``_scripts.REPAIR``):
