@@ -381,8 +381,10 @@ async def test_warm_loads_every_signature_and_still_follows_writes(make_lsh: Any
     await writer.ingest(5, -base[5])
     assert_found_itself(await reader.query(-base[5], top_k=1), 5)
     index = (await reader._ready()).sharded
-    # The write reached it through the change log: the cache dropped id 5, not the shard.
+    # The write reached it through the change log: the cache dropped id 5, not the shard,
+    # and cached its new record when the query fetched it.
     assert all(index._cache.is_warm(s) for s in range(reader.config.shards))
+    assert not index._cache.lookup(5 % reader.config.shards, np.array([5]))[1].any()
 
 
 async def test_a_reader_warms_itself_in_the_background_after_its_first_query(make_lsh: Any) -> None:
@@ -401,8 +403,34 @@ async def test_a_reader_warms_itself_in_the_background_after_its_first_query(mak
             await asyncio.gather(*index._warming.values())
         assert all(index._cache.is_warm(s) for s in range(reader.config.shards)) is background
         assert [h.id for h in await reader.query(base[3], top_k=5)] == truth
+        if background:  # cold again at once (as after a gap in the change log): not scanned again so soon
+            started = dict(index._warm_started)
+            index._cache.reset(0, index._cache.generation(0) or 0, 1200)
+            await reader.query(base[3], top_k=5)
+            assert index._warm_started == started and not index._warming
         await reader.close()
         assert not index._warming
+
+
+async def test_close_cancels_a_background_warm(make_lsh: Any) -> None:
+    base = clustered(600, 32, centers=5, seed=11)
+    writer = await make_lsh()
+    await writer.index(np.arange(600), base)
+    reader = await make_lsh()
+    index = (await reader._ready()).sharded
+    stuck = asyncio.Event()
+
+    async def never(shard: int, batch: int) -> Any:  # a scan that never ends
+        await stuck.wait()
+        yield b"", b""
+
+    index._record_batches = never  # type: ignore[method-assign]
+    await reader.query(base[3], top_k=3)
+    assert index._warming
+    running = list(index._warming.values())
+    with anyio.fail_after(5):
+        await reader.close()
+    assert all(task.cancelled() for task in running) and not index._warming
 
 
 async def test_a_warm_scan_keeps_no_record_written_while_it_ran(make_lsh: Any) -> None:
@@ -412,8 +440,9 @@ async def test_a_warm_scan_keeps_no_record_written_while_it_ran(make_lsh: Any) -
     holding the scanned batches back until another client has rewritten
     ids and this one has queried. No record older than Redis's may stay."""
     base = clustered(600, 32, centers=5, seed=9)
-    writer = await make_lsh()
-    await writer.index(np.arange(600), base)
+    ids = np.arange(600) + 2**33  # 8-byte ids: the change log's entries are read as such
+    writer = await make_lsh(id_bytes=8)
+    await writer.index(ids, base)
     reader = await make_lsh(warm_in_background=False)
     index = (await reader._ready()).sharded
     scan = index._record_batches
@@ -422,7 +451,7 @@ async def test_a_warm_scan_keeps_no_record_written_while_it_ran(make_lsh: Any) -
     async def held_back(shard: int, batch: int) -> Any:
         scanned = [b async for b in scan(shard, batch)]  # read now, handed over after the write
         if shard == 0:
-            await writer.index(rewritten, -base[rewritten])
+            await writer.index(ids[rewritten], -base[rewritten])
             await reader.query(-base[7], top_k=1)  # its reply evicts the rewritten ids and claims past them
         for found in scanned:
             yield found
@@ -431,7 +460,60 @@ async def test_a_warm_scan_keeps_no_record_written_while_it_ran(make_lsh: Any) -
     await index.warm()
     index._record_batches = scan  # type: ignore[method-assign]
     assert await assert_caches_only_current_records(index) >= 600 - len(rewritten)
-    assert_found_itself(await reader.query(-base[7], top_k=1), 7)
+    assert_found_itself(await reader.query(-base[7], top_k=1), int(ids[7]))
+
+
+async def test_a_warm_waits_until_its_records_are_as_current_as_the_cache(make_lsh: Any) -> None:
+    """A query's reply can claim a later generation after the warm read
+    the change log (another client wrote meanwhile): the warm reads the log
+    again before its records replace the cache."""
+    base = clustered(600, 32, centers=5, seed=13)
+    writer = await make_lsh()
+    await writer.index(np.arange(600), base)
+    reader = await make_lsh(warm_in_background=False)
+    index = (await reader._ready()).sharded
+    changes = index._changes
+    rewritten = np.arange(1, 600, 5)
+    reads: list[int] = []
+
+    async def overtaken(keys: Any, args: Any) -> Any:
+        reply = await changes(keys=keys, args=args)
+        reads.append(1)
+        if len(reads) == 1:  # between this read and its use: a write, and a reply claiming past it
+            await writer.index(rewritten, -base[rewritten])
+            await reader.query(-base[6], top_k=1)
+        return reply
+
+    index._changes = overtaken  # type: ignore[method-assign]
+    await index.warm_shard(0)
+    index._changes = changes  # type: ignore[method-assign]
+    assert len(reads) >= 2
+    await assert_caches_only_current_records(index)
+
+
+async def test_a_warm_outrun_by_the_change_log_caches_nothing(make_lsh: Any) -> None:
+    """More writes during the scan than the log keeps (4,096): the warm
+    cannot tell which records are stale, so it leaves the cache to the queries."""
+    from lshrs._scripts import CHANGE_LOG
+
+    count = CHANGE_LOG + 200
+    base = clustered(count, 32, centers=8, seed=14)
+    writer = await make_lsh(shards=1)
+    await writer.index(np.arange(count), base)
+    reader = await make_lsh(shards=1, warm_in_background=False)
+    index = (await reader._ready()).sharded
+    scan = index._record_batches
+
+    async def outrun(shard: int, batch: int) -> Any:
+        scanned = [b async for b in scan(shard, batch)]
+        await writer.index(np.arange(count), -base)
+        for found in scanned:
+            yield found
+
+    index._record_batches = outrun  # type: ignore[method-assign]
+    assert await index.warm() == 0
+    assert not index._cache.is_warm(0)
+    await assert_caches_only_current_records(index)
 
 
 async def assert_caches_only_current_records(index: Any) -> int:
