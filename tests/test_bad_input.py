@@ -107,6 +107,7 @@ async def test_bad_input_is_refused_and_writes_nothing(
         ({"batch_size": 0}, ValueError, "^batch_size must be at least 1, got 0$"),
         ({"expected_size": -5}, ValueError, "^expected_size must be at least 1, got -5$"),
         ({"signature_cache": -1}, ValueError, "signature_cache must be at least 0"),
+        ({"warm_in_background": 1}, TypeError, "^warm_in_background must be True or False, got 1$"),
         ({"timeout": 0}, ValueError, "timeout must be a positive number"),
         ({"timeout": -1.0}, ValueError, "timeout must be a positive number"),
         ({"timeout": "10"}, ValueError, "timeout must be a positive number"),

@@ -1336,7 +1336,9 @@ class LSHRS:
 
     async def drop(self) -> int:
         """Delete every key of this prefix (a keyspace scan: for tearing down)."""
-        config = (await self._ready()).config
+        opened = await self._ready()
+        await opened.sharded.stop_warming()  # a warm scanning the prefix would cache what is being deleted
+        config = opened.config
         client = self._client
         assert client is not None
         deleted = 0
@@ -1345,8 +1347,6 @@ class LSHRS:
             keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
             for start in range(0, len(keys), 500):
                 deleted += await client.delete(*keys[start : start + 500])
-        if self._opened is not None:
-            await self._opened.sharded.stop_warming()
         self._opened = None
         return deleted
 
