@@ -255,6 +255,17 @@ async def writer_and_warm_reader(make_lsh: Any, base: np.ndarray) -> tuple[LSHRS
     return writer, reader, (await reader._ready()).sharded
 
 
+async def writer_and_cold_reader(
+    make_lsh: Any, base: np.ndarray, ids: np.ndarray | None = None, **options: Any
+) -> tuple[LSHRS, LSHRS, Any]:
+    """As :func:`writer_and_warm_reader`, with a reader whose cache stays
+    cold until the test warms it (no warm in the background)."""
+    writer = await make_lsh(**options)
+    await writer.index(np.arange(len(base)) if ids is None else ids, base)
+    reader = await make_lsh(warm_in_background=False)
+    return writer, reader, (await reader._ready()).sharded
+
+
 async def test_other_clients_writes_keep_a_warm_cache_warm(make_lsh: Any) -> None:
     """A replace or delete elsewhere evicts only the ids it wrote from a
     reader's cache (the shard's change log says which), so the reader stays
@@ -441,10 +452,7 @@ async def test_a_warm_scan_keeps_no_record_written_while_it_ran(make_lsh: Any) -
     ids and this one has queried. No record older than Redis's may stay."""
     base = clustered(600, 32, centers=5, seed=9)
     ids = np.arange(600) + 2**33  # 8-byte ids: the change log's entries are read as such
-    writer = await make_lsh(id_bytes=8)
-    await writer.index(ids, base)
-    reader = await make_lsh(warm_in_background=False)
-    index = (await reader._ready()).sharded
+    writer, reader, index = await writer_and_cold_reader(make_lsh, base, ids, id_bytes=8)
     scan = index._record_batches
     rewritten = np.arange(0, 600, 7)
 
@@ -468,10 +476,7 @@ async def test_a_warm_waits_until_its_records_are_as_current_as_the_cache(make_l
     the change log (another client wrote meanwhile): the warm reads the log
     again before its records replace the cache."""
     base = clustered(600, 32, centers=5, seed=13)
-    writer = await make_lsh()
-    await writer.index(np.arange(600), base)
-    reader = await make_lsh(warm_in_background=False)
-    index = (await reader._ready()).sharded
+    writer, reader, index = await writer_and_cold_reader(make_lsh, base)
     changes = index._changes
     rewritten = np.arange(1, 600, 5)
     reads: list[int] = []
@@ -536,10 +541,7 @@ async def test_a_cold_reply_handled_after_a_later_one_caches_nothing_older(make_
     the later one that cached their new records. Its old records must not
     win over them."""
     base = clustered(600, 32, centers=5, seed=10)
-    writer = await make_lsh()
-    await writer.index(np.arange(600), base)
-    reader = await make_lsh(warm_in_background=False)
-    index = (await reader._ready()).sharded
+    writer, reader, index = await writer_and_cold_reader(make_lsh, base)
     script = index._query
     rewritten = np.arange(0, 600, 3)
     held: list[int] = []
