@@ -444,6 +444,28 @@ async def test_close_cancels_a_background_warm(make_lsh: Any) -> None:
     assert all(task.cancelled() for task in running) and not index._warming
 
 
+async def test_an_id_deleted_between_its_bucket_read_and_its_record_fetch_is_left_out(make_lsh: Any) -> None:
+    """A warm query fetches the records its cache lacks after the buckets
+    named them; another client can delete one in between. It has no record
+    then, and the query drops it rather than failing or ranking it."""
+    base = clustered(600, 32, centers=5, seed=17)
+    writer, reader, index = await writer_and_warm_reader(make_lsh, base)
+    await writer.ingest(5, -base[5])  # the reader's next reply evicts id 5, so its record is fetched
+    fetch = index._fetch_records
+    fetched: list[int] = []
+
+    async def deleted_first(shard: int, ids: Any) -> Any:
+        if 5 in ids:
+            await writer.delete([5])
+        fetched.extend(int(i) for i in ids)
+        return await fetch(shard, ids)
+
+    index._fetch_records = deleted_first  # type: ignore[method-assign]
+    hits = await reader.query(-base[5], top_k=5)
+    assert 5 in fetched and len(hits) == 5 and 5 not in {h.id for h in hits}
+    assert index._cache.lookup(int(index.shard_of(np.array([5]))[0]), np.array([5]))[1].all()  # nothing cached
+
+
 async def test_a_warm_scan_keeps_no_record_written_while_it_ran(make_lsh: Any) -> None:
     """The scan's replies can be read before a write and handled after a
     query's reply that evicted that write and claimed a later generation

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 import warnings
+from collections.abc import Awaitable
 from typing import Any
 
 import anyio
@@ -389,6 +390,16 @@ async def test_a_write_cut_by_its_deadline_is_whole_in_store_and_index() -> None
             assert indexed == held
 
 
+async def assert_times_out_soon(call: Awaitable[Any], expected: str) -> None:
+    """``call`` raises the built-in TimeoutError (on every Python: asyncpg's
+    own is another class before 3.11) matching ``expected``, within 5 s."""
+    started = time.monotonic()
+    with anyio.move_on_after(10), pytest.raises(TimeoutError, match=expected) as raised:
+        await call
+    assert type(raised.value) is TimeoutError
+    assert time.monotonic() - started < 5
+
+
 async def test_a_store_connecting_to_a_frozen_postgres_gives_up_at_its_command_timeout() -> None:
     """A server that accepts connections and never answers them (its
     postmaster frozen: the kernel still completes the TCP handshake) is not
@@ -401,12 +412,8 @@ async def test_a_store_connecting_to_a_frozen_postgres_gives_up_at_its_command_t
         store = PostgresStore(server.url, table="t", command_timeout=1.0)
         os.kill(postmaster, signal.SIGSTOP)
         try:
-            started = time.monotonic()
             expected = r"^PostgreSQL did not answer PostgresStore\.count\(\) on table 't' within command_timeout=1 s$"
-            with anyio.move_on_after(10), pytest.raises(TimeoutError, match=expected) as raised:
-                await store.count()
-            assert type(raised.value) is TimeoutError
-            assert time.monotonic() - started < 5
+            await assert_times_out_soon(store.count(), expected)
         finally:
             os.kill(postmaster, signal.SIGCONT)
             # As root the server runs under runuser, which stops itself when its
@@ -435,14 +442,9 @@ async def test_a_build_over_a_frozen_postgres_ends_at_the_stores_command_timeout
             await lsh.drop()
             os.kill(backend, signal.SIGSTOP)
             try:
-                started = time.monotonic()
-                # Without a timeout, it would wait on; the built-in TimeoutError on every Python
-                # (asyncpg's own is another class before 3.11), saying what timed out.
+                # Without a timeout, it would wait on.
                 expected = r"PostgreSQL did not answer PostgresStore\.\w+\(\) on table 't' within command_timeout=1 s"
-                with anyio.move_on_after(10), pytest.raises(TimeoutError, match=expected) as raised:
-                    await lsh.index()
-                assert type(raised.value) is TimeoutError
-                assert time.monotonic() - started < 5
+                await assert_times_out_soon(lsh.index(), expected)
             finally:
                 os.kill(backend, signal.SIGCONT)
         await store.close()

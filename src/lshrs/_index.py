@@ -85,10 +85,15 @@ async def together(calls: Sequence[Awaitable[T]]) -> list[T]:
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancelled(tasks)
         raise
+
+
+async def cancelled(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended, whatever it raised."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class ShardedIndex:
@@ -604,10 +609,7 @@ class ShardedIndex:
 
     async def stop_warming(self) -> None:
         """Cancel the background warms, before the client closes."""
-        tasks = list(self._warming.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancelled(list(self._warming.values()))
 
     async def centroids(self) -> bytes | None:
         raw = await self._client.get(centroids_key(self._prefix))
