@@ -4,6 +4,7 @@ bad filters are refused before any Redis work."""
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -328,6 +329,61 @@ async def test_an_id_filter_works_with_a_store_that_also_takes_conditions(table:
         assert len(hits) == 10 and all(language(h.id) == "de" for h in hits)
         by_set = await lsh.query(QUERIES[3], top_k=10, where={i for i in range(N) if i % 10 == 1})
         assert {h.id for h in by_set} == exact_filtered(QUERIES[3:4], np.arange(N) % 10 == 1, 10)[0]
+
+
+@pytest.mark.parametrize(
+    "family", [{"hashing": "kmeans"}, {"hashing": "kmeans", "spill": 0}, {"hashing": "hyperplane"}], ids=str
+)
+async def test_a_filtered_query_widens_only_as_far_as_its_filter_asks(
+    redis_proc: Any, family: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each round of bucket reads is a Redis round trip, counted here: a
+    filter every row passes reads once; one that keeps a third reads one
+    wider round (twice the probes); one that keeps 1 row in 200 widens until
+    its candidates reach ``max_candidates``, never asks Redis for more than
+    the room left under the cap, nor for none, and stops after a round that
+    brings no new id. Unspilled, a capped round fills the cap exactly (no id
+    is in two buckets), and the query must then stop."""
+    from lshrs._index import ShardedIndex
+
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/6"
+    n, most = 6000, 1500
+    base = clustered(n + 5, DIM, seed=79)
+    rounds: list[tuple[int, int]] = []  # (cap asked, ids found) a round, one query at a time
+    original = ShardedIndex.candidates
+
+    async def counting(self: ShardedIndex, plans: list[bytes], caps: list[int]) -> Any:
+        found = await original(self, plans, caps)
+        rounds.extend((cap, len(c.ids)) for cap, c in zip(caps, found))
+        return found
+
+    monkeypatch.setattr(ShardedIndex, "candidates", counting)
+    prefix, store = f"widen-{len(family)}{family['hashing']}", InMemoryStore()
+    async with LSHRS(dim=DIM, redis_url=url, prefix=prefix, store=store, **family) as lsh:
+        await lsh.drop()
+        await lsh.index(np.arange(n), base[:n])
+        # Capped clients that meet the cap in their first round, or only after widening.
+        capped = [
+            LSHRS(dim=DIM, redis_url=url, prefix=prefix, store=store, max_candidates=most, probes=p) for p in (None, 8)
+        ]
+        for query in base[n:]:
+            rounds.clear()
+            await lsh.query(query, top_k=10, where=lambda ids: ids >= 0)
+            assert len(rounds) == 1
+            rounds.clear()
+            await lsh.query(query, top_k=10, where=lambda ids: ids % 3 == 0)
+            assert len(rounds) == 2
+            for client in capped:
+                rounds.clear()
+                await client.query(query, top_k=10, where=lambda ids: ids % 200 == 0)
+                caps = [cap for cap, _ in rounds]
+                assert caps[0] == most and all(cap > 0 and found <= cap for cap, found in rounds)
+                # The room left under the cap: smaller after each round that brought new ids, and no
+                # round follows one that brought none.
+                assert all(later < earlier for earlier, later in itertools.pairwise(caps))
+        for client in capped:
+            await client.close()
+        await lsh.drop()
 
 
 @pytest.mark.parametrize("hashing", ["kmeans", "hyperplane"])

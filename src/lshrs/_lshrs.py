@@ -1113,7 +1113,8 @@ class LSHRS:
         read: list[set[bytes]] = [set() for _ in matrix]  # each query's buckets read so far
         records, found = await self._candidates(opened, matrix, probes, [(seen, self._max_candidates) for seen in read])
         checks = [_filters.Checks(c, family.distances(c.signatures, r), None) for c, r in zip(found, records)]
-        scales, done = [1.0] * len(matrix), [False] * len(matrix)
+        scales = [1.0] * len(matrix)
+        done = [len(c.ids) >= self._max_candidates for c in found]  # the cap reached: reading more cannot help
         while True:
             asking = [check.next(depth) for check in checks]
             asked = np.concatenate([check.ids[at] for check, at in zip(checks, asking)])
