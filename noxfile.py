@@ -96,6 +96,15 @@ def memory(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def restart(session: nox.Session) -> None:
+    """A fresh client's first queries on a built index, cold, warming in the background, warmed first:
+    ``nox -s restart -- --size 1M`` (benchmarks/restart.py)."""
+    session.run("bash", "scripts/install-servers.sh", external=True)
+    session.install("-e", ".[test]", "matplotlib")
+    session.run("python", "-m", "benchmarks.restart", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def pgbuild(session: nox.Session) -> None:
     """A build streamed from a real PostgreSQL table, cut at 60% and resumed: ``nox -s pgbuild -- --size 6.4M``."""
     session.run("bash", "scripts/install-servers.sh", external=True)

@@ -62,6 +62,8 @@ async def test_query_many_matches_single_queries(make_lsh: Any) -> None:
     many = await lsh.query_many(base[:20], top_k=5)
     single = [await lsh.query(v, top_k=5) for v in base[:20]]
     assert many == single
+    assert await lsh.query_many(base[:3]) == [await lsh.query(v) for v in base[:3]]  # both default to top 10
+    assert [len(hits) for hits in await lsh.query_many(base[:3])] == [10] * 3
 
 
 async def test_without_store_scores_are_marked_estimates(make_lsh: Any) -> None:

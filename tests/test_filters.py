@@ -358,6 +358,12 @@ async def test_a_filtered_query_widens_only_as_far_as_its_filter_asks(
         return found
 
     monkeypatch.setattr(ShardedIndex, "candidates", counting)
+    asked: list[int] = []
+
+    def rare(ids: np.ndarray) -> np.ndarray:
+        asked.extend(ids.tolist())
+        return np.asarray(ids % 200 == 0)
+
     prefix, store = f"widen-{len(family)}{family['hashing']}", InMemoryStore()
     async with LSHRS(dim=DIM, redis_url=url, prefix=prefix, store=store, **family) as lsh:
         await lsh.drop()
@@ -375,7 +381,9 @@ async def test_a_filtered_query_widens_only_as_far_as_its_filter_asks(
             assert len(rounds) == 2
             for client in capped:
                 rounds.clear()
-                await client.query(query, top_k=10, where=lambda ids: ids % 200 == 0)
+                asked.clear()
+                await client.query(query, top_k=10, where=rare)
+                assert len(asked) == len(set(asked))  # no candidate asked about twice, however many rounds
                 caps = [cap for cap, _ in rounds]
                 assert caps[0] == most and all(cap > 0 and found <= cap for cap, found in rounds)
                 # The room left under the cap: smaller after each round that brought new ids, and no
