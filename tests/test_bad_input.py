@@ -51,6 +51,7 @@ CASES: list[tuple[str, Call, type[Exception], str]] = [
     ("top_k float", lambda x: x.query(good[0], top_k=2.5), TypeError, "top_k must be an integer"),
     ("top_p 0", lambda x: x.query(good[0], top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
     ("top_p above 1", lambda x: x.query(good[0], top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
+    ("query_many top_p above 1", lambda x: x.query_many(good[:2], top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
     ("query wrong dim", lambda x: x.query(np.ones(DIM + 1)), ValueError, r"^vector must have shape \(n, \d+\)"),
     ("query two vectors", lambda x: x.query(good[:2]), ValueError, "query_many"),
     ("query NaN", lambda x: x.query(nan_row[1]), ValueError, r"^vector row 0 holds NaN"),
