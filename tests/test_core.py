@@ -1296,3 +1296,16 @@ async def test_a_client_opened_by_url_packs_with_hiredis(redis_proc: Any) -> Non
         assert await client.config_get("maxmemory-policy")  # a command name with a space, split
     finally:
         await client.aclose()
+
+
+async def test_an_index_emptied_by_delete_answers_nothing(make_lsh: Any) -> None:
+    """Every id deleted: the buckets a query reads are empty, with or
+    without a store, and a query answers [] rather than failing."""
+    base = clustered(300, 32, centers=4, seed=19)
+    for store in (InMemoryStore(), None):
+        lsh = await make_lsh(store=store)
+        await lsh.index(np.arange(300), base)
+        assert await lsh.delete(np.arange(300)) == 300
+        assert await lsh.count() == 0
+        assert await lsh.query(base[3]) == [] and await lsh.query_many(base[:4]) == [[]] * 4
+        await lsh.drop()
