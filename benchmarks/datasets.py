@@ -27,6 +27,11 @@ class Dataset:
         return f"{self.name} ({kind} {'minilm' if 'minilm' in self.name else 'glove'} embeddings, n={len(self.base):,})"
 
 
+def size_label(size: int) -> str:
+    """How a run's file names write its size: 100k, 1M."""
+    return f"{size // 1_000_000}M" if size >= 1_000_000 else f"{size // 1000}k"
+
+
 def parse_size(text: str) -> int:
     text = text.strip().lower().replace("_", "")
     scale = {"k": 1_000, "m": 1_000_000}.get(text[-1], 1)

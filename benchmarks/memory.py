@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from lshrs import LSHRS
 from servers import redis_server
 
-from .datasets import load, parse_size
+from .datasets import load, parse_size, size_label
 from .report import save
 
 RESULTS = Path(__file__).parent / "results"
@@ -163,8 +163,7 @@ def main() -> None:
     parser.add_argument("--id-bytes", type=int, choices=(4, 8), default=None, help="default: the library's (4)")
     args = parser.parse_args()
     result = asyncio.run(run(args.size, args.id_bytes))
-    label = f"{args.size // 1_000_000}M" if args.size >= 1_000_000 else f"{args.size // 1000}k"
-    stem = RESULTS / (args.name or f"memory-{label}")
+    stem = RESULTS / (args.name or f"memory-{size_label(args.size)}")
     save(result, stem, table, plot)
 
 

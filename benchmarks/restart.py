@@ -31,7 +31,7 @@ from lshrs import LSHRS
 from lshrs.adapters import InMemoryStore
 from servers import redis_server
 
-from .datasets import load, parse_size
+from .datasets import load, parse_size, size_label
 from .measure import recall
 from .report import save
 
@@ -135,8 +135,7 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     result = asyncio.run(run(args.size, args.queries))
-    label = f"{args.size // 1_000_000}M" if args.size >= 1_000_000 else f"{args.size // 1000}k"
-    save(result, RESULTS / (args.name or f"restart-{label}"), table, plot)
+    save(result, RESULTS / (args.name or f"restart-{size_label(args.size)}"), table, plot)
 
 
 if __name__ == "__main__":
