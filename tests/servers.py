@@ -66,8 +66,12 @@ def redis_server(*extra: str, port: int | None = None, binary: str | None = None
 
 @contextmanager
 def redis_cluster(masters: int = 3) -> Iterator[list[int]]:
-    """``masters`` redis-server nodes joined into one cluster; yields their ports."""
-    with redis_cluster_nodes(masters) as nodes:
+    """``masters`` redis-server nodes joined into one cluster; yields their ports.
+
+    Its node timeout is Redis's default, 15 s: with no replicas to promote, a
+    node the others think failed only takes the cluster down, and at 2 s a
+    loaded CI machine made the cluster answer "The cluster is down" mid-test."""
+    with redis_cluster_nodes(masters, node_timeout_ms=15000) as nodes:
         yield [node.port for node in nodes]
 
 
@@ -82,10 +86,14 @@ class ClusterNode:
 
 
 @contextmanager
-def redis_cluster_nodes(masters: int = 3, replicas: int = 0) -> Iterator[list[ClusterNode]]:
+def redis_cluster_nodes(
+    masters: int = 3, replicas: int = 0, *, node_timeout_ms: int = 2000
+) -> Iterator[list[ClusterNode]]:
     """A cluster of ``masters`` masters with ``replicas`` replicas each; yields
     every node (masters first, as ``redis-cli --cluster create`` assigns them),
-    with the executor that a failover test kills."""
+    with the executor that a failover test kills. ``node_timeout_ms`` is how
+    long a silent master has before its replica takes over: short, so a
+    failover test waits seconds, not the default 15."""
     redis_server = shutil.which("redis-server")
     if redis_server is None:
         raise RuntimeError("redis-server is not installed: run scripts/install-servers.sh")
@@ -115,7 +123,7 @@ def redis_cluster_nodes(masters: int = 3, replicas: int = 0) -> Iterator[list[Cl
                 "--cluster-config-file",
                 "nodes.conf",
                 "--cluster-node-timeout",
-                "2000",
+                str(node_timeout_ms),
             ]
             executor = TCPExecutor(command, host="127.0.0.1", port=port, timeout=30)
             executor.start()
