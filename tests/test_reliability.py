@@ -304,6 +304,47 @@ async def test_a_release_that_cannot_land_gives_up_once_its_leases_lapse(monkeyp
             await restart(server)
 
 
+class _ReleaseFailing:
+    """The one method ``_release_until_done`` calls, failing its first
+    ``failures`` calls as a server that is down would; it records when each
+    came. The timing of the retries is the unit here, so no server: the two
+    tests above run the retry against a real one that is stopped."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls: list[float] = []
+
+    async def release(self, ids: Any, token: bytes) -> None:
+        self.calls.append(asyncio.get_running_loop().time())
+        if len(self.calls) <= self.failures:
+            raise redis.exceptions.ConnectionError("down")
+
+
+async def test_a_failed_release_is_retried_after_pauses_that_double_up_to_a_second() -> None:
+    from lshrs._lshrs import _release_until_done
+
+    index = _ReleaseFailing(failures=6)
+    await _release_until_done(index, np.arange(3), b"cut")  # type: ignore[arg-type]
+    gaps = np.diff(index.calls)
+    assert len(gaps) == 6
+    pauses = np.array([0.05, 0.1, 0.2, 0.4, 0.8, 1.0])
+    assert np.all(gaps > pauses - 0.005), gaps
+    assert np.all(gaps < 1.4 * pauses + 0.02), gaps  # a loaded machine's lag, not a third of a pause
+
+
+async def test_a_release_gives_up_before_a_pause_would_pass_the_leases_lapse(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lshrs._lshrs as lshrs_module
+
+    monkeypatch.setattr(lshrs_module, "_LEASE_MS", 1500)
+    index = _ReleaseFailing(failures=100)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await lshrs_module._release_until_done(index, np.arange(3), b"cut")  # type: ignore[arg-type]
+    # Pauses of 0.05, 0.1, 0.2 and 0.4 s; the next, 0.8, would end past 1.5 s.
+    assert len(index.calls) == 5
+    assert asyncio.get_running_loop().time() - started < 1.0
+
+
 async def test_a_reconcile_waits_out_a_lease_that_an_ingest_gives_up_on(redis_url: str, raw_redis: Any) -> None:
     """A lease nobody will release (its client crashed, or a failover kept the
     lease and lost the release) holds its id until it lapses. An ingest has a
@@ -316,8 +357,8 @@ async def test_a_reconcile_waits_out_a_lease_that_an_ingest_gives_up_on(redis_ur
         orphan = np.array([7])
         lapses_ms = int(time.time() * 1000) + 2500
         await raw_redis.hset(index.lease_key(int(index.shard_of(orphan)[0])), packed_id(7), f"{lapses_ms}:gone")
-        with pytest.raises(TimeoutError):  # the id stays held past the call's deadline
-            await lsh.ingest(7, BASE[7] + 0.5)
+        with pytest.raises(TimeoutError, match=r"^another client kept writing some of these ids"):
+            await lsh.ingest(7, BASE[7] + 0.5)  # the id stays held past the call's deadline
         started = time.monotonic()
         report = await lsh.reconcile()
         assert time.monotonic() - started > 1.0, "the reconcile did not wait for the lease"
@@ -336,3 +377,33 @@ async def test_a_reconcile_waits_out_a_lease_that_an_ingest_gives_up_on(redis_ur
         started = time.monotonic()
         assert await lsh.index(np.arange(1000), BASE[:1000]) == 1000
         assert time.monotonic() - started > 1.0, "the build did not wait for the lease"
+
+
+async def test_a_write_waits_for_a_held_lease_as_long_as_its_own_timeout_allows(redis_url: str, raw_redis: Any) -> None:
+    """A lease held elsewhere delays an ingest or a delete up to the call's
+    deadline: a ``timeout=`` longer than the client's is waited out in full,
+    and a call that gives up says that the ids were held, not merely that
+    time ran out."""
+    async with LSHRS(dim=DIM, redis_url=redis_url, store=InMemoryStore(), prefix="held", timeout=0.5) as lsh:
+        await lsh.index(np.arange(500), BASE[:500])
+        index = lsh._opened.sharded  # type: ignore[union-attr]
+
+        async def hold(id_: int, seconds: float) -> None:
+            lapses_ms = int((time.time() + seconds) * 1000)
+            key = index.lease_key(int(index.shard_of(np.array([id_]))[0]))
+            await raw_redis.hset(key, packed_id(id_), f"{lapses_ms}:elsewhere")
+
+        await hold(7, 1.5)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"^another client kept writing some of these ids for 0\.[345] s"):
+            await lsh.ingest(7, BASE[7] + 0.5, timeout=0.5)
+        assert time.monotonic() - started < 0.5
+        await lsh.ingest(7, BASE[7] + 0.5, timeout=3.0)  # the lease lapses at 1.5 s, within this call's 3 s
+        assert time.monotonic() - started > 1.3
+        assert (await lsh.query(BASE[7] + 0.5, top_k=1))[0].id == 7
+
+        await hold(9, 1.5)
+        started = time.monotonic()
+        assert await lsh.delete([9], timeout=3.0) == 1
+        assert time.monotonic() - started > 1.3
+        assert 9 not in set(await index_state(raw_redis, lsh))

@@ -283,7 +283,25 @@ async def test_ingest_with_a_read_only_store_reads_the_row(table_store: VectorSt
         await lsh.ingest(42)  # no vector: read from the table
         assert (await lsh.query(BASE[42], top_k=1))[0].id == 42
         await lsh.ingest(43, BASE[43])  # the row's own vector: accepted
+        # The row as the caller may hold it: rounded to float16 (a halfvec
+        # column), within 1e-3 of each entry; and off by 5e-6 on the entry
+        # nearest 0, where only the absolute tolerance (1e-5) accepts it.
+        await lsh.ingest(43, BASE[43].astype(np.float16))
+        row = int(np.argmin(np.abs(BASE).min(axis=1)))
+        near = BASE[row].astype(np.float64)
+        entry = int(np.argmin(np.abs(near)))
+        assert abs(near[entry]) < 1e-3  # so no relative tolerance of 1e-3 covers 5e-6
+        near[entry] += 5e-6
+        await lsh.ingest(row, near)
         before = await keyspace(client)
+        with pytest.raises(
+            ValueError,
+            match=r"^the vector given for id 44 differs from the store's row; "
+            r"ingest\(id\) with no vector indexes the row as stored$",
+        ):
+            await lsh.ingest(44, BASE[44] * 1.01)  # 1% off: a different vector, not a rounding of it
+        with pytest.raises(ValueError, match=r"^vector must have shape \(n, 32\) or \(32,\), got \(3,\)$"):
+            await lsh.ingest(44, [1.0, 0.0, 0.0])
         with pytest.raises(ValueError, match="not in the store"):
             await lsh.ingest(10**9)
         with pytest.raises(ValueError, match="not in the store"):
@@ -300,7 +318,9 @@ async def test_ingest_with_a_read_only_store_reads_the_row(table_store: VectorSt
 async def test_ingest_into_an_owned_store_needs_the_vector(owned_store: VectorStore, single_redis_url: str) -> None:
     lsh = await build(owned_store, single_redis_url)
     try:
-        with pytest.raises(TypeError, match="needs the vector"):
+        with pytest.raises(
+            TypeError, match=r"^ingest\(\) needs the vector: lshrs writes this store \(or there is none\)$"
+        ):
             await lsh.ingest(5)
     finally:
         await lsh.close()

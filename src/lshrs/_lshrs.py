@@ -141,6 +141,8 @@ _TUNE_BATCH = 16
 TUNING_REFRESH = 5.0
 #: How long a write's leases live if its client dies holding them.
 _LEASE_MS = 30_000
+#: The longest pause between tries for a held lease (jittered up to 1.5x).
+_LEASE_PAUSE_CAP = 0.05
 #: How long a build cut short waits for its store to close the rows it was reading.
 _CLOSE_SECONDS = 5.0
 
@@ -542,21 +544,28 @@ class LSHRS:
         A ``bulk`` write (a build or a reconcile, which have no deadline) waits
         out a lease until it lapses: one left by a crashed client, or one whose
         release a failover lost (the promoted replica got the LEASE, not the
-        RELEASE), must delay a repair, not fail it."""
+        RELEASE), must delay a repair, not fail it. Any other write waits as
+        long as its call's deadline allows (``timeout=``, else the client's),
+        and gives up just before it, so its error names the lease."""
         if not isinstance(self._store, WritableStore):
             yield
             return
         token = secrets.token_hex(8).encode()
         loop = asyncio.get_running_loop()
-        lapse = _LEASE_MS / 1000 + 1.0
-        patience = lapse if bulk or self._timeout is None else self._timeout
-        deadline, pause = loop.time() + patience, 0.001
+        started, pause = loop.time(), 0.001
+        give_up = started + _LEASE_MS / 1000 + 1.0
+        if not bulk:
+            give_up = min(give_up, anyio.current_effective_deadline() - 2 * _LEASE_PAUSE_CAP)
         try:
             while not await index.lease(ids, token, _LEASE_MS):
-                if loop.time() > deadline:
-                    raise TimeoutError(f"another client kept writing some of these ids for {patience:g} s")
+                if loop.time() > give_up:
+                    raise TimeoutError(
+                        f"another client kept writing some of these ids for {loop.time() - started:.1f} s "
+                        f"(one that died holding them frees them within {_LEASE_MS // 1000} s): "
+                        "retry, or give the call a longer timeout="
+                    )
                 await asyncio.sleep(pause * (0.5 + random.random()))
-                pause = min(2 * pause, 0.05)
+                pause = min(2 * pause, _LEASE_PAUSE_CAP)
             yield
         except (anyio.get_cancelled_exc_class(), TimeoutError, asyncio.TimeoutError, RedisError):
             # Given up on a server that may be frozen or gone: the release must
