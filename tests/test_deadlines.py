@@ -20,7 +20,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from conftest import clustered, index_state
-from lshrs import LSHRS, IndexMissing, Overloaded
+from lshrs import LSHRS, IndexMissing, Overloaded, Rows
 from lshrs import _lshrs as lshrs_module
 from lshrs._admission import WAITING_PER_SLOT, Admission, Call
 from lshrs.adapters import InMemoryStore, PostgresStore, RedisStore
@@ -84,6 +84,31 @@ async def test_the_client_timeout_is_each_calls_default(redis_proc: Any) -> None
                 assert time.monotonic() - started <= 0.6
             finally:
                 os.kill(server.executor.process.pid, signal.SIGCONT)
+
+
+async def test_queries_answered_as_one_batch_each_keep_their_own_deadline(redis_proc: Any) -> None:
+    """Concurrent queries are answered together (``_coalesce``); the batch
+    must run as long as one of its callers still waits, so a ``timeout=``
+    longer than the client's is kept, while a caller in the same batch with
+    a shorter one still times out at its own."""
+
+    class SlowFetch(InMemoryStore):
+        async def fetch(self, ids: np.ndarray) -> Rows:
+            await asyncio.sleep(0.6)
+            return await super().fetch(ids)
+
+    store = SlowFetch()
+    async with LSHRS(dim=DIM, redis_url=redis_url_of(redis_proc, 3), store=store, prefix="own", timeout=0.3) as lsh:
+        await lsh.index(np.arange(1000), BASE[:1000])
+        started = time.monotonic()
+        short, long = await asyncio.gather(
+            lsh.query(BASE[3], top_k=1), lsh.query(BASE[4], top_k=1, timeout=3.0), return_exceptions=True
+        )
+        assert isinstance(short, TimeoutError), short
+        assert str(short) == "query() did not finish within its 0.3 s timeout"
+        assert isinstance(long, list) and long[0].id == 4, long
+        assert 0.6 <= time.monotonic() - started < 2.0
+        await lsh.drop()
 
 
 async def test_overload_is_refused_at_once_and_the_rest_served(redis_proc: Any) -> None:

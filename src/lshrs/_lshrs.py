@@ -318,7 +318,10 @@ class LSHRS:
         self._train_lock = asyncio.Lock()
         self._opened: _Opened | None = None
         self._tuning_read = 0.0
-        self._coalescer = Coalescer(self._query_batch)
+        # A batch has no deadline of its own: each caller's bounds its wait, and
+        # the batch is stopped once every caller has given up (``_coalesce``),
+        # so a caller's longer ``timeout=`` is not cut short by the client's.
+        self._coalescer = Coalescer(self._query_many)
         self._releasing: set[asyncio.Future[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -966,12 +969,6 @@ class LSHRS:
             if where is not None:  # a filter is the caller's own: not batched with others
                 return (await self._query_many(matrix, top_k, top_p, where))[0]
             return await self._coalescer.query(matrix[0], top_k, top_p)
-
-    async def _query_batch(self, matrix: FloatArray, top_k: int, top_p: float | None) -> list[list[Hit]]:
-        """A batch of coalesced queries: its callers' deadlines bound their
-        waits, the client's ``timeout`` bounds the batch."""
-        with deadline(self._timeout, "a batch of query() calls"):
-            return await self._query_many(matrix, top_k, top_p)
 
     async def query_many(
         self,
