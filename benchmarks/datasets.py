@@ -28,8 +28,8 @@ class Dataset:
 
 
 def size_label(size: int) -> str:
-    """How a run's file names write its size: 100k, 1M."""
-    return f"{size // 1_000_000}M" if size >= 1_000_000 else f"{size // 1000}k"
+    """How a run's file names write its size: 100k, 1M, 6.4M."""
+    return f"{size / 1_000_000:g}M" if size >= 1_000_000 else f"{size // 1000}k"
 
 
 def parse_size(text: str) -> int:

@@ -15,7 +15,6 @@ to it than its nearest rows are.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import time
@@ -29,12 +28,11 @@ from lshrs import LSHRS
 from lshrs.adapters import PostgresStore
 from servers import postgres, redis_server
 
-from .datasets import Dataset, load, parse_size
+from .datasets import Dataset, load
 from .measure import one_client, recall
-from .report import save
+from .report import arguments, finish, save, stem, subplots
 from .systems import _vector_codec
 
-RESULTS = Path(__file__).parent / "results"
 THRESHOLDS = (50, 10, 1)
 
 
@@ -151,12 +149,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (left, right) = subplots(1, 2, figsize=(10, 4))
     for name in dict.fromkeys(f"{p['system']} ({p['setting']})" for p in result["points"]):
         mine = [p for p in result["points"] if f"{p['system']} ({p['setting']})" == name]
         shares = [100 * p["passing"] for p in mine]
@@ -168,19 +161,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axis.set_ylabel(label)
     left.legend(fontsize=7)
     figure.suptitle(f"filtered search, {result['dataset']}")
-    figure.tight_layout()
-    figure.savefig(path)
+    finish(figure, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=parse_size, default=100_000)
-    parser.add_argument("--queries", type=int, default=300)
-    parser.add_argument("--name", default=None)
-    args = parser.parse_args()
-    result = asyncio.run(run(args.size, args.queries))
-    stem = RESULTS / (args.name or f"filters-{args.size // 1000}k")
-    save(result, stem, table, plot)
+    args = arguments(__doc__, size=100_000, queries=300).parse_args()
+    save(asyncio.run(run(args.size, args.queries)), stem(args, "filters"), table, plot)
 
 
 if __name__ == "__main__":

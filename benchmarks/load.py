@@ -12,10 +12,8 @@ acknowledged writes missing at the end, and memory.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
-import json
 import random
 import resource
 import sys
@@ -35,6 +33,7 @@ from servers import redis_server
 
 from .datasets import load
 from .measure import percentiles
+from .report import arguments, finish, save, stem, subplots
 
 
 def rss_mb() -> float:
@@ -219,12 +218,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (left, right) = subplots(1, 2, figsize=(10, 4))
     labels = ["p50", "p95", "p99"]
     for offset, (name, values) in enumerate(
         (("one at a time", result["unloaded_ms"]), ("served", result["served_ms"]))
@@ -239,12 +233,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     right.set_yscale("log")
     setting = f"max_inflight {result['max_inflight']}, deadline {result['timeout_s']} s"
     figure.suptitle(f"{result['concurrency']} calls in flight, {setting}")
-    figure.tight_layout()
-    figure.savefig(path)
+    finish(figure, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--concurrency", type=int, default=10_000)
     parser.add_argument("--timeout", type=float, default=1.0, help="each call's deadline, seconds")
@@ -256,11 +249,7 @@ def main() -> None:
             run(server.url, args.seconds, args.concurrency, args.timeout, args.max_inflight, args.gc_freeze)
         )
     frozen = "-frozen" if args.gc_freeze else ""
-    stem = Path(__file__).parent / "results" / f"load-{args.concurrency}-{args.max_inflight}x{args.timeout:g}s{frozen}"
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
-    Path(f"{stem}.md").write_text(table(result) + "\n")
-    plot(result, Path(f"{stem}.png"))
-    print(table(result))
+    save(result, stem(args, f"load-{args.concurrency}-{args.max_inflight}x{args.timeout:g}s{frozen}"), table, plot)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ exact size, so the buckets hold no room to grow.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import time
@@ -28,10 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from lshrs import LSHRS
 from servers import redis_server
 
-from .datasets import load, parse_size, size_label
-from .report import save
+from .datasets import load
+from .report import arguments, finish, save, stem, subplots
 
-RESULTS = Path(__file__).parent / "results"
 PREFIX = "mem"
 #: Key suffix -> what the key holds.
 KINDS = {
@@ -136,35 +134,25 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = result["vectors"]
     kinds = sorted(result["kinds"], key=lambda k: -result["kinds"][k]["memory"])
     data = [result["kinds"][k]["data"] / n for k in kinds]
     overhead = [(result["kinds"][k]["memory"] - result["kinds"][k]["data"]) / n for k in kinds]
-    figure, axis = plt.subplots(figsize=(8, 4))
+    figure, axis = subplots(figsize=(8, 4))
     axis.barh(kinds, data, label="data")
     axis.barh(kinds, overhead, left=data, label="Redis overhead")
     axis.set_xlabel("bytes a vector")
     axis.invert_yaxis()
     axis.legend()
     axis.set_title(f"lshrs index memory, {n:,} vectors")
-    figure.tight_layout()
-    figure.savefig(path)
+    finish(figure, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=parse_size, default=100_000)
-    parser.add_argument("--name", default=None)
+    parser = arguments(__doc__, size=100_000)
     parser.add_argument("--id-bytes", type=int, choices=(4, 8), default=None, help="default: the library's (4)")
     args = parser.parse_args()
-    result = asyncio.run(run(args.size, args.id_bytes))
-    stem = RESULTS / (args.name or f"memory-{size_label(args.size)}")
-    save(result, stem, table, plot)
+    save(asyncio.run(run(args.size, args.id_bytes)), stem(args, "memory"), table, plot)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ is (issue 12): ``wiki (id bigint primary key, embedding bytea, body text)``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import sys
@@ -34,11 +33,10 @@ from lshrs import LSHRS
 from lshrs.adapters import PostgresStore
 from servers import postgres, redis_server
 
-from .datasets import _real, generate, parse_size
-from .report import save
+from .datasets import _real, generate
+from .report import arguments, finish, save, stem, subplots
 from .systems import redis_memory, timed_point
 
-RESULTS = Path(__file__).parent / "results"
 CHUNK = 100_000
 BATCH = 10_000
 
@@ -163,35 +161,22 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = {
         "full build": result["build_s"],
         "cut at 60%": result["cut_at_60_percent_s"],
         "resumed": result["resumed_s"],
     }
-    figure, axis = plt.subplots(figsize=(6, 3))
+    figure, axis = subplots(figsize=(6, 3))
     axis.barh(list(steps), list(steps.values()))
     axis.set_xlabel("seconds")
     axis.invert_yaxis()
     axis.set_title(f"lshrs build streamed from PostgreSQL, {result['size']:,} rows")
-    figure.tight_layout()
-    figure.savefig(path)
+    finish(figure, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=parse_size, default=1_000_000)
-    parser.add_argument("--queries", type=int, default=300)
-    parser.add_argument("--name", default=None)
-    args = parser.parse_args()
-    result = asyncio.run(run(args.size, args.queries))
-    label = f"{args.size / 1_000_000:g}M" if args.size >= 1_000_000 else f"{args.size // 1000}k"
-    stem = RESULTS / (args.name or f"postgres-build-{label}")
-    save(result, stem, table, plot)
+    args = arguments(__doc__, size=1_000_000, queries=300).parse_args()
+    save(asyncio.run(run(args.size, args.queries)), stem(args, "postgres-build"), table, plot)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,47 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .datasets import parse_size, size_label
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def arguments(doc: str | None, *, size: int | None = None, queries: int | None = None) -> argparse.ArgumentParser:
+    """A benchmark's command line: its docstring as help, ``--name`` for its
+    results, and ``--size``/``--queries`` when given their defaults."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if size is not None:
+        parser.add_argument("--size", type=parse_size, default=size, help=f"vectors: 100k, 1M (default {size:,})")
+    if queries is not None:
+        parser.add_argument("--queries", type=int, default=queries)
+    parser.add_argument("--name", default=None, help="the results' file name, without suffix")
+    return parser
+
+
+def stem(args: argparse.Namespace, default: str) -> Path:
+    """Where a run's results go: ``--name``, else ``default`` and its size (``memory-1M``)."""
+    return RESULTS / (args.name or (f"{default}-{size_label(args.size)}" if "size" in args else default))
+
+
+def subplots(*args: Any, **options: Any) -> Any:
+    """``plt.subplots`` drawn off-screen: a benchmark machine has no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **options)
+
+
+def finish(figure: Any, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path)
 
 
 def write(result: dict[str, Any], stem: Path) -> None:

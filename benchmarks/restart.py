@@ -17,7 +17,6 @@ queries one at a time:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import time
@@ -31,11 +30,10 @@ from lshrs import LSHRS
 from lshrs.adapters import InMemoryStore
 from servers import redis_server
 
-from .datasets import load, parse_size, size_label
+from .datasets import load
 from .measure import recall
-from .report import save
+from .report import arguments, finish, save, stem, subplots
 
-RESULTS = Path(__file__).parent / "results"
 #: Queries a block of the latency curve holds.
 BLOCK = 50
 #: Each start: the client's options, and whether it calls ``warm()`` first.
@@ -110,12 +108,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 4))
+    figure, axis = subplots(figsize=(8, 4))
     for start in result["starts"]:
         blocks = start["block_p50_ms"]
         axis.plot([BLOCK * (b + 1) for b in range(len(blocks))], blocks, marker="o", label=start["start"])
@@ -124,18 +117,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axis.set_yscale("log")
     axis.legend()
     axis.set_title(f"lshrs after a restart, {result['vectors']:,} vectors")
-    figure.tight_layout()
-    figure.savefig(path)
+    finish(figure, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=parse_size, default=100_000)
-    parser.add_argument("--queries", type=int, default=300)
-    parser.add_argument("--name", default=None)
-    args = parser.parse_args()
-    result = asyncio.run(run(args.size, args.queries))
-    save(result, RESULTS / (args.name or f"restart-{size_label(args.size)}"), table, plot)
+    args = arguments(__doc__, size=100_000, queries=300).parse_args()
+    save(asyncio.run(run(args.size, args.queries)), stem(args, "restart"), table, plot)
 
 
 if __name__ == "__main__":
