@@ -71,9 +71,13 @@ async def test_a_build_skips_and_counts_the_rows_it_cannot_index(
         await conn.execute("UPDATE bad_rows SET embedding = $1 WHERE id = 7", np.ones(3, "<f4").tobytes())
         await conn.close()
         assert 7 not in {h.id for h in await lsh.query(BASE[7], top_k=5)}
-        report = await lsh.reconcile()
+        capsys.readouterr()
+        report = await lsh.reconcile(progress=True)
         assert (report.removed, report.added) == (1, 0)
         assert set(await index_state(raw, lsh)) == set(range(GOOD)) - {7}
+        assert "skipped 5 rows it cannot index: 1 NULL vector, 1 NaN or infinity, 1 all zeros, 2 wrong dimension\n" in (
+            capsys.readouterr().err
+        )
         await lsh.drop()
     await raw.aclose()
 

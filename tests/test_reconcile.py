@@ -223,6 +223,8 @@ async def test_reconcile_needs_a_store_that_lists_its_rows(redis_url: str) -> No
     async with LSHRS(dim=DIM, redis_url=redis_url, prefix="nostore") as lsh:
         with pytest.raises(ValueError, match=r"^reconcile\(\) needs a store: pass store= to LSHRS"):
             await lsh.reconcile()
+        with pytest.raises(ValueError, match=r"^index\(\) with no arguments needs a store: pass store= to LSHRS"):
+            await lsh.index()
 
     class FetchOnly:
         async def dimension(self) -> int:
@@ -313,6 +315,102 @@ async def test_a_cancelled_build_gives_its_cursor_back(
         assert scope.cancelled_caught
         with anyio.fail_after(10):
             await store.close()
+
+
+class _CleanedUp(InMemoryStore):
+    """A store whose rows' generator cleans up with an await, as a real one
+    gives its connection back; ``hang`` makes that cleanup never end."""
+
+    def __init__(self, hang: bool = False) -> None:
+        super().__init__()
+        self.hang, self.cleaned_up = hang, False
+
+    async def batches(self, batch_size: int) -> Any:
+        try:
+            async for rows in super().batches(batch_size):
+                yield rows
+        finally:
+            await anyio.sleep(0.01)
+            if self.hang:
+                await anyio.sleep_forever()
+            self.cleaned_up = True
+
+
+async def cancelled_at_60_percent(lsh: LSHRS) -> None:
+    with anyio.CancelScope() as scope:
+
+        def cancel_at_60_percent(done: int, total: int | None) -> None:
+            if done >= 0.6 * ROWS:
+                scope.cancel()
+
+        await lsh.index(progress=cancel_at_60_percent)
+    assert scope.cancelled_caught
+
+
+async def test_a_cancelled_build_lets_its_stores_rows_clean_up(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cleanup of a cancelled build's rows runs shielded from the
+    cancellation (or its first await would end it), and for at most
+    ``_CLOSE_SECONDS``: a store whose cleanup hangs does not hang the build."""
+    monkeypatch.setattr(_lshrs, "_HASH_ROWS", 200)
+    store = _CleanedUp()
+    await store.put(np.arange(ROWS), BASE[:ROWS])
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="cleanup", store=store, batch_size=200) as lsh:
+        await cancelled_at_60_percent(lsh)
+        assert store.cleaned_up
+        await lsh.drop()
+
+    monkeypatch.setattr(_lshrs, "_CLOSE_SECONDS", 0.3)
+    store = _CleanedUp(hang=True)
+    await store.put(np.arange(ROWS), BASE[:ROWS])
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="cleanup", store=store, batch_size=200) as lsh:
+        with anyio.fail_after(5):
+            await cancelled_at_60_percent(lsh)
+        assert not store.cleaned_up
+        await lsh.drop()
+
+
+class _PlainRows:
+    """An async iterator that is not a generator: it has no ``aclose()``."""
+
+    def __init__(self, rows: Any) -> None:
+        self._rows = rows
+
+    def __aiter__(self) -> _PlainRows:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._rows.__anext__()
+
+
+async def test_a_store_whose_batches_is_a_plain_async_iterator_builds_and_reconciles(
+    redis_url: str, raw_redis: Any
+) -> None:
+    class PlainIterator(InMemoryStore):
+        def batches(self, batch_size: int) -> Any:
+            return _PlainRows(super().batches(batch_size))
+
+    store = PlainIterator()
+    await store.put(np.arange(ROWS), BASE[:ROWS])
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="plain", store=store, batch_size=300) as lsh:
+        assert await lsh.index() == ROWS
+        await store.remove(np.arange(5))
+        assert (await lsh.reconcile()).removed == 5
+        assert set(await index_state(raw_redis, lsh)) == set(range(5, ROWS))
+        await lsh.drop()
+
+
+async def test_reconcile_against_an_emptied_store_removes_every_id(
+    redis_url: str, raw_redis: Any, hashing: str
+) -> None:
+    store = InMemoryStore()
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="emptied", store=store, hashing=hashing) as lsh:
+        await lsh.index(np.arange(ROWS), BASE[:ROWS])
+        await store.remove(np.arange(ROWS))
+        report = await lsh.reconcile()
+        assert (report.added, report.removed, report.updated, report.unchanged) == (0, ROWS, 0, 0)
+        assert await index_state(raw_redis, lsh) == {}
+        assert await lsh.count() == 0
+        await lsh.drop()
 
 
 async def test_resume_must_be_a_bool(redis_url: str) -> None:

@@ -537,28 +537,25 @@ class LSHRS:
         return family.records(vectors)
 
     @contextlib.asynccontextmanager
-    async def _leased(
-        self, index: ShardedIndex, ids: npt.NDArray[np.int64], *, bulk: bool = False
-    ) -> AsyncIterator[None]:
+    async def _leased(self, index: ShardedIndex, ids: npt.NDArray[np.int64]) -> AsyncIterator[None]:
         """Hold the write leases of ``ids`` (``_scripts.LEASE``) while a write
         touches both a store lshrs owns and the index; without such a store
         there is one system to write and nothing to serialise.
 
-        A ``bulk`` write (a build or a reconcile, which have no deadline) waits
-        out a lease until it lapses: one left by a crashed client, or one whose
-        release a failover lost (the promoted replica got the LEASE, not the
-        RELEASE), must delay a repair, not fail it. Any other write waits as
-        long as its call's deadline allows (``timeout=``, else the client's),
-        and gives up just before it, so its error names the lease."""
+        A held id is waited for as long as the call's deadline allows, and
+        given up on just before it, so the error names the lease. A write
+        with no deadline (a build or a reconcile, unless given ``timeout=``)
+        waits out a lease until it lapses: one left by a crashed client, or
+        one whose release a failover lost (the promoted replica got the
+        LEASE, not the RELEASE), must delay a repair, not fail it."""
         if not isinstance(self._store, WritableStore):
             yield
             return
         token = secrets.token_hex(8).encode()
         loop = asyncio.get_running_loop()
         started, pause = loop.time(), 0.001
-        give_up = started + _LEASE_MS / 1000 + 1.0
-        if not bulk:
-            give_up = min(give_up, anyio.current_effective_deadline() - 2 * _LEASE_PAUSE_CAP)
+        lapsed = started + _LEASE_MS / 1000 + 1.0
+        give_up = min(lapsed, anyio.current_effective_deadline() - 2 * _LEASE_PAUSE_CAP)
         try:
             while not await index.lease(ids, token, _LEASE_MS):
                 if loop.time() > give_up:
@@ -628,7 +625,7 @@ class LSHRS:
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         with deadline(timeout, "index()"), _progress.reporting(self._progress_of(progress), "index") as report:
-            return await self._index(ids, vectors, texts, report, resume, bulk=True, strict=strict)
+            return await self._index(ids, vectors, texts, report, resume, strict=strict)
 
     def _progress_of(self, progress: object) -> _progress.Setting:
         """A call's progress setting: its own ``progress=``, else the client's."""
@@ -642,12 +639,9 @@ class LSHRS:
         report: ProgressCallback | None,
         resume: bool,
         *,
-        bulk: bool,
         strict: bool = False,
     ) -> Indexed:
-        """Write ``ids`` to the store (if lshrs owns it) and the index; ``bulk``
-        (``index()``, no deadline) waits out a held lease (``_leased``), an
-        ingest only up to its timeout."""
+        """Write ``ids`` to the store (if lshrs owns it) and the index."""
         config = (await self._ready()).config
         if ids is None and vectors is None:
             return await self._index_store(report, resume, strict)
@@ -667,7 +661,7 @@ class LSHRS:
                 yield Rows(id_array[start:stop], matrix[start:stop], None if texts is None else texts[start:stop])
 
         async def write(rows: Rows, records: npt.NDArray[np.uint8]) -> None:
-            async with self._leased(opened.sharded, rows.ids, bulk=bulk):
+            async with self._leased(opened.sharded, rows.ids):
                 with _whole():
                     if isinstance(store, WritableStore):
                         await store.put(rows.ids, rows.vectors, rows.texts)
@@ -826,7 +820,7 @@ class LSHRS:
         async def write(rows: Rows, records: npt.NDArray[np.uint8]) -> None:
             nonlocal counts
             listed.append(rows.ids)
-            async with self._leased(index, rows.ids, bulk=True):
+            async with self._leased(index, rows.ids):
                 with _whole():
                     keep = await self._still_stored(store, rows.ids)
                     counts += await index.repair(rows.ids[keep], records[keep])
@@ -838,7 +832,7 @@ class LSHRS:
         gone = np.setdiff1d(await index.indexed_ids(), stored)
         removed = 0
         if len(gone):
-            async with self._leased(index, gone, bulk=True):
+            async with self._leased(index, gone):
                 with _whole():
                     if isinstance(store, WritableStore):  # unless written since the pass
                         gone = gone[~np.isin(gone, (await store.fetch(gone)).ids)]
@@ -862,7 +856,7 @@ class LSHRS:
         """Index rows read from the store. An owned store may have lost some of
         them to a delete since they were read: under the lease, only the ids it
         still holds are written, or the index would name a vector it lacks."""
-        async with self._leased(index, rows.ids, bulk=True):
+        async with self._leased(index, rows.ids):
             with _whole():
                 still = await self._still_stored(store, rows.ids)
                 await index.upsert(rows.ids[still], records[still], chain)
@@ -884,7 +878,7 @@ class LSHRS:
                 vector = await self._stored_vector(self._store, ids[0], vector)
             elif vector is None:
                 raise TypeError("ingest() needs the vector: lshrs writes this store (or there is none)")
-            await self._index(ids, vector, None if text is None else [text], None, False, bulk=False)
+            await self._index(ids, vector, None if text is None else [text], None, False)
 
     async def _stored_vector(self, store: VectorStore, id_: int, given: Any) -> FloatArray:
         rows = await store.fetch(np.array([id_], dtype=np.int64))
