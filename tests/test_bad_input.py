@@ -45,7 +45,12 @@ CASES: list[tuple[str, Call, type[Exception], str]] = [
     ("texts mismatch", lambda x: x.index([1, 2, 3, 4], good, texts=["a"]), ValueError, "4 ids but 1 texts"),
     ("empty batch", lambda x: x.index([], np.empty((0, DIM))), ValueError, "empty"),
     ("duplicate ids", lambda x: x.index([1, 2, 2, 3], good), ValueError, "id 2 appears more than once"),
-    ("only ids", lambda x: x.index([1, 2], None), TypeError, "both ids and vectors"),
+    (
+        "only ids",
+        lambda x: x.index([1, 2], None),
+        TypeError,
+        r"^index\(\) takes both ids and vectors, or neither \(to read the store\)$",
+    ),
     ("two vectors to ingest", lambda x: x.ingest(1, good[:2]), ValueError, "1 ids but 2 vectors"),
     ("top_k 0", lambda x: x.query(good[0], top_k=0), ValueError, "top_k must be at least 1"),
     ("top_k float", lambda x: x.query(good[0], top_k=2.5), TypeError, "top_k must be an integer"),

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
 from conftest import clustered, index_state
-from lshrs import LSHRS
+from lshrs import LSHRS, _lshrs
 from lshrs.adapters import PostgresStore, SQLAlchemyStore
 
 pytestmark = pytest.mark.anyio
@@ -46,9 +46,18 @@ async def bad_rows_table(postgres_dsn: str) -> str:
     return postgres_dsn
 
 
+@pytest.mark.parametrize("block_rows", [None, 200])
 async def test_a_build_skips_and_counts_the_rows_it_cannot_index(
-    bad_rows_table: str, redis_proc: Any, capsys: pytest.CaptureFixture[str]
+    bad_rows_table: str,
+    redis_proc: Any,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    block_rows: int | None,
 ) -> None:
+    """With ``block_rows``, the bad rows are hashed in a full block (of two
+    batches), the rest in the last, partial one; else all in the last."""
+    if block_rows is not None:
+        monkeypatch.setattr(_lshrs, "_HASH_ROWS", block_rows)
     url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
     raw = Redis.from_url(url)
     store = PostgresStore(bad_rows_table, table="bad_rows")
@@ -136,7 +145,10 @@ async def test_a_build_out_of_memory_says_what_it_needs_and_resumes(redis_proc: 
         await raw.config_set("maxmemory", empty + whole // 2)  # room for about half the index
         async with LSHRS(dim=DIM, redis_url=url, prefix="oom", batch_size=500) as lsh:
             with pytest.raises(
-                OutOfMemoryError, match=r"B a vector, so 20,000 rows need at most about [\d.]+ MB"
+                OutOfMemoryError,
+                match=r"^Redis refused a write of this build: out of memory \(.*'maxmemory'.*\); after [\d,]+ rows, "
+                r"the index took [\d,]+ B a vector, so 20,000 rows need at most about [\d.]+ MB in all, "
+                r"against maxmemory [\d.,]+ MB",
             ) as caught:
                 await lsh.index(np.arange(20_000), base)
             assert "index(resume=True) finishes the build" in str(caught.value)
