@@ -36,6 +36,7 @@ async def test_each_call_gets_its_own_bar(redis_proc: Any, capsys: pytest.Captur
         third = capsys.readouterr().err
         await lsh.drop()
     assert "600/600" in first and first.endswith("\n")  # closed: the bar ends its line
+    assert "fitting " in first and "fitted " in first  # the first build trained the partition, and said so
     assert "400/400" in second and "1000" not in second  # a new bar, not the first one continued
     assert "lshrs index" not in third
 

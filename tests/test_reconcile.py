@@ -416,11 +416,16 @@ async def test_reconcile_against_an_emptied_store_removes_every_id(
 async def test_a_resumed_build_of_a_whole_index_rewrites_nothing(redis_url: str, raw_redis: Any, hashing: str) -> None:
     """``resume=True`` skips every id the index holds, in a build's last,
     partial block too (here the only one): a row changed since keeps its
-    record until ``reconcile()`` moves it."""
+    record until ``reconcile()`` moves it. So does a resumed build of
+    given arrays, streamed in batches."""
     store = InMemoryStore()
-    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="whole", store=store, hashing=hashing) as lsh:
+    options: dict[str, Any] = {"store": store, "hashing": hashing, "batch_size": 500}
+    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="whole", **options) as lsh:
         await lsh.index(np.arange(ROWS), BASE[:ROWS])
         before = await index_state(raw_redis, lsh)
+        moved = np.roll(BASE[:ROWS], 1, axis=0)
+        assert await lsh.index(np.arange(ROWS), moved, resume=True) == ROWS
+        assert await index_state(raw_redis, lsh) == before
         await store.put(np.array([ROWS - 1]), BASE[ROWS : ROWS + 1])  # changed behind lshrs's back
         assert await lsh.index(resume=True) == ROWS
         assert await index_state(raw_redis, lsh) == before
