@@ -67,8 +67,10 @@ async def test_a_callback_sees_every_batch(redis_proc: Any) -> None:
     async with LSHRS(dim=DIM, redis_url=url_of(redis_proc), prefix="calls", batch_size=250) as lsh:
         await lsh.drop()
         await lsh.index(np.arange(1000), BASE[:1000], progress=lambda done, total: seen.append((done, total)))
+        await lsh.index(np.arange(1000, 1200), BASE[1000:1200], progress=lambda *counts: seen.append(counts))
         await lsh.drop()
-    assert seen == [(250, 1000), (500, 1000), (750, 1000), (1000, 1000)]
+    # A batch of one write (200 of at most 250) reports once, as done.
+    assert seen == [(250, 1000), (500, 1000), (750, 1000), (1000, 1000), (200, 200)]
 
 
 def test_a_bar_is_timed_from_the_start_of_its_call(capsys: pytest.CaptureFixture[str]) -> None:
