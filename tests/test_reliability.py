@@ -329,7 +329,7 @@ async def test_a_failed_release_is_retried_after_pauses_that_double_up_to_a_seco
     assert len(gaps) == 6
     pauses = np.array([0.05, 0.1, 0.2, 0.4, 0.8, 1.0])
     assert np.all(gaps > pauses - 0.005), gaps
-    assert np.all(gaps < 1.4 * pauses + 0.02), gaps  # a loaded machine's lag, not a third of a pause
+    assert np.all(gaps < 1.4 * pauses + 0.05), gaps  # a loaded machine's lag, not a third of a pause
 
 
 async def test_a_release_gives_up_before_a_pause_would_pass_the_leases_lapse(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -143,6 +143,9 @@ TUNING_REFRESH = 5.0
 _LEASE_MS = 30_000
 #: The longest pause between tries for a held lease (jittered up to 1.5x).
 _LEASE_PAUSE_CAP = 0.05
+#: How long before its deadline a write stops waiting for a held lease: room
+#: for its last try, so its own error, naming the lease, comes first.
+_LEASE_MARGIN = 0.1
 #: How long a build cut short waits for its store to close the rows it was reading.
 _CLOSE_SECONDS = 5.0
 
@@ -555,16 +558,17 @@ class LSHRS:
         loop = asyncio.get_running_loop()
         started, pause = loop.time(), 0.001
         lapsed = started + _LEASE_MS / 1000 + 1.0
-        give_up = min(lapsed, anyio.current_effective_deadline() - 2 * _LEASE_PAUSE_CAP)
+        give_up = min(lapsed, anyio.current_effective_deadline() - _LEASE_MARGIN)
         try:
             while not await index.lease(ids, token, _LEASE_MS):
-                if loop.time() > give_up:
+                now = loop.time()
+                if now >= give_up:
                     raise TimeoutError(
-                        f"another client kept writing some of these ids for {loop.time() - started:.1f} s "
+                        f"another client kept writing some of these ids for {now - started:.1f} s "
                         f"(one that died holding them frees them within {_LEASE_MS // 1000} s): "
                         "retry, or give the call a longer timeout="
                     )
-                await asyncio.sleep(pause * (0.5 + random.random()))
+                await asyncio.sleep(min(pause * (0.5 + random.random()), give_up - now))
                 pause = min(2 * pause, _LEASE_PAUSE_CAP)
             yield
         except (anyio.get_cancelled_exc_class(), TimeoutError, asyncio.TimeoutError, RedisError):
