@@ -217,6 +217,7 @@ async def test_skipped_nulls_count_each_build_afresh(
 
 
 @pytest.mark.parametrize("column", ["numeric_array", "pgvector_text"])
+@pytest.mark.filterwarnings("error::sqlalchemy.exc.SAWarning")  # lshrs decodes the text: no warning for the user
 async def test_sqlalchemy_reads_numeric_arrays_and_pgvector_text(
     postgres_dsn: str, redis_proc: Any, column: str
 ) -> None:

@@ -4,6 +4,7 @@ through an async engine (PostgreSQL, SQLite, MySQL, ...); read, never written.""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -54,7 +55,11 @@ class SQLAlchemyStore:
         def reflect(sync_conn: Any) -> sa.Table:
             if not sa.inspect(sync_conn).has_table(name, schema=schema):
                 raise ValueError(f"table {name!r} does not exist")
-            return sa.Table(name, sa.MetaData(), autoload_with=sync_conn, schema=schema)
+            with warnings.catch_warnings():
+                # A pgvector column without pgvector's SQLAlchemy type: its
+                # values come back as text, which lshrs decodes itself.
+                warnings.filterwarnings("ignore", "Did not recognize type", sa.exc.SAWarning)
+                return sa.Table(name, sa.MetaData(), autoload_with=sync_conn, schema=schema)
 
         async with self._engine.connect() as conn:
             table = await conn.run_sync(reflect)
