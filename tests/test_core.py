@@ -15,6 +15,7 @@ import pytest
 from conftest import assert_found_itself, brute_force, clustered, index_state, keyspace
 from lshrs import LSHRS, Hit
 from lshrs._config import choose_bands, choose_rows
+from lshrs._lshrs import MIN_TRAIN
 from lshrs.adapters import InMemoryStore
 
 pytestmark = pytest.mark.anyio
@@ -225,6 +226,53 @@ async def test_a_dropped_index_built_again_keeps_its_client(make_lsh: Any) -> No
     await lsh.drop()
     await lsh.index(np.arange(300), clustered(300, 32))
     assert lsh._client is client and await lsh.count() == 300
+
+
+@pytest.mark.parametrize("rows", [MIN_TRAIN, MIN_TRAIN - 1])
+async def test_a_partition_trains_on_as_few_as_min_train_rows(make_lsh: Any, hashing: str, rows: int) -> None:
+    """From a store or from a first batch: MIN_TRAIN rows are enough, one
+    fewer is refused (hyperplanes need no training)."""
+    base = clustered(rows, 32, seed=31)
+    store = InMemoryStore()
+    await store.put(np.arange(rows), base)
+    from_store, from_batch = await make_lsh(store=store, prefix="few-s"), await make_lsh(prefix="few-b")
+    for build in (lambda: from_store.index(), lambda: from_batch.index(np.arange(rows), base)):
+        if rows < MIN_TRAIN and hashing == "kmeans":
+            with pytest.raises(ValueError, match=f"needs at least {MIN_TRAIN} vectors \\(this one has {rows}\\)"):
+                await build()
+        else:
+            assert await build() == rows
+    await from_store.drop()
+    await from_batch.drop()
+
+
+async def test_a_learned_index_over_an_empty_store_says_it_has_no_rows(make_lsh: Any, hashing: str) -> None:
+    lsh = await make_lsh(store=InMemoryStore(), prefix="empty-store")
+    if hashing == "kmeans":
+        with pytest.raises(ValueError, match=f"needs at least {MIN_TRAIN} vectors \\(this one has 0\\)"):
+            await lsh.index()
+    else:
+        assert await lsh.index() == 0
+
+
+async def test_drop_deletes_its_own_keys_and_no_other(make_lsh: Any, raw_redis: Any) -> None:
+    """drop() deletes its prefix's keys, in chunks, and says how many: another
+    index on the same Redis and a key that is no index's stay untouched."""
+    base = clustered(6000, 32, seed=29)
+    mine, theirs = await make_lsh(prefix="mine"), await make_lsh(prefix="theirs")
+    await mine.index(np.arange(6000), base)
+    await theirs.index(np.arange(400), base[:400])
+    await raw_redis.set("not-an-index", b"kept")
+
+    async def keys() -> set[bytes]:
+        return {key async for key in raw_redis.scan_iter(count=1000)}
+
+    before = await keys()
+    own = {key for key in before if key.startswith(b"{mine")}
+    assert len(own) > 500  # more than one chunk of deletes
+    assert await mine.drop() == len(own)
+    assert await keys() == before - own
+    assert (await theirs.query(base[7], top_k=1))[0].id == 7
 
 
 @pytest.mark.parametrize("offset", [0, 2**40])
