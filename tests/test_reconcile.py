@@ -295,6 +295,18 @@ async def test_a_resumed_build_skips_what_was_indexed(
     await store.close()
 
 
+async def cancelled_at_60_percent(lsh: LSHRS) -> None:
+    """Build from the store, cancelled as 60% of the rows are written."""
+    with anyio.CancelScope() as scope:
+
+        def cancel_at_60_percent(done: int, total: int | None) -> None:
+            if done >= 0.6 * ROWS:
+                scope.cancel()
+
+        await lsh.index(progress=cancel_at_60_percent)
+    assert scope.cancelled_caught
+
+
 async def test_a_cancelled_build_gives_its_cursor_back(
     postgres_dsn: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -305,14 +317,7 @@ async def test_a_cancelled_build_gives_its_cursor_back(
     store = PostgresStore(postgres_dsn, table=table)
     monkeypatch.setattr(_lshrs, "_HASH_ROWS", 200)
     async with LSHRS(dim=DIM, redis_url=redis_url, prefix="cancelled", store=store, batch_size=200) as lsh:
-        with anyio.CancelScope() as scope:
-
-            def cancel_at_60_percent(done: int, total: int | None) -> None:
-                if done >= 0.6 * ROWS:
-                    scope.cancel()
-
-            await lsh.index(progress=cancel_at_60_percent)
-        assert scope.cancelled_caught
+        await cancelled_at_60_percent(lsh)
         with anyio.fail_after(10):
             await store.close()
 
@@ -334,17 +339,6 @@ class _CleanedUp(InMemoryStore):
             if self.hang:
                 await anyio.sleep_forever()
             self.cleaned_up = True
-
-
-async def cancelled_at_60_percent(lsh: LSHRS) -> None:
-    with anyio.CancelScope() as scope:
-
-        def cancel_at_60_percent(done: int, total: int | None) -> None:
-            if done >= 0.6 * ROWS:
-                scope.cancel()
-
-        await lsh.index(progress=cancel_at_60_percent)
-    assert scope.cancelled_caught
 
 
 async def test_a_cancelled_build_lets_its_stores_rows_clean_up(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
