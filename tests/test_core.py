@@ -729,7 +729,8 @@ def test_a_full_signature_cache_keeps_what_it_holds() -> None:
     "ids",
     [
         [5, 3, 5, 0, 3, 5],  # dense: counted by bincount
-        [7 * 10**9, 3, 7 * 10**9, 12],  # sparse but unsigned 32-bit: sorted narrow
+        [3 * 10**9, 3, 3 * 10**9, 12],  # sparse but unsigned 32-bit: sorted narrow
+        [2**32, 5, 2**32, 2**32 - 1],  # one past unsigned 32-bit: sorted as int64, not wrapped to 0
         [2**40, -(2**62), 2**40, 1],  # neither: sorted as int64
         [],
     ],
@@ -1127,8 +1128,10 @@ def test_first_named_keeps_each_ids_first_position_in_order(high: int) -> None:
 
 async def test_sampled_ids_are_distinct_indexed_ids(make_lsh: Any) -> None:
     """tune() draws its query rows with sample_ids: as many as asked, each
-    indexed, none twice, from every shard."""
+    indexed, none twice, from every shard; none from an empty index."""
     lsh = await make_lsh()
+    empty = await (await lsh._ready()).sharded.sample_ids(5)  # an index emptied since tune() counted it
+    assert empty.shape == (0,) and empty.dtype == np.int64
     await lsh.index(np.arange(1000), clustered(1000, 32))
     index = (await lsh._ready()).sharded
     for count in (1, 37, 400):
