@@ -271,7 +271,8 @@ async def test_tune_refuses_what_it_cannot_measure(make_lsh: Any) -> None:
 
 async def test_open_clients_adopt_a_new_tuning(make_lsh: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that was open before another one ran tune() follows the saved
-    probes at its next query after the refresh interval; ``probes=`` still wins."""
+    probes from its next query after the refresh interval (that query
+    included); ``probes=`` still wins."""
     import lshrs._lshrs
 
     base = clustered(3000, 32, seed=2, spread=0.4)
@@ -283,7 +284,12 @@ async def test_open_clients_adopt_a_new_tuning(make_lsh: Any, monkeypatch: pytes
     tuning = await tuner.tune(0.99, sample=40)
     assert tuning.probes != before  # else this test proves nothing
     monkeypatch.setattr(lshrs._lshrs, "TUNING_REFRESH", 0.0)
+    family = (await reader._ready()).family
+    planned: list[int] = []
+    plan = family.plan
+    monkeypatch.setattr(family, "plan", lambda unit, probes: planned.append(probes) or plan(unit, probes))
     await reader.query(base[0])
+    assert planned == [tuning.probes]  # the query that read the new tuning already reads its buckets
     await pinned.query(base[0])
     assert (await reader._ready()).probes == tuning.probes
     assert (await pinned._ready()).probes == 3
