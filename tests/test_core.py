@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import random
 import threading
@@ -15,6 +16,7 @@ import pytest
 from conftest import assert_found_itself, brute_force, clustered, index_state, keyspace
 from lshrs import LSHRS, Hit
 from lshrs._config import choose_bands, choose_rows
+from lshrs._family import LearnedFamily
 from lshrs._lshrs import MIN_TRAIN
 from lshrs.adapters import InMemoryStore
 
@@ -958,12 +960,20 @@ async def test_rerank_depth_follows_the_size_the_query_scripts_report(make_lsh: 
 async def test_stats_says_when_a_learned_index_outgrew_its_buckets(make_lsh: Any) -> None:
     base = clustered(1600, 32)
     lsh = await make_lsh(hashing="kmeans")
+    empty = await lsh.stats()
+    counted = ("vectors", "buckets", "largest_bucket", "bucket_size_histogram")
+    assert [empty[name] for name in counted] == [0, 0, 0, {}]
     await lsh.index(np.arange(300), base[:300])  # the buckets are sized for 300 vectors
     stats = await lsh.stats()
     assert stats["trained_for"] == 300 and stats["outgrown"] is False and "advice" not in stats
-    await lsh.index(np.arange(300, 1201), base[300:1201])  # 1,201 > 4 x 300
+    assert all(stats["bucket_size_histogram"].values())  # empty bins (here on one server, 1-1) are left out
+    family = (await lsh._ready()).family
+    assert isinstance(family, LearnedFamily) and stats["partition_buckets"] == family.partition.buckets
+    await lsh.index(np.arange(300, 1200), base[300:1200])
+    assert (await lsh.stats())["outgrown"] is False  # 4 x 300 exactly: not yet
+    await lsh.index([1200], base[1200:1201])
     stats = await lsh.stats()
-    assert stats["outgrown"] is True and "sized for 300" in stats["advice"]
+    assert stats["outgrown"] is True and "sized for 300" in stats["advice"] and stats["trained_for"] == 300
     assert 0 < stats["largest_bucket"] < 1201
 
 
@@ -1046,6 +1056,9 @@ async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatc
     exact = await lsh.stats(exact=True)
     assert exact["bucket_statistics"] == "exact" and exact["prefix"] == lsh.prefix
     assert sum(exact["bucket_size_histogram"].values()) == exact["buckets"]
+    sizes, _, _ = await (await lsh._ready()).sharded.bucket_sample(None)
+    powers = collections.Counter(2 ** int(math.log2(size)) for size in sizes)  # each size's power-of-two bin
+    assert exact["bucket_size_histogram"] == {f"{low}-{2 * low - 1}": n for low, n in sorted(powers.items())}
     tables = lsh.config.num_bands if lsh.config.hashing == "hyperplane" else 1 + lsh.config.spill
     assert exact["mean_bucket_size"] * exact["buckets"] == pytest.approx(3000 * tables)
     keys = [key async for key in raw_redis.scan_iter(match=f"{{{lsh.prefix}*", count=1000)]
