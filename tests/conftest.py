@@ -250,6 +250,16 @@ async def index_state(client: Any, lsh: LSHRS, leases: bool = False) -> dict[int
     return signatures
 
 
+async def planned_probes(lsh: LSHRS, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The probes each later query of ``lsh`` plans with, appended as it plans."""
+    family = (await lsh._ready()).family
+    assert family is not None
+    asked: list[int] = []
+    plan = family.plan
+    monkeypatch.setattr(family, "plan", lambda unit, probes: asked.append(probes) or plan(unit, probes))
+    return asked
+
+
 def assert_found_itself(hits: list[Any], id_: int) -> None:
     """A vector's own query without a store: the id comes first, scored by the
     sketch's estimate, near 1 (codes estimate about 0.8 for a vector unlike

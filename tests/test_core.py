@@ -13,7 +13,7 @@ import anyio
 import numpy as np
 import pytest
 
-from conftest import assert_found_itself, brute_force, clustered, index_state, keyspace
+from conftest import assert_found_itself, brute_force, clustered, index_state, keyspace, planned_probes
 from lshrs import LSHRS, Hit
 from lshrs._config import choose_bands, choose_rows
 from lshrs._family import LearnedFamily
@@ -1287,10 +1287,7 @@ async def test_a_query_for_more_hits_reads_more_buckets(make_lsh: Any, monkeypat
     base = clustered(600, 32)
     lsh = await make_lsh(store=InMemoryStore(), probes=8)
     await lsh.index(np.arange(600), base)
-    family = (await lsh._ready()).family
-    asked: list[int] = []
-    plan = family.plan
-    monkeypatch.setattr(family, "plan", lambda unit, probes: asked.append(probes) or plan(unit, probes))
+    asked = await planned_probes(lsh, monkeypatch)
     for top_k in (1, 10, 40, 100):
         await lsh.query(base[0], top_k=top_k)
     assert asked == [8, 8, 16, 26]

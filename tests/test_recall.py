@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import brute_force, clustered
+from conftest import brute_force, clustered, planned_probes
 from lshrs import LSHRS, Tuning
 from lshrs._config import choose_rows
 from lshrs._family import HyperplaneFamily
@@ -284,10 +284,7 @@ async def test_open_clients_adopt_a_new_tuning(make_lsh: Any, monkeypatch: pytes
     tuning = await tuner.tune(0.99, sample=40)
     assert tuning.probes != before  # else this test proves nothing
     monkeypatch.setattr(lshrs._lshrs, "TUNING_REFRESH", 0.0)
-    family = (await reader._ready()).family
-    planned: list[int] = []
-    plan = family.plan
-    monkeypatch.setattr(family, "plan", lambda unit, probes: planned.append(probes) or plan(unit, probes))
+    planned = await planned_probes(reader, monkeypatch)
     await reader.query(base[0])
     assert planned == [tuning.probes]  # the query that read the new tuning already reads its buckets
     await pinned.query(base[0])
