@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import collections
+import inspect
 import math
 import random
+import re
 import threading
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -143,6 +147,45 @@ async def test_reingest_moves_an_id(make_lsh: Any, raw_redis: Any) -> None:
     assert hits == [Hit(0, pytest.approx(1.0, abs=1e-5), "moved")]  # type: ignore[arg-type]
     assert 0 not in {h.id for h in await lsh.query(base[0], top_k=10) if h.score > 0.99}
     assert await lsh.count() == 400
+
+
+def test_the_defaults_in_force_are_the_documented_ones() -> None:
+    """docs/contract.md's signature of LSHRS names every keyword with the
+    default the code declares, and a client given nothing but ``dim`` runs
+    with those values (mutated defaults leave the declared signature alone)."""
+    text = (Path(__file__).parents[1] / "docs" / "contract.md").read_text()
+    written = " ".join(text[text.index("`LSHRS(") : text.index(")`", text.index("`LSHRS("))].split())
+    documented = {
+        name: ast.literal_eval(value.strip())
+        for name, value in re.findall(r"(\w+)=([^,|]+)", written.removeprefix("`LSHRS("))
+        if not value.startswith("<")
+    }
+    declared = {name: p.default for name, p in inspect.signature(LSHRS).parameters.items() if p.default is not p.empty}
+    assert declared.pop("redis") is None  # written "redis_url=None | redis=<client>"
+    assert documented == declared
+    lsh = LSHRS(dim=8)
+    in_force = {
+        "prefix": lsh.prefix,
+        "threshold": lsh._threshold,
+        "max_candidates": lsh._max_candidates,
+        "signature_cache": lsh._cache_size,
+        "warm_in_background": lsh._warm_in_background,
+        "batch_size": lsh._batch_size,
+        "timeout": lsh._timeout,
+        "max_inflight": lsh._admission.limit,
+    }
+    assert in_force == {name: documented[name] for name in in_force}
+    assert lsh._url == "redis://localhost:6379/0" and lsh._redis_options == {}
+    assert (lsh.config.hashing, lsh.config.seed, lsh.config.shards, lsh.config.id_bytes, lsh.config.spill) == (
+        "kmeans",
+        0,
+        1,
+        4,
+        1,
+    )
+    banded = LSHRS(dim=8, hashing="hyperplane").config
+    rows = choose_rows(documented["expected_size"])
+    assert (banded.num_bands, banded.rows_per_band) == (choose_bands(documented["threshold"], rows), rows)
 
 
 async def test_two_clients_share_a_prefix_and_conflicts_are_refused(make_lsh: Any) -> None:
@@ -1160,6 +1203,17 @@ async def test_sampled_ids_are_distinct_indexed_ids(make_lsh: Any) -> None:
     sharded = (await grouped._ready()).sharded
     assert sharded.groups == 1
     assert len(set((await sharded.sample_ids(37)).tolist())) == 37
+
+
+async def test_stats_reads_the_memory_of_a_shard_of_one_record_group(make_lsh: Any, raw_redis: Any) -> None:
+    """256 learned vectors over 8 shards: one record group a shard, whose
+    memory stats() reads whole, not scaled down as a sample of two."""
+    lsh = await make_lsh(shards=8, hashing="kmeans")
+    await lsh.index(np.arange(256), clustered(256, 32, seed=2))
+    assert (await lsh._ready()).sharded.groups == 1
+    keys = [key async for key in raw_redis.scan_iter(match=f"{{{lsh.prefix}*", count=1000)]
+    used = sum([await raw_redis.memory_usage(key) for key in keys])
+    assert (await lsh.stats(exact=True))["index_memory_bytes"] == used
 
 
 def test_the_learned_tuning_ladder() -> None:

@@ -100,9 +100,10 @@ async def test_exact_stats_report_the_bucket_keys_read(redis_proc: Any, capsys: 
     assert sampled["bucket_statistics"].startswith("sampled") and "lshrs stats" in bar and "5000" in bar
 
 
-async def test_a_tune_that_reaches_its_target_ends_its_count_full(redis_proc: Any) -> None:
+async def test_a_tune_that_reaches_its_target_ends_its_count_full(redis_proc: Any, capsys: Any) -> None:
     """tune() stops at the first probe setting that reaches the target: its
-    last count says so (n of n), not that it stopped midway (n of 16)."""
+    last count says so (n of n), not that it stopped midway (n of 16). Its
+    bar names it."""
     seen: list[tuple[int, int | None]] = []
     store = InMemoryStore()
     uniform = np.random.default_rng(5).standard_normal((1200, DIM))  # no clusters: a ladder of several steps
@@ -111,6 +112,9 @@ async def test_a_tune_that_reaches_its_target_ends_its_count_full(redis_proc: An
         await lsh.drop()
         await lsh.index()
         tuning = await lsh.tune(0.98, sample=20, progress=lambda done, total: seen.append((done, total)))
+        capsys.readouterr()
+        await lsh.tune(0.98, sample=20, progress=True, save=False)
+        assert "lshrs tune" in capsys.readouterr().err
         await lsh.drop()
     ladder = len(seen) - 1
     assert ladder >= 1 and len(tuning.curve) == len(seen) and seen[-1] == (len(seen), len(seen))

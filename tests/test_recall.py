@@ -250,21 +250,40 @@ async def test_tune_on_given_queries_measures_those(make_lsh: Any) -> None:
     assert tuning.recall >= 0.9, tuning
     measured = mean_recall(await lsh.query_many(queries, top_k=10), brute_force(base, queries, 10))
     assert measured == pytest.approx(tuning.recall)
-    with pytest.raises(ValueError, match="no queries"):
+    with pytest.raises(
+        ValueError, match=r"^tune\(\) has no queries: pass some, or fill the store that the index points into$"
+    ):
         await lsh.tune(queries=np.empty((0, 32), np.float32))
-    with pytest.raises(ValueError, match=r"shape \(n, 32\)"):
+    with pytest.raises(ValueError, match=r"^queries must have shape \(n, 32\) or \(32,\), got \(3, 7\)$"):
         await lsh.tune(queries=np.ones((3, 7), np.float32))
+
+
+async def test_tune_asks_200_stored_vectors_for_their_top_10_by_default(make_lsh: Any) -> None:
+    """The defaults of sample= and top_k=, each compared with the curve it
+    gives when passed (uniform vectors: recall short of 1 at the first
+    probes, so a curve at another top_k differs)."""
+    uniform = np.random.default_rng(8).standard_normal((1200, 32)).astype(np.float32)
+    queries = uniform[:40] + 0.3 * np.random.default_rng(9).standard_normal((40, 32)).astype(np.float32)
+    lsh = await make_lsh(store=InMemoryStore())
+    await lsh.index(np.arange(len(uniform)), uniform)
+    by_default = await lsh.tune(0.99, queries=queries, save=False)
+    at_10, at_11 = [await lsh.tune(0.99, queries=queries, top_k=k, save=False) for k in (10, 11)]
+    assert by_default.curve == at_10.curve != at_11.curve
+    assert (await lsh.tune(0.99, save=False)).sample == 200
 
 
 async def test_tune_refuses_what_it_cannot_measure(make_lsh: Any) -> None:
     no_store = await make_lsh()
-    with pytest.raises(ValueError, match="needs a store"):
+    with pytest.raises(ValueError, match=r"^tune\(\) needs a store: pass store="):
         await no_store.tune()
     empty = await make_lsh(store=InMemoryStore())
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"^tune\(\) needs a built index: this one is empty$"):
         await empty.tune()
-    with pytest.raises(ValueError, match="target_recall"):
-        await empty.tune(1.5)
+    for target in (0.0, 1.5):
+        with pytest.raises(ValueError, match=rf"^target_recall must be in \(0, 1\], got {target}$"):
+            await empty.tune(target)
+    with pytest.raises(ValueError, match=r"^top_k must be at least 1, got 0$"):
+        await empty.tune(top_k=0)
     with pytest.raises(ValueError, match=r"^sample must be at least 1, got 0$"):
         await empty.tune(sample=0)
 
