@@ -356,6 +356,12 @@ async def test_a_failed_streamed_build_raises_the_redis_error_itself() -> None:
 
 
 async def test_an_evicting_redis_is_warned_about() -> None:
+    """A policy that may evict the index's keys is a warning, word for word;
+    a server that refuses CONFIG (managed services do) opens quietly."""
+    said = (
+        "Redis runs with maxmemory-policy allkeys-lru: it may evict the index's keys, which loses "
+        "results silently; run the index's Redis with maxmemory-policy noeviction"
+    )
     with redis_server("--maxmemory-policy", "allkeys-lru") as server, pytest.warns(RuntimeWarning, match="noeviction"):
         async with LSHRS(dim=DIM, redis_url=server.url):
             pass
@@ -363,8 +369,25 @@ async def test_an_evicting_redis_is_warned_about() -> None:
             lsh = LSHRS(dim=DIM, redis_url=server.url)
             await lsh.open()  # the warning names this line, not lshrs's own
         assert warned[0].filename == __file__, warned[0]
+        assert str(warned[0].message) == said
         await lsh.close()
     with redis_server() as server, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        async with LSHRS(dim=DIM, redis_url=server.url):
+            pass
+    no_config = [
+        "--maxmemory-policy",
+        "allkeys-lru",
+        "--user",
+        "default",
+        "on",
+        "nopass",
+        "~*",
+        "&*",
+        "+@all",
+        "-config",
+    ]
+    with redis_server(*no_config) as server, warnings.catch_warnings():
         warnings.simplefilter("error")
         async with LSHRS(dim=DIM, redis_url=server.url):
             pass
