@@ -69,11 +69,12 @@ async def test_a_build_skips_and_counts_the_rows_it_cannot_index(
         assert set(await index_state(raw, lsh)) == set(range(GOOD))
         assert "skipped 4 rows it cannot index: 1 NULL vector, 1 NaN or infinity" in capsys.readouterr().err
         # strict: the build stops at the first batch holding one (the second batch of 100 holds all four).
-        stopped = (
-            r"cannot index: 1 NULL vector, 1 NaN or infinity, 1 all zeros, 1 wrong dimension \(id 302\); index\(strict"
-        )
-        with pytest.raises(ValueError, match=stopped):
+        with pytest.raises(ValueError) as stopped:
             await lsh.index(strict=True)
+        assert str(stopped.value) == (
+            "the store holds rows a build cannot index: 1 NULL vector, 1 NaN or infinity, 1 all zeros, "
+            "1 wrong dimension (id 302); index(strict=True) stops at them, index() skips and counts them"
+        )
         # A row that turns bad after its build: a query fetching it skips it,
         # and reconcile takes it out of the index.
         conn = await asyncpg.connect(bad_rows_table)
@@ -89,6 +90,37 @@ async def test_a_build_skips_and_counts_the_rows_it_cannot_index(
         )
         await lsh.drop()
     await raw.aclose()
+
+
+async def test_null_rows_alone_are_counted_without_an_id_and_logged_without_progress(
+    postgres_dsn: str, redis_proc: Any, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """NULL vectors never reach the build (the store leaves them out), so
+    a strict build names no id; a build without progress logs what it
+    skipped as a warning instead of writing to stderr."""
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("DROP TABLE IF EXISTS null_rows")
+    await conn.execute("CREATE TABLE null_rows (id bigint PRIMARY KEY, embedding bytea)")
+    rows = [(i, BASE[i].astype("<f4").tobytes()) for i in range(GOOD)] + [(GOOD, None)]
+    await conn.executemany("INSERT INTO null_rows VALUES ($1, $2)", rows)
+    await conn.close()
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    store = PostgresStore(postgres_dsn, table="null_rows")
+    async with LSHRS(dim=DIM, redis_url=url, prefix="null-rows", store=store) as lsh:
+        await lsh.drop()
+        with pytest.raises(ValueError) as stopped:
+            await lsh.index(strict=True)
+        assert str(stopped.value) == (
+            "the store holds rows a build cannot index: 1 NULL vector; "
+            "index(strict=True) stops at them, index() skips and counts them"
+        )
+        capsys.readouterr()
+        with caplog.at_level(logging.WARNING, logger="lshrs"):
+            assert await lsh.index() == GOOD
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.module == "_lshrs"]
+        assert warned == ["skipped 1 rows it cannot index: 1 NULL vector"]  # the store logs its own too
+        assert "skipped" not in capsys.readouterr().err
+        await lsh.drop()
 
 
 async def test_sqlalchemy_and_array_columns_skip_rows_of_another_length(postgres_dsn: str, redis_proc: Any) -> None:

@@ -1123,9 +1123,15 @@ async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatc
     assert await lsh.stats(exact=True) == exact  # exact=True reads every bucket whatever the sample
 
 
-async def test_a_bulk_build_leaves_no_room_to_grow_in_its_buckets(redis_url: str, raw_redis: Any) -> None:
+async def test_a_bulk_build_leaves_no_room_to_grow_in_its_buckets(
+    redis_url: str, raw_redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """APPEND allocates ahead; after a build of many batches every bucket
-    takes what the same bytes take when SET afresh."""
+    takes what the same bytes take when SET afresh (compacted in many chunks
+    of keys, as a large index's are)."""
+    import lshrs._index
+
+    monkeypatch.setattr(lshrs._index, "WRITE_CHUNK", 7)
     async with LSHRS(dim=32, redis_url=redis_url, prefix="tight", batch_size=500) as lsh:
         await lsh.index(np.arange(3000), clustered(3000, 32))
         keys = [key async for key in raw_redis.scan_iter(match="{tight:*}:b*", count=1000)]

@@ -117,16 +117,25 @@ async def test_reconcile_repairs_exactly_the_difference(
     await conn.close()
 
 
-async def test_reconcile_with_an_owned_store(redis_url: str, raw_redis: Any, hashing: str, shards: int) -> None:
-    """An owned store changed directly (not through lshrs) is the truth too."""
+@pytest.mark.parametrize("id_bytes", [4, 8])
+async def test_reconcile_with_an_owned_store(
+    redis_url: str, raw_redis: Any, hashing: str, shards: int, id_bytes: int
+) -> None:
+    """An owned store changed directly (not through lshrs) is the truth too;
+    also with 8-byte ids past 2**32 over more shards, whose indexed ids are
+    listed shard by shard and joined."""
+    first, shards = (0, shards) if id_bytes == 4 else (2**40, shards + 2)
+    ids, added = first + np.arange(ROWS), first + np.arange(3000, 3005)
     store = InMemoryStore()
-    async with LSHRS(dim=DIM, redis_url=redis_url, prefix="own", store=store, hashing=hashing, shards=shards) as lsh:
-        await lsh.index(np.arange(ROWS), BASE[:ROWS])
-        await store.remove(np.arange(10))
-        await store.put(np.arange(3000, 3005), BASE[2000:2005], None)
+    async with LSHRS(
+        dim=DIM, redis_url=redis_url, prefix="own", store=store, hashing=hashing, shards=shards, id_bytes=id_bytes
+    ) as lsh:
+        await lsh.index(ids, BASE[:ROWS])
+        await store.remove(ids[:10])
+        await store.put(added, BASE[2000:2005], None)
         report = await lsh.reconcile()
         assert (report.added, report.removed, report.updated) == (5, 10, 0)
-        assert set(await index_state(raw_redis, lsh)) == set(range(10, ROWS)) | set(range(3000, 3005))
+        assert set(await index_state(raw_redis, lsh)) == set(ids[10:].tolist()) | set(added.tolist())
         await lsh.drop()
 
 
