@@ -183,6 +183,8 @@ def test_the_defaults_in_force_are_the_documented_ones() -> None:
         4,
         1,
     )
+    for id_bytes in (4, 8):  # both widths may be asked for by name
+        assert LSHRS(dim=8, id_bytes=id_bytes).config.id_bytes == id_bytes
     banded = LSHRS(dim=8, hashing="hyperplane").config
     rows = choose_rows(documented["expected_size"])
     assert (banded.num_bands, banded.rows_per_band) == (choose_bands(documented["threshold"], rows), rows)
@@ -1209,6 +1211,22 @@ async def test_sampled_ids_are_distinct_indexed_ids(make_lsh: Any) -> None:
     sharded = (await grouped._ready()).sharded
     assert sharded.groups == 1
     assert len(set((await sharded.sample_ids(37)).tolist())) == 37
+
+
+async def test_clients_that_train_at_once_all_file_by_the_first_partition_stored(make_lsh: Any, raw_redis: Any) -> None:
+    """Two clients building the first batches of one new learned prefix at
+    once each fit a partition; the first stored wins, and both file their
+    ids by it: every record is what a third client computes from the
+    partition it adopts."""
+    first = await make_lsh(hashing="kmeans")
+    second = await make_lsh(prefix=first.prefix, hashing="kmeans")
+    vectors = np.concatenate([clustered(600, 32, seed=3), clustered(600, 32, seed=4)])
+    await asyncio.gather(first.index(np.arange(600), vectors[:600]), second.index(np.arange(600, 1200), vectors[600:]))
+    reader = await make_lsh(prefix=first.prefix, hashing=None)
+    family = (await reader._ready()).family
+    assert family is not None
+    expected = {i: bytes(record) for i, record in enumerate(family.records(vectors))}
+    assert await index_state(raw_redis, reader) == expected
 
 
 async def test_stats_reads_the_memory_of_a_shard_of_one_record_group(make_lsh: Any, raw_redis: Any) -> None:
