@@ -176,15 +176,12 @@ def test_the_defaults_in_force_are_the_documented_ones() -> None:
     }
     assert in_force == {name: documented[name] for name in in_force}
     assert lsh._url == "redis://localhost:6379/0" and lsh._redis_options == {}
-    assert (lsh.config.hashing, lsh.config.seed, lsh.config.shards, lsh.config.id_bytes, lsh.config.spill) == (
-        "kmeans",
-        0,
-        1,
-        4,
-        1,
-    )
+    config = lsh.config
+    assert (config.hashing, config.num_bands, config.rows_per_band) == ("kmeans", 0, 0)
+    assert (config.seed, config.shards, config.id_bytes, config.spill) == (0, 1, 4, 1)
     for id_bytes in (4, 8):  # both widths may be asked for by name
         assert LSHRS(dim=8, id_bytes=id_bytes).config.id_bytes == id_bytes
+    assert LSHRS(dim=8, seed=0).config.seed == 0  # the smallest seed is a seed
     banded = LSHRS(dim=8, hashing="hyperplane").config
     rows = choose_rows(documented["expected_size"])
     assert (banded.num_bands, banded.rows_per_band) == (choose_bands(documented["threshold"], rows), rows)
