@@ -185,6 +185,18 @@ def test_the_defaults_in_force_are_the_documented_ones() -> None:
     banded = LSHRS(dim=8, hashing="hyperplane").config
     rows = choose_rows(documented["expected_size"])
     assert (banded.num_bands, banded.rows_per_band) == (choose_bands(documented["threshold"], rows), rows)
+    assert (banded.spill, banded.code_bytes) == (0, 0)  # a learned family's settings only
+
+
+async def test_buckets_sizes_a_learned_partition(make_lsh: Any) -> None:
+    """``buckets=`` overrides the count chosen from the vectors trained on
+    (about: each coarse group's share of it is rounded)."""
+    from lshrs._partition import choose_buckets
+
+    lsh = await make_lsh(hashing="kmeans", buckets=20)
+    await lsh.index(np.arange(600), clustered(600, 32, seed=5))
+    assert choose_buckets(600) > 30  # else this proves nothing
+    assert 18 <= (await lsh.stats())["partition_buckets"] <= 22
 
 
 async def test_two_clients_share_a_prefix_and_conflicts_are_refused(make_lsh: Any) -> None:
