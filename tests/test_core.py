@@ -188,6 +188,18 @@ def test_the_defaults_in_force_are_the_documented_ones() -> None:
     assert (banded.spill, banded.code_bytes) == (0, 0)  # a learned family's settings only
 
 
+async def test_a_client_never_opened_closes_quietly_and_one_that_cannot_connect_says_so() -> None:
+    """close() before any use does nothing; an open() that cannot connect
+    raises redis's own error (after closing what it opened, which must not
+    fail in turn)."""
+    import redis
+
+    lsh = LSHRS(dim=8, redis_url="redis://127.0.0.1:1/0", timeout=0.5)  # port 1: refused at once
+    await lsh.close()
+    with pytest.raises(redis.ConnectionError, match=r"127\.0\.0\.1:1\b"):
+        await lsh.open()
+
+
 async def test_buckets_sizes_a_learned_partition(make_lsh: Any) -> None:
     """``buckets=`` overrides the count chosen from the vectors trained on
     (about: each coarse group's share of it is rounded)."""
