@@ -22,6 +22,7 @@ from lshrs import LSHRS, Hit
 from lshrs._config import choose_bands, choose_rows
 from lshrs._family import LearnedFamily
 from lshrs._lshrs import MIN_TRAIN
+from lshrs._partition import Partition
 from lshrs.adapters import InMemoryStore
 
 pytestmark = pytest.mark.anyio
@@ -186,6 +187,22 @@ def test_the_defaults_in_force_are_the_documented_ones() -> None:
     rows = choose_rows(documented["expected_size"])
     assert (banded.num_bands, banded.rows_per_band) == (choose_bands(documented["threshold"], rows), rows)
     assert (banded.spill, banded.code_bytes) == (0, 0)  # a learned family's settings only
+
+
+async def test_the_seed_decides_the_learned_partition_and_its_codes(make_lsh: Any, raw_redis: Any) -> None:
+    """The same vectors and seed fit the same partition and codebooks; another
+    seed fits others (both fits draw from the seed, not from a default).
+    80 buckets keep all 600 rows to fit on, so no seeded subsample differs."""
+    vectors = clustered(600, 32, seed=6)
+    stored = []
+    for prefix, seed in (("seeded-a", 3), ("seeded-b", 3), ("seeded-c", 4)):
+        lsh = await make_lsh(prefix=prefix, hashing="kmeans", seed=seed, buckets=80)
+        await lsh.index(np.arange(600), vectors)
+        stored.append(await raw_redis.get(f"{{{lsh.prefix}}}:cent"))
+    partition_bytes = len(stored[0]) - len(Partition.split(stored[0], 32)[1])
+    assert stored[0] == stored[1]
+    assert stored[0][:partition_bytes] != stored[2][:partition_bytes]  # the partition
+    assert stored[0][partition_bytes:] != stored[2][partition_bytes:]  # the codebooks
 
 
 async def test_a_client_never_opened_closes_quietly_and_one_that_cannot_connect_says_so() -> None:

@@ -62,6 +62,19 @@ async def test_without_tqdm_plain_lines(
     assert report.unchanged == 1200 and "lshrs reconcile: 1,200 of 1,200 vectors (100%)" in again
 
 
+async def test_a_build_without_progress_writes_nothing_on_stderr(
+    redis_proc: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fitting the partition is announced on stderr only to callers who
+    asked for progress (else it is logged)."""
+    async with LSHRS(dim=DIM, redis_url=url_of(redis_proc), prefix="quiet") as lsh:
+        await lsh.drop()
+        capsys.readouterr()
+        await lsh.index(np.arange(600), BASE[:600])
+        assert capsys.readouterr().err == ""
+        await lsh.drop()
+
+
 async def test_a_callback_sees_every_batch(redis_proc: Any) -> None:
     seen: list[tuple[int, int | None]] = []
     async with LSHRS(dim=DIM, redis_url=url_of(redis_proc), prefix="calls", batch_size=250) as lsh:
