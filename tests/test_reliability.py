@@ -287,6 +287,24 @@ async def test_a_release_that_failed_is_retried_until_it_lands() -> None:
             assert time.monotonic() - started < 1.0
 
 
+async def test_close_lets_pending_releases_land_for_a_second_then_cancels_them() -> None:
+    """A client closed while a release retries against a server that is down
+    waits about a second for it, then cancels it: not the leases' 30 s."""
+    with redis_server() as server:
+        lsh = LSHRS(dim=DIM, redis_url=server.url, store=InMemoryStore(), prefix="rel", timeout=0.2)
+        await lsh.index(np.arange(500), BASE[:500])
+        index = lsh._opened.sharded  # type: ignore[union-attr]
+        server.executor.stop()
+        lsh._release_later(index, np.arange(3), b"cut")
+        pending = set(lsh._releasing)
+        started = time.monotonic()
+        await lsh.close()
+        waited = time.monotonic() - started
+        await asyncio.wait(pending, timeout=1.0)  # a cancelled task ends at its next step
+        assert pending and all(task.cancelled() for task in pending)
+        assert 0.9 < waited < 5.0, waited
+
+
 async def test_a_release_that_cannot_land_gives_up_once_its_leases_lapse(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the leases' lapse the server frees the ids itself: a release still
     retrying against a server that stays down would only spin."""
