@@ -217,6 +217,40 @@ async def test_a_client_never_opened_closes_quietly_and_one_that_cannot_connect_
         await lsh.open()
 
 
+async def test_close_ends_the_connections_it_opened_and_not_a_client_passed_in(redis_proc: Any) -> None:
+    """close() closes the Redis client lshrs opened, and leaves one the caller
+    passed in connected (counted by the server)."""
+    from redis.asyncio import Redis
+
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    watcher = Redis.from_url(url)
+
+    async def connected(settled: int | None = None) -> int:
+        for _ in range(100):  # the server counts a closed socket once it reads its end
+            count = int((await watcher.info("clients"))["connected_clients"])
+            if settled is None or count == settled:
+                break
+            await anyio.sleep(0.01)
+        return count
+
+    before = await connected()
+    own = LSHRS(dim=8, redis_url=url, prefix="closing", hashing="hyperplane")
+    await own.ingest(1, np.ones(8))
+    assert await connected() > before
+    held = own._client  # kept, so only close() can end its connections (not the garbage collector)
+    await own.close()
+    assert await connected(settled=before) == before
+    del held
+    given = Redis.from_url(url)
+    async with LSHRS(dim=8, redis=given, prefix="closing", hashing="hyperplane") as passed:
+        assert [hit.id for hit in await passed.query(np.ones(8))] == [1]
+        await passed.drop()
+    await anyio.sleep(0.2)
+    assert await connected() > before  # the caller's client still holds its connection
+    await given.aclose()
+    await watcher.aclose()
+
+
 async def test_buckets_sizes_a_learned_partition(make_lsh: Any) -> None:
     """``buckets=`` overrides the count chosen from the vectors trained on
     (about: each coarse group's share of it is rounded)."""
