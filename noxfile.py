@@ -124,7 +124,7 @@ def breakages(session: nox.Session) -> None:
 def mutate(session: nox.Session) -> None:
     """Mutation testing of the core modules (mutmut; see tests/README.md): slow, not in CI."""
     session.run("bash", "scripts/install-servers.sh", external=True)
-    session.install("-e", ".[test,progress]", "mutmut==3.8.1")
+    session.install("-e", ".[test,progress]", "mutmut==3.8.1", "pytest-timeout==2.4.0")
     session.run("mutmut", "run", *session.posargs)
     session.run("mutmut", "results", success_codes=[0, 1])
 
