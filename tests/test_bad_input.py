@@ -175,6 +175,19 @@ async def test_a_learned_index_refuses_to_train_on_too_few_vectors(make_lsh: Any
     assert (await lsh.query(first[7], top_k=1))[0].id == 7
 
 
+async def test_a_damaged_projection_refuses_to_open(make_lsh: Any, raw_redis: Any) -> None:
+    """A hyperplane index's projection cut short, or gone, would mis-hash every id: refuse."""
+    lsh = await make_lsh(dim=DIM, hashing="hyperplane", prefix="damaged-proj")
+    await lsh.ingest(1, good[0])
+    key = "{damaged-proj}:proj"
+    projection = await raw_redis.get(key)
+    for damaged in (projection[:-4], None):
+        await (raw_redis.delete(key) if damaged is None else raw_redis.set(key, damaged))
+        with pytest.raises(ValueError) as refused:
+            await make_lsh(dim=DIM, prefix="damaged-proj", hashing=None)
+        assert str(refused.value) == "prefix 'damaged-proj' has a damaged projection matrix; drop the index"
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [

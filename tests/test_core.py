@@ -281,6 +281,12 @@ async def test_two_clients_share_a_prefix_and_conflicts_are_refused(make_lsh: An
         await make_lsh(dim=16, hashing=None)
     with pytest.raises(ValueError, match="seed"):
         await make_lsh(seed=6, hashing=None)
+    with pytest.raises(ValueError) as refused:
+        await make_lsh(num_bands=20, seed=6)
+    assert str(refused.value) == (
+        f"prefix {first.prefix!r} holds an index with another configuration (num_bands: given 20, stored 12; "
+        "seed: given 6, stored 5): open it without those arguments to adopt it, or use another prefix"
+    )
     other = await make_lsh(prefix="other", num_bands=20)
     assert other.config.num_bands == 20
 
