@@ -6,6 +6,7 @@ import ast
 import asyncio
 import collections
 import inspect
+import logging
 import math
 import random
 import re
@@ -22,7 +23,7 @@ from lshrs import LSHRS, Hit
 from lshrs._config import choose_bands, choose_rows
 from lshrs._family import LearnedFamily
 from lshrs._lshrs import MIN_TRAIN
-from lshrs._partition import Partition
+from lshrs._partition import Partition, choose_buckets
 from lshrs.adapters import InMemoryStore
 
 pytestmark = pytest.mark.anyio
@@ -254,8 +255,6 @@ async def test_close_ends_the_connections_it_opened_and_not_a_client_passed_in(r
 async def test_buckets_sizes_a_learned_partition(make_lsh: Any) -> None:
     """``buckets=`` overrides the count chosen from the vectors trained on
     (about: each coarse group's share of it is rounded)."""
-    from lshrs._partition import choose_buckets
-
     lsh = await make_lsh(hashing="kmeans", buckets=20)
     await lsh.index(np.arange(600), clustered(600, 32, seed=5))
     assert choose_buckets(600) > 30  # else this proves nothing
@@ -1291,7 +1290,9 @@ async def test_sampled_ids_are_distinct_indexed_ids(make_lsh: Any) -> None:
     assert len(set((await sharded.sample_ids(37)).tolist())) == 37
 
 
-async def test_clients_that_train_at_once_all_file_by_the_first_partition_stored(make_lsh: Any, raw_redis: Any) -> None:
+async def test_clients_that_train_at_once_all_file_by_the_first_partition_stored(
+    make_lsh: Any, raw_redis: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     """Two clients building the first batches of one new learned prefix at
     once each fit a partition; the first stored wins, and both file their
     ids by it: every record is what a third client computes from the
@@ -1299,7 +1300,12 @@ async def test_clients_that_train_at_once_all_file_by_the_first_partition_stored
     first = await make_lsh(hashing="kmeans")
     second = await make_lsh(prefix=first.prefix, hashing="kmeans")
     vectors = np.concatenate([clustered(600, 32, seed=3), clustered(600, 32, seed=4)])
-    await asyncio.gather(first.index(np.arange(600), vectors[:600]), second.index(np.arange(600, 1200), vectors[600:]))
+    with caplog.at_level(logging.INFO, logger="lshrs"):
+        await asyncio.gather(
+            first.index(np.arange(600), vectors[:600]), second.index(np.arange(600, 1200), vectors[600:])
+        )
+    fits = [r for r in caplog.records if r.getMessage().startswith("fitting ")]
+    assert len(fits) == 2  # both fitted before either stored: else this proves nothing
     reader = await make_lsh(prefix=first.prefix, hashing=None)
     family = (await reader._ready()).family
     assert family is not None
