@@ -575,7 +575,7 @@ async def test_warm_loads_every_signature_and_still_follows_writes(make_lsh: Any
 async def test_a_reader_warms_itself_in_the_background_after_its_first_query(make_lsh: Any) -> None:
     """A service restarted without ``warm()``: its first query finds the
     cache cold, and the cache fills in the background; with
-    ``warm_in_background=False`` it stays cold."""
+    ``warm_in_background=False``, or no cache, it stays cold."""
     base = clustered(1200, 32, centers=6, seed=8)
     writer = await make_lsh()
     await writer.index(np.arange(1200), base)
@@ -595,6 +595,11 @@ async def test_a_reader_warms_itself_in_the_background_after_its_first_query(mak
             assert index._warm_started == started and not index._warming
         await reader.close()
         assert not index._warming
+    no_cache = await make_lsh(signature_cache=0, probes=4)
+    index = (await no_cache._ready()).sharded
+    assert [h.id for h in await no_cache.query(base[3], top_k=5)] == truth
+    assert not index._warm_started  # nothing to fill: no scan of every record
+    await no_cache.close()
 
 
 async def test_close_cancels_a_background_warm(make_lsh: Any) -> None:
