@@ -152,6 +152,20 @@ def test_bad_configuration_is_refused(options: dict[str, Any], error: type[Excep
     assert str(refused.value) == message
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"shards": 4096},
+        {"num_bands": 255, "rows_per_band": 64},
+        {"buckets": 2**31},
+        {"signature_cache": 0},
+    ],
+)
+def test_configuration_at_its_bounds_is_accepted(options: dict[str, Any]) -> None:
+    """The largest and smallest values each refusal names are allowed."""
+    assert LSHRS(dim=8, **options)
+
+
 async def test_decoding_client_is_refused() -> None:
     from redis.asyncio import Redis
 
