@@ -33,16 +33,24 @@ BAD = {
 }
 
 
+async def bytea_table(dsn: str, table: str, rows: list[tuple[int, np.ndarray | None]]) -> None:
+    """A fresh table of (id, float32 bytes or NULL) rows, in the order given."""
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(f"DROP TABLE IF EXISTS {table}")
+    await conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, embedding bytea)")
+    await conn.executemany(
+        f"INSERT INTO {table} VALUES ($1, $2)",
+        [(i, None if v is None else v.astype("<f4").tobytes()) for i, v in rows],
+    )
+    await conn.close()
+
+
 @pytest.fixture
 async def bad_rows_table(postgres_dsn: str) -> str:
     """A bytea table of good rows with one bad row of each kind in the middle."""
-    conn = await asyncpg.connect(postgres_dsn)
-    await conn.execute("DROP TABLE IF EXISTS bad_rows")
-    await conn.execute("CREATE TABLE bad_rows (id bigint PRIMARY KEY, embedding bytea)")
-    good = [(i, BASE[i].astype("<f4").tobytes()) for i in range(GOOD)]
-    bad = [(GOOD + k, None if v is None else v.astype("<f4").tobytes()) for k, v in enumerate(BAD.values())]
-    await conn.executemany("INSERT INTO bad_rows VALUES ($1, $2)", good[:150] + bad + good[150:])
-    await conn.close()
+    good = [(i, BASE[i]) for i in range(GOOD)]
+    bad = [(GOOD + k, v) for k, v in enumerate(BAD.values())]
+    await bytea_table(postgres_dsn, "bad_rows", good[:150] + bad + good[150:])
     return postgres_dsn
 
 
@@ -98,12 +106,7 @@ async def test_null_rows_alone_are_counted_without_an_id_and_logged_without_prog
     """NULL vectors never reach the build (the store leaves them out), so
     a strict build names no id; a build without progress logs what it
     skipped as a warning instead of writing to stderr."""
-    conn = await asyncpg.connect(postgres_dsn)
-    await conn.execute("DROP TABLE IF EXISTS null_rows")
-    await conn.execute("CREATE TABLE null_rows (id bigint PRIMARY KEY, embedding bytea)")
-    rows = [(i, BASE[i].astype("<f4").tobytes()) for i in range(GOOD)] + [(GOOD, None)]
-    await conn.executemany("INSERT INTO null_rows VALUES ($1, $2)", rows)
-    await conn.close()
+    await bytea_table(postgres_dsn, "null_rows", [*((i, BASE[i]) for i in range(GOOD)), (GOOD, None)])
     url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
     store = PostgresStore(postgres_dsn, table="null_rows")
     async with LSHRS(dim=DIM, redis_url=url, prefix="null-rows", store=store) as lsh:

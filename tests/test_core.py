@@ -1169,6 +1169,12 @@ async def test_a_client_builds_a_large_partitions_sieve_off_the_event_loop(
     assert len(built) == 2
 
 
+async def prefix_memory(raw_redis: Any, prefix: str) -> int:
+    """``MEMORY USAGE`` of every key of the prefix, summed: what ``stats()`` must report."""
+    keys = [key async for key in raw_redis.scan_iter(match=f"{{{prefix}*", count=1000)]
+    return sum([await raw_redis.memory_usage(key) for key in keys])
+
+
 async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """stats() reads a sample of bucket keys unless exact=True; a sample that
     covers every bucket is exact, a smaller one extrapolates the bucket count
@@ -1188,8 +1194,7 @@ async def test_stats_sampled_and_exact(make_lsh: Any, raw_redis: Any, monkeypatc
     assert exact["bucket_size_histogram"] == {f"{low}-{2 * low - 1}": n for low, n in sorted(powers.items())}
     tables = lsh.config.num_bands if lsh.config.hashing == "hyperplane" else 1 + lsh.config.spill
     assert exact["mean_bucket_size"] * exact["buckets"] == pytest.approx(3000 * tables)
-    keys = [key async for key in raw_redis.scan_iter(match=f"{{{lsh.prefix}*", count=1000)]
-    used = sum([await raw_redis.memory_usage(key) for key in keys])
+    used = await prefix_memory(raw_redis, lsh.prefix)
     assert exact["index_memory_bytes"] == used  # every key of the prefix, nothing else on the server
     assert exact["index_bytes_per_vector"] == round(used / 3000, 1)
     if exact["buckets"] <= lshrs_module.STATS_SAMPLE:
@@ -1336,8 +1341,7 @@ async def test_stats_reads_the_memory_of_a_shard_of_one_record_group(make_lsh: A
     lsh = await make_lsh(shards=8, hashing="kmeans")
     await lsh.index(np.arange(256), clustered(256, 32, seed=2))
     assert (await lsh._ready()).sharded.groups == 1
-    keys = [key async for key in raw_redis.scan_iter(match=f"{{{lsh.prefix}*", count=1000)]
-    used = sum([await raw_redis.memory_usage(key) for key in keys])
+    used = await prefix_memory(raw_redis, lsh.prefix)
     assert (await lsh.stats(exact=True))["index_memory_bytes"] == used
 
 
