@@ -8,9 +8,11 @@ import logging
 import re
 from typing import Any
 
+import anyio
 import asyncpg
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
@@ -18,6 +20,7 @@ from redis.exceptions import OutOfMemoryError
 from conftest import clustered, index_state
 from lshrs import LSHRS, _lshrs
 from lshrs.adapters import PostgresStore, SQLAlchemyStore
+from lshrs.cli import main as cli
 
 pytestmark = pytest.mark.anyio
 
@@ -121,8 +124,14 @@ async def test_null_rows_alone_are_counted_without_an_id_and_logged_without_prog
         with caplog.at_level(logging.WARNING, logger="lshrs"):
             assert await lsh.index() == GOOD
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.module == "_lshrs"]
-        assert warned == ["skipped 1 rows it cannot index: 1 NULL vector"]  # the store logs its own too
+        assert warned == ["skipped 1 row it cannot index: 1 NULL vector"]  # the store logs its own too
         assert "skipped" not in capsys.readouterr().err
+        await lsh.drop()
+    env = {"LSHRS_REDIS_URL": url, "LSHRS_POSTGRES_DSN": postgres_dsn, "LSHRS_TABLE": "null_rows"}
+    built = await anyio.to_thread.run_sync(lambda: CliRunner().invoke(cli, ["--prefix", "null-rows", "index"], env=env))
+    assert built.exit_code == 0, built.output
+    assert "indexed 300 vectors under prefix 'null-rows'; skipped 1 row it cannot index (1 NULL vector)" in built.output
+    async with LSHRS(dim=DIM, redis_url=url, prefix="null-rows") as lsh:
         await lsh.drop()
 
 

@@ -116,7 +116,8 @@ class _Screen:
         """One line for the rows skipped, if any: on stderr with progress, else a warning."""
         if self.skipped:
             say = _progress.note if report else _progress.logger.warning
-            say(f"skipped {sum(self.skipped.values()):,} rows it cannot index: {_progress.counted(self.skipped)}")
+            skipped = _progress.row_count(sum(self.skipped.values()))
+            say(f"skipped {skipped} it cannot index: {_progress.counted(self.skipped)}")
 
 
 #: A learned index fits its partition on at least this many vectors.

@@ -94,6 +94,11 @@ def reporting(setting: Setting, what: str, unit: str = "vectors") -> Iterator[Pr
         yield setting
 
 
+def row_count(count: int) -> str:
+    """``"1 row"``, ``"1,200 rows"``."""
+    return f"{count:,} row" if count == 1 else f"{count:,} rows"
+
+
 def counted(reasons: Mapping[str, int]) -> str:
     """``"2 NULL vector, 1 wrong dimension"``: rows a build skipped, by reason."""
     return ", ".join(f"{count:,} {reason}" for reason, count in sorted(reasons.items()))

@@ -22,11 +22,11 @@ import asyncpg
 import numpy as np
 from redis.exceptions import RedisError
 
-from ._config import IndexConfig
+from ._config import IndexConfig, check_prefix
 from ._connect import connect
 from ._index import meta_keys
 from ._lshrs import LSHRS
-from ._progress import counted
+from ._progress import counted, row_count
 from ._tuning import Tuning
 from ._types import Hit, Indexed, Rows, VectorStore
 
@@ -154,9 +154,17 @@ def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return with_store
 
 
+def _prefix(context: click.Context, parameter: click.Parameter, prefix: str) -> str:
+    """Refuse a prefix the library would refuse, as a usage error, before any server is asked."""
+    try:
+        return check_prefix(prefix)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), context, parameter) from exc
+
+
 @click.group(context_settings={"show_default": True})
 @click.option("--redis-url", envvar="LSHRS_REDIS_URL", default="redis://localhost:6379/0", show_envvar=True)
-@click.option("--prefix", envvar="LSHRS_PREFIX", default="lshrs", show_envvar=True)
+@click.option("--prefix", envvar="LSHRS_PREFIX", default="lshrs", show_envvar=True, callback=_prefix)
 @click.option("--debug", is_flag=True, help="Show the traceback of an error, not one line.")
 @click.pass_context
 def main(context: click.Context, redis_url: str, prefix: str, debug: bool) -> None:
@@ -237,7 +245,7 @@ def index(
 
     indexed = _run(build)
     skipped = sum(indexed.skipped.values())
-    left_out = f"; skipped {skipped:,} rows it cannot index ({counted(indexed.skipped)})" if skipped else ""
+    left_out = f"; skipped {row_count(skipped)} it cannot index ({counted(indexed.skipped)})" if skipped else ""
     click.echo(f"\nindexed {indexed:,} vectors under prefix {obj['prefix']!r}{left_out}", err=True)
 
 
