@@ -159,8 +159,9 @@ class ShardedIndex:
         return [f"{stem}:{g}" for g in group_of(ids, self.groups).tolist()]
 
     def _group_keys(self, shard: int) -> list[str]:
+        """The record hashes of a grouped shard (an ungrouped one has one, ``signature_key``)."""
         stem = self.signature_key(shard)
-        return [f"{stem}:{g}" for g in range(self.groups)] if self.groups else [stem]
+        return [f"{stem}:{g}" for g in range(self.groups)]
 
     def script_keys(self, shard: int) -> list[str]:
         """The record hash, the generation counter, the change log and the id count of a shard."""
