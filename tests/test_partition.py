@@ -233,6 +233,52 @@ def test_a_sieved_plan_rescores_the_best_of_its_first_pass_exactly(
     assert np.mean(agree) >= 0.9, np.mean(agree)  # 0.96; on random axes 0.75, on the least 0.36
 
 
+def test_a_sieve_is_fitted_on_a_sample_and_covers_every_bucket(
+    fitted: Partition, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sieve's axes are the principal axes of every ``step``-th fine
+    centroid (at most ``_SIEVE_SAMPLE`` of them); its rows are every
+    centroid's coordinates on them, reduced ``_CHUNK`` rows at a time (the
+    sieves the other tests build sample every centroid, in one chunk)."""
+    monkeypatch.setattr(_partition, "_SIEVE_SAMPLE", 100)  # 251 buckets: every second centroid
+    monkeypatch.setattr(_partition, "_CHUNK", 64)  # four chunks, the last short
+    sieve = _partition.Sieve.of(fitted)
+    sample = fitted.fine[::2]
+    _, axes = np.linalg.eigh((sample.T @ sample).astype(np.float64))
+    expected = axes[:, ::-1][:, : DIM // 3]
+    assert np.allclose(np.abs(np.sum(sieve.basis * expected, axis=0)), 1, atol=1e-4)  # the same axes, up to sign
+    _, every = np.linalg.eigh((fitted.fine.T @ fitted.fine).astype(np.float64))
+    assert not np.allclose(np.abs(np.sum(sieve.basis * every[:, ::-1][:, : DIM // 3], axis=0)), 1, atol=1e-4)
+    reduced = fitted.fine @ sieve.basis
+    assert sieve.rows.shape == reduced.shape and sieve.rows.dtype == np.int8
+    rounding = np.abs(reduced).max(axis=1, keepdims=True) / 127
+    assert (np.abs(sieve.rows * sieve.scales[:, None] - reduced) <= rounding).all()
+
+
+def test_best_gives_the_highest_scores_highest_first() -> None:
+    """``_best`` against a full sort, for every count up to past the length,
+    over many score vectors (a selection one off its rank is mostly right
+    all the same: wrong about once in 500 calls)."""
+    rng = np.random.default_rng(5)
+    for size in [1, 2, *rng.integers(3, 300, 100).tolist()]:
+        scores = rng.standard_normal(size).astype(np.float32)
+        for count in range(1, size + 3):
+            assert _partition._best(scores, count).tolist() == np.argsort(-scores)[:count].tolist()
+
+
+def test_a_partition_of_flat_probe_buckets_is_probed_flat(fitted: Partition, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``FLAT_PROBE`` buckets or fewer score every centroid, alone and in a
+    batch: the exact best buckets; one bucket more goes through the groups."""
+    monkeypatch.setattr(_partition, "_MIN_OPENED", 1)  # the groups' path opens 6 of 16 groups
+    queries = clustered(40, DIM, centers=40, seed=12)
+    flat = [np.argsort(-(fitted.fine @ q), kind="stable")[:20].tolist() for q in queries]
+    for limit, exact in ((fitted.buckets, True), (fitted.buckets - 1, False)):
+        monkeypatch.setattr(_partition, "FLAT_PROBE", limit)
+        batch = [p.tolist() for p in fitted.probe_many(queries, 20)]
+        alone = [fitted.probe(q, 20).tolist() for q in queries]
+        assert (batch == flat) == exact and (alone == flat) == exact, limit
+
+
 def default_probes(buckets: int, spill: bool) -> int:
     """The default probes of a learned family over ``buckets`` centroids."""
     from lshrs._codes import ProductCodes
