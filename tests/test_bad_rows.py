@@ -265,3 +265,37 @@ async def test_a_store_with_too_few_indexable_rows_does_not_train(postgres_dsn: 
         ):
             await lsh.index()
         await lsh.drop()
+
+
+@pytest.mark.parametrize("block_rows", [50, 100])
+async def test_blocks_with_nothing_left_to_hash_still_count_their_rows(
+    postgres_dsn: str, redis_proc: Any, monkeypatch: pytest.MonkeyPatch, block_rows: int
+) -> None:
+    """A block whose every row is skipped (rows a build cannot index, or
+    rows a resumed build finds indexed) is not hashed, and still counts the
+    rows it read in the build's progress and result. Blocks of one batch
+    (ids 100-149 are one, all NaN), and of two (each batch's records cut
+    from the block's)."""
+    monkeypatch.setattr(_lshrs, "_HASH_ROWS", block_rows)
+    nan = np.full(DIM, np.nan, np.float32)
+    good = [*range(100), *range(150, GOOD + 50)]  # ids 100-149 are bad
+    rows = [(i, BASE[at]) for at, i in enumerate(good)] + [(i, nan) for i in range(100, 150)]
+    await bytea_table(postgres_dsn, "bad_block", sorted(rows, key=lambda row: row[0]))
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    raw = Redis.from_url(url)
+    store = PostgresStore(postgres_dsn, table="bad_block")
+    seen: list[tuple[int, int | None]] = []
+    async with LSHRS(dim=DIM, redis_url=url, prefix="bad-block", store=store, batch_size=50) as lsh:
+        await lsh.drop()
+        indexed = await lsh.index(progress=lambda done, total: seen.append((done, total)))
+        assert (indexed, indexed.skipped) == (GOOD, {"NaN or infinity": 50})
+        assert seen == [(done, GOOD + 50) for done in range(50, GOOD + 51, 50)]
+        state = await index_state(raw, lsh)
+        assert set(state) == set(good)
+        first, seen[:] = list(seen), []
+        # Resumed over the whole build: every block is either indexed or bad.
+        resumed = await lsh.index(resume=True, progress=lambda done, total: seen.append((done, total)))
+        assert (resumed, resumed.skipped, seen) == (GOOD, {"NaN or infinity": 50}, first)
+        assert await index_state(raw, lsh) == state
+        await lsh.drop()
+    await raw.aclose()
