@@ -65,8 +65,9 @@ async def test_a_build_skips_and_counts_the_rows_it_cannot_index(
     monkeypatch: pytest.MonkeyPatch,
     block_rows: int | None,
 ) -> None:
-    """With ``block_rows``, the bad rows are hashed in a full block (of two
-    batches), the rest in the last, partial one; else all in the last."""
+    """With ``block_rows``, the bad rows are hashed in a full block (of
+    three batches: the store leaves the NULL row out, so two hold 199
+    rows), the last four rows in a block of their own; else all in one."""
     if block_rows is not None:
         monkeypatch.setattr(_lshrs, "_HASH_ROWS", block_rows)
     url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
