@@ -317,7 +317,25 @@ async def test_postgres_passing_rows_gives_up_when_more_pass_than_it_may_read(
 
     monkeypatch.setattr(store, "_expected_rows", stale)
     assert await store.passing_rows(("lang = $1", "en"), 20) is None
+
+    async def exactly_30(*args: Any) -> float:
+        return 30.0
+
+    monkeypatch.setattr(store, "_expected_rows", exactly_30)  # at most: 30 expected of 30 allowed are read
+    rows = await store.passing_rows(("lang = $1", "en"), 30)
+    assert rows is not None and sorted(rows.ids.tolist()) == list(range(0, N, 100))
     await store.close()
+
+
+async def test_an_id_set_of_at_most_most_ids_is_read_whole() -> None:
+    """``few_enough`` reads a set of ids from the store when it holds at
+    most ``most`` ids, the ones the store has; one more and it declines."""
+    store = InMemoryStore()
+    await store.put(np.arange(100), BASE[:100])
+    wanted = {3, 1, 2, 10**6}  # one id the store lacks
+    rows = await _filters.few_enough(wanted, store, 4)
+    assert rows is not None and rows.ids.tolist() == [1, 2, 3]
+    assert await _filters.few_enough(wanted, store, 3) is None
 
 
 async def test_an_id_filter_works_with_a_store_that_also_takes_conditions(table: tuple[str, str, str]) -> None:

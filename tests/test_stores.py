@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
 import numpy as np
 import pytest
@@ -425,3 +426,47 @@ async def test_a_row_zeroed_in_the_table_after_its_build_scores_zero(postgres_ds
         await conn.close()
         await lsh.close()
         await store.close()
+
+
+async def test_a_statement_held_up_by_a_lock_times_out_naming_its_method(postgres_dsn: str) -> None:
+    """A table another session holds ``ACCESS EXCLUSIVE`` (a migration's
+    ``ALTER TABLE``) blocks every statement on it: each of the store's
+    methods gives up at ``command_timeout`` with the built-in
+    ``TimeoutError`` naming itself and the table, and works once the lock
+    is gone."""
+    conn = await asyncpg.connect(postgres_dsn)
+    await fill_pg_table(conn, "locked", "bytea", PG_COLUMNS["bytea"][1], rows=300)
+    fresh = PostgresStore(postgres_dsn, table="locked", command_timeout=0.3)  # not yet inspected
+    store = PostgresStore(postgres_dsn, table="locked", command_timeout=0.3)
+    assert await store.dimension() == DIM
+    ids = np.arange(5, dtype=np.int64)
+    calls: list[tuple[str, Any]] = [
+        ("dimension", fresh.dimension),  # bytea: its first row says the dimension
+        ("count", store.count),
+        ("fetch", lambda: store.fetch(ids)),
+        ("passing", lambda: store.passing(ids, "id >= 0")),
+        ("passing_rows", lambda: store.passing_rows("id < 3", 10)),
+        ("check_where", lambda: store.check_where("id < 3")),
+        ("sample", lambda: store.sample(10)),
+        ("batches", lambda: anext(aiter(store.batches(100)))),
+    ]
+    try:
+        lock = conn.transaction()
+        await lock.start()
+        await conn.execute('LOCK TABLE "locked" IN ACCESS EXCLUSIVE MODE')
+        for method, call in calls:
+            with anyio.fail_after(5):  # no command_timeout: it would wait for the lock as long as it is held
+                with pytest.raises(TimeoutError) as waited:
+                    await call()
+            expected = (
+                f"PostgreSQL did not answer PostgresStore.{method}() on table 'locked' within command_timeout=0.3 s"
+            )
+            assert str(waited.value) == expected
+        await lock.rollback()
+        assert await fresh.dimension() == DIM and await store.count() == 300
+        assert (await store.fetch(ids)).ids.tolist() == ids.tolist()
+    finally:
+        await fresh.close()
+        await store.close()
+        await conn.execute('DROP TABLE "locked"')
+        await conn.close()
