@@ -875,10 +875,11 @@ def test_count_ids_counts_every_kind_of_id(ids: list[int]) -> None:
     assert counts.tolist() == expected_counts.tolist()
 
 
-@pytest.mark.parametrize("ids", [[0, 1, 2, 5, 9], [3, 10**12, -4]])
+@pytest.mark.parametrize("ids", [[0, 1, 2, 5, 9], [3, 10**12, -4], [0]])
 def test_signature_cache_finds_dense_and_sparse_ids(ids: list[int]) -> None:
     """Dense ids are found through a position table, others by binary search:
-    both must hit exactly the cached ids, and miss evicted and unknown ones."""
+    both must hit exactly the cached ids, and miss evicted and unknown ones
+    (also past a position table of one slot)."""
     from lshrs._cache import SignatureCache
 
     cache = SignatureCache(shards=1, width=1, capacity=100)
