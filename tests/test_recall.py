@@ -118,6 +118,7 @@ def test_probe_keys_name_the_buckets_the_signature_names(rows: int) -> None:
     exactly the bucket suffix that ``Bands.pack`` gives the query itself."""
     bands = Bands(4, rows)
     margins = np.random.default_rng(rows).standard_normal(bands.num_bits).astype(np.float32)
+    margins[::5] = 0.0  # on a hyperplane: the signature's bit is 0 (``> 0``), so must the probe's be
     keys = np.frombuffer(probe_keys(bands, margins, 1000), np.uint8).reshape(-1, 1 + bands.band_bytes)
     named = {(int(k[0]), k[1:].tobytes()) for k in keys}
     assert len(named) == len(keys)
@@ -147,8 +148,20 @@ def test_probe_keys_are_the_likeliest_buckets_in_order(num_bands: int, rows: int
     cosine 0.5 lands on the far side of hyperplane i with probability
     Phi(-z_i), z_i = 0.5 / sqrt(0.75) * |margin_i|; the probes are the
     buckets it most likely lands in, likeliest first."""
-    bands = Bands(num_bands, rows)
-    margins = np.random.default_rng(5).standard_normal(bands.num_bits).astype(np.float32)
+    assert_likeliest_in_order(Bands(num_bands, rows), asked, 5)
+
+
+def test_probe_keys_take_the_likeliest_at_every_count() -> None:
+    """The same, for every count of probes over many margins: a selection one
+    rank off is right for most of them."""
+    for seed in range(30):
+        for asked in range(1, 49):
+            assert_likeliest_in_order(Bands(3, 4), asked, seed)
+
+
+def assert_likeliest_in_order(bands: Bands, asked: int, seed: int) -> None:
+    num_bands, rows = bands.num_bands, bands.rows
+    margins = np.random.default_rng(seed).standard_normal(bands.num_bits).astype(np.float32)
     z = np.abs(margins.reshape(num_bands, rows)) * 0.5 / math.sqrt(0.75)
     log_flip = np.log(0.5 * np.vectorize(math.erfc)(z / math.sqrt(2)))  # log Phi(-z)
     log_keep = np.log(0.5 * np.vectorize(math.erfc)(-z / math.sqrt(2)))  # log Phi(z)
@@ -168,6 +181,8 @@ def test_probe_keys_are_the_likeliest_buckets_in_order(num_bands: int, rows: int
 def test_standardised_columns_have_length_sqrt_dim() -> None:
     """Margins are read as standard normal scores (:func:`probe_keys`)."""
     projection = make_projection(40, 24, 3)
+    assert np.array_equal(make_projection(40, 24, 3), projection)  # the seed decides it
+    assert not np.array_equal(make_projection(40, 24, 4), projection)
     standard = standardise(projection)
     np.testing.assert_allclose(np.linalg.norm(standard, axis=0), math.sqrt(40), rtol=1e-5)
     assert ((standard > 0) == (projection > 0)).all()
