@@ -270,10 +270,9 @@ def test_the_cli_exits_non_zero_when_a_server_is_down(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout
     assert result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1, result.stderr[-500:]
     # A prefix the library refuses is a usage error, found before any server is asked (Redis is down).
-    for command in ([lshrs_command, "--prefix", "a:b", "stats"], [lshrs_command, "drop", "--yes"]):
-        bad = dict(env, LSHRS_PREFIX="{x}")
-        result = subprocess.run(command, env=bad, capture_output=True, text=True, timeout=60)
-        shown = "'a:b'" if "a:b" in command else "'{x}'"
+    bad = dict(env, LSHRS_PREFIX="{x}")
+    for args, shown in ((["--prefix", "a:b", "stats"], "'a:b'"), (["drop", "--yes"], "'{x}'")):
+        result = subprocess.run([lshrs_command, *args], env=bad, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, result.stderr[-500:]
         refusal = f"Error: Invalid value for '--prefix' (env var: 'LSHRS_PREFIX'): prefix {shown} is not allowed: "
         assert result.stderr.splitlines()[-1].startswith(refusal), result.stderr[-500:]
