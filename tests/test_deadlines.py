@@ -23,7 +23,7 @@ from conftest import clustered, index_state
 from lshrs import LSHRS, IndexMissing, Overloaded, Rows
 from lshrs import _lshrs as lshrs_module
 from lshrs._admission import WAITING_PER_SLOT, Admission, Call
-from lshrs.adapters import InMemoryStore, PostgresStore, RedisStore
+from lshrs.adapters import InMemoryStore, PostgresStore, RedisStore, _postgres
 from servers import postgres, redis_server
 
 pytestmark = pytest.mark.anyio
@@ -448,27 +448,35 @@ async def assert_times_out_soon(call: Awaitable[Any], expected: str) -> None:
     assert time.monotonic() - started < 5
 
 
-async def test_a_store_connecting_to_a_frozen_postgres_gives_up_at_its_command_timeout() -> None:
+async def test_a_store_connecting_to_a_frozen_postgres_gives_up_at_its_command_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A server that accepts connections and never answers them (its
     postmaster frozen: the kernel still completes the TCP handshake) is not
-    waited on past ``command_timeout``; asyncpg's own connect timeout is 60 s."""
+    waited on past ``command_timeout``, nor forever without one: connecting
+    then takes asyncpg's 60 s at most (made 1 s here)."""
+    monkeypatch.setattr(_postgres, "_CONNECT_SECONDS", 1.0)
+    named = r"^PostgreSQL did not answer PostgresStore\.count\(\) on table 't' within "
+    limits = {1.0: r"command_timeout=1 s$", None: r"the 1 s a connection may take \(command_timeout=None\)$"}
     with postgres() as server:
         conn = await asyncpg.connect(server.url)
         data = await conn.fetchval("SELECT setting FROM pg_settings WHERE name = 'data_directory'")
         await conn.close()
         postmaster = int((await anyio.Path(data, "postmaster.pid").read_text()).split()[0])
-        store = PostgresStore(server.url, table="t", command_timeout=1.0)
+        stores = {limit: PostgresStore(server.url, table="t", command_timeout=limit) for limit in limits}
         os.kill(postmaster, signal.SIGSTOP)
         try:
-            expected = r"^PostgreSQL did not answer PostgresStore\.count\(\) on table 't' within command_timeout=1 s$"
-            await assert_times_out_soon(store.count(), expected)
+            async with anyio.create_task_group() as group:
+                for limit, expected in limits.items():
+                    group.start_soon(assert_times_out_soon, stores[limit].count(), named + expected)
         finally:
             os.kill(postmaster, signal.SIGCONT)
             # As root the server runs under runuser, which stops itself when its
             # child stops (job control) and would then not pass on the shutdown.
             assert server.executor.process is not None
             os.kill(server.executor.process.pid, signal.SIGCONT)
-        await store.close()
+        for store in stores.values():
+            await store.close()
 
 
 async def test_a_build_over_a_frozen_postgres_ends_at_the_stores_command_timeout(redis_proc: Any) -> None:

@@ -327,10 +327,10 @@ async def test_ingest_into_an_owned_store_needs_the_vector(owned_store: VectorSt
         await lsh.close()
 
 
-async def analyzed_table(dsn: str, table: str, seed: int) -> np.ndarray:
-    """A fresh ``bytea`` table of 20,000 random 64-d rows (about 30 a page),
-    analyzed, so the planner knows its size; returns its vectors by id."""
-    vectors = np.random.default_rng(seed).standard_normal((20_000, 64)).astype(np.float32)
+async def analyzed_table(dsn: str, table: str, seed: int, dim: int = 64) -> np.ndarray:
+    """A fresh ``bytea`` table of 20,000 random rows (at 64-d about 30 a
+    page), analyzed, so the planner knows its size; returns its vectors by id."""
+    vectors = np.random.default_rng(seed).standard_normal((20_000, dim)).astype(np.float32)
     conn = await asyncpg.connect(dsn)
     await conn.execute(f"DROP TABLE IF EXISTS {table}")
     await conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, embedding bytea)")
@@ -384,6 +384,29 @@ async def test_a_sample_is_exactly_as_large_as_asked_when_the_statistics_are_off
         assert np.array_equal(sample.vectors, vectors[sample.ids])
         if path == "rows":  # a row sample keeps few neighbours (5%); pages keep most
             assert np.isin(sample.ids + 1, sample.ids).mean() < 0.2
+    finally:
+        await store.close()
+
+
+async def test_a_page_sample_under_half_the_rows_asked_gives_way_to_a_row_sample(postgres_dsn: str) -> None:
+    """Too few pages drawn (the planner's count 2.4 times the table's) bring
+    back about 0.42 of the rows asked: too coarse a sample, so the store
+    draws rows instead, exactly as many. Rows of 400-d vectors, 4 a page,
+    so the 625 or so pages drawn hold that share to within 4% (one standard
+    deviation), far from a third or a half."""
+    table, asked, stated = "sampled_coarse", 6_000, 48_000
+    vectors = await analyzed_table(postgres_dsn, table, seed=5, dim=400)
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("UPDATE pg_class SET reltuples = $1 WHERE oid = $2::regclass", stated, table)
+    # What a page sample of that share yields here, drawn apart from the store's.
+    paged = await conn.fetchval(f"SELECT count(*) FROM {table} TABLESAMPLE SYSTEM ($1)", 100.0 * asked / stated)
+    await conn.close()
+    assert asked // 3 <= paged < asked // 2
+    store = PostgresStore(postgres_dsn, table=table)
+    try:
+        sample = await store.sample(asked)
+        assert len(set(sample.ids.tolist())) == len(sample) == asked
+        assert np.array_equal(sample.vectors, vectors[sample.ids])
     finally:
         await store.close()
 

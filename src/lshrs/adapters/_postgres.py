@@ -28,6 +28,10 @@ logger = logging.getLogger("lshrs")
 #: A table at least this many times larger than a sample is sampled by pages.
 _SAMPLE_BY_PAGES = 4
 
+#: Seconds a connection may take when ``command_timeout=None`` lifts the
+#: limit on statements: asyncpg's own default, stated so that it holds.
+_CONNECT_SECONDS = 60.0
+
 _SEND = {"real[]": "array_send", "double precision[]": "array_send", "vector": "vector_send"}
 
 
@@ -72,12 +76,13 @@ class PostgresStore:
     async def _ready(self) -> asyncpg.Pool:
         """Open the pool and check the table on first use, so errors name the column."""
         if self._pool is None:
-            # Connecting waits on the same limit (asyncpg's own is 60 s): a
-            # server that accepts and never answers is not waited on longer
-            # than one that stops answering a statement.
-            connect = {} if self._timeout is None else {"timeout": self._timeout}
+            # Connecting waits on the same limit: a server that accepts and
+            # never answers is not waited on longer than one that stops
+            # answering a statement. No limit on statements still bounds a
+            # connection: a frozen server would otherwise hang it for good.
+            connect = _CONNECT_SECONDS if self._timeout is None else self._timeout
             self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self._pool_size, command_timeout=self._timeout, **connect
+                self._dsn, min_size=1, max_size=self._pool_size, command_timeout=self._timeout, timeout=connect
             )
         if self._kind is None:
             self._kind, self._dim = await self._inspect(self._pool)
@@ -92,7 +97,11 @@ class PostgresStore:
         try:
             yield
         except asyncio.TimeoutError as error:
-            limit = "its timeout" if self._timeout is None else f"command_timeout={self._timeout:g} s"
+            limit = (
+                f"the {_CONNECT_SECONDS:g} s a connection may take (command_timeout=None)"
+                if self._timeout is None
+                else f"command_timeout={self._timeout:g} s"
+            )
             raise TimeoutError(
                 f"PostgreSQL did not answer PostgresStore.{what}() on table {self._table!r} within {limit}"
             ) from error
