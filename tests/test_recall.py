@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
+from redis.asyncio import Redis
 
 from conftest import brute_force, clustered, planned_probes
 from lshrs import LSHRS, Tuning
@@ -324,3 +327,39 @@ async def test_open_clients_adopt_a_new_tuning(make_lsh: Any, monkeypatch: pytes
     await pinned.query(base[0])
     assert (await reader._ready()).probes == tuning.probes
     assert (await pinned._ready()).probes == 3
+
+
+async def test_a_query_that_outlives_close_does_not_reopen_its_client(
+    redis_proc: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A query whose tuning refresh comes back after ``close()`` (Redis
+    paused meanwhile) still answers, but does not hand the closed client its
+    old index with the new probes: opened again, the client adopts the index
+    the prefix holds by then (here rebuilt with the other family)."""
+    import lshrs._lshrs
+
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    given = Redis.from_url(url)  # a client of the caller's: close() leaves it open
+    await given.flushdb()
+    base = clustered(3000, 32, seed=2, spread=0.4)
+    tuner = LSHRS(dim=32, redis_url=url, prefix="outlived", store=InMemoryStore())
+    await tuner.index(np.arange(len(base)), base)
+    reader = LSHRS(dim=32, redis=given, prefix="outlived", warm_in_background=False)
+    before = (await reader._ready()).probes
+    assert (await tuner.tune(0.99, sample=40)).probes != before  # else this test proves nothing
+    monkeypatch.setattr(lshrs._lshrs, "TUNING_REFRESH", 0.0)
+    await given.execute_command("CLIENT", "PAUSE", 300, "ALL")
+    outliving = asyncio.ensure_future(reader.query(base[0], top_k=1))
+    await anyio.sleep(0.1)  # the query waits on its refresh read
+    await reader.close()
+    assert (await outliving)[0].id == 0
+    await tuner.drop()
+    await tuner.close()
+    rebuilt = LSHRS(dim=32, redis_url=url, prefix="outlived", hashing="hyperplane", store=InMemoryStore())
+    await rebuilt.index(np.arange(len(base)), base)
+    assert (await reader.query(base[0], top_k=1))[0].id == 0
+    assert reader.config.hashing == "hyperplane"
+    await rebuilt.drop()
+    await rebuilt.close()
+    await reader.close()
+    await given.aclose()
