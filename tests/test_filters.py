@@ -168,6 +168,32 @@ async def test_id_filters_work_with_any_store(redis_proc: Any) -> None:
         await estimates.drop()
 
 
+async def test_a_query_probing_runs_short_for_keeps_top_p_of_its_rerank_depth(redis_proc: Any) -> None:
+    """Hyperplanes reach only rows near the query: with the passing rows all
+    but opposite to it (400, more than the prefilter's 8 x 20 takes),
+    probing finds fewer than ``top_k`` and the passing rows are ranked
+    exactly. ``top_p`` then keeps its share of the 20 nearest (``rerank``),
+    as on the index path, not of all 400."""
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/5"
+    query = QUERIES[0]
+    opposite = -query + 0.1 * np.random.default_rng(3).standard_normal((400, DIM)).astype(np.float32)
+    vectors = np.concatenate([BASE[:N], opposite / np.linalg.norm(opposite, axis=1, keepdims=True)])
+    away = np.arange(N, N + 400)
+    nearest_first = away[np.argsort(-(vectors[away] @ query))].tolist()
+    async with LSHRS(
+        dim=DIM, redis_url=url, prefix="short", store=InMemoryStore(), hashing="hyperplane", rerank=20
+    ) as lsh:
+        await lsh.drop()
+        await lsh.index(np.arange(len(vectors)), vectors)
+        probed = await lsh.query(query, top_k=10, where=lambda ids: ids >= N)  # a callable has no exact path
+        assert len(probed) < 10  # else this test proves nothing
+        hits = await lsh.query(query, top_k=10, where=set(away.tolist()))
+        share = await lsh.query(query, top_k=10, top_p=0.25, where=set(away.tolist()))
+        await lsh.drop()
+    assert [h.id for h in hits] == nearest_first[:10]
+    assert [h.id for h in share] == nearest_first[:5]  # ceil(0.25 * 20)
+
+
 async def test_postgres_passing_answers_the_same_by_either_path(table: tuple[str, str, str]) -> None:
     """Few candidates are looked up by id; many, against a condition few rows
     pass, are met by reading the passing ids: the answer is the same."""
