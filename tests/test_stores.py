@@ -344,10 +344,10 @@ async def analyzed_table(dsn: str, table: str, seed: int, dim: int = 64) -> np.n
 async def test_a_large_postgres_table_is_sampled_by_pages(postgres_dsn: str) -> None:
     """A table many times the sample is read by pages (TABLESAMPLE), not
     sorted whole: the rows come back as they are stored, distinct, and about
-    as many as asked; a small table still gives exactly as many. Rows of
-    64-d vectors, about 30 a page: at 8-d, 150 a page, the 5% of 130 pages
-    drawn was sometimes under half the rows asked, and the store rightly fell
-    back to a row sample."""
+    as many as asked; a table under four times the sample still gives
+    exactly as many, drawn row by row. Rows of 64-d vectors, about 30 a
+    page: at 8-d, 150 a page, the 5% of 130 pages drawn was sometimes under
+    half the rows asked, and the store rightly fell back to a row sample."""
     vectors = await analyzed_table(postgres_dsn, "sampled", seed=3)
     store = PostgresStore(postgres_dsn, table="sampled")
     try:
@@ -357,8 +357,12 @@ async def test_a_large_postgres_table_is_sampled_by_pages(postgres_dsn: str) -> 
         assert np.array_equal(paged.vectors, vectors[paged.ids])
         # Read by pages: neighbouring rows come together (a row sample keeps 5% of them).
         assert np.isin(paged.ids + 1, paged.ids).mean() > 0.3
-        sorted_ = await store.sample(10_000)  # half the table: sorted, exactly as many
-        assert len(set(sorted_.ids.tolist())) == 10_000
+        # Exactly four times the sample: still by pages (whole pages, or most of them).
+        assert np.isin((edge := await store.sample(5_000)).ids + 1, edge.ids).mean() > 0.5
+        # Just under: a row sample, exactly as many, a row's neighbour kept at the sample's rate (25%).
+        rowwise = await store.sample(5_001)
+        assert len(set(rowwise.ids.tolist())) == len(rowwise) == 5_001
+        assert np.isin(rowwise.ids + 1, rowwise.ids).mean() < 0.35
     finally:
         await store.close()
 
