@@ -411,17 +411,20 @@ async def test_a_write_waits_for_a_held_lease_as_long_as_its_own_timeout_allows(
             key = index.lease_key(int(index.shard_of(np.array([id_]))[0]))
             await raw_redis.hset(key, packed_id(id_), f"{lapses_ms}:elsewhere")
 
+        # The lease lapses 1.5 s after `held`, which is read before the HSET
+        # (the cluster client's first command to a node can take a while).
+        held = time.monotonic()
         await hold(7, 1.5)
         started = time.monotonic()
         with pytest.raises(TimeoutError, match=r"^another client kept writing some of these ids for 0\.[345] s"):
             await lsh.ingest(7, BASE[7] + 0.5, timeout=0.5)
         assert time.monotonic() - started < 0.5
         await lsh.ingest(7, BASE[7] + 0.5, timeout=3.0)  # the lease lapses at 1.5 s, within this call's 3 s
-        assert time.monotonic() - started > 1.3
+        assert time.monotonic() - held > 1.45
         assert (await lsh.query(BASE[7] + 0.5, top_k=1))[0].id == 7
 
+        held = time.monotonic()
         await hold(9, 1.5)
-        started = time.monotonic()
         assert await lsh.delete([9], timeout=3.0) == 1
-        assert time.monotonic() - started > 1.3
+        assert time.monotonic() - held > 1.45
         assert 9 not in set(await index_state(raw_redis, lsh))
