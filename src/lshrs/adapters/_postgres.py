@@ -78,8 +78,8 @@ class PostgresStore:
         if self._pool is None:
             # Connecting waits on the same limit: a server that accepts and
             # never answers is not waited on longer than one that stops
-            # answering a statement. No limit on statements still bounds a
-            # connection: a frozen server would otherwise hang it for good.
+            # answering a statement. With no limit on statements, connecting
+            # keeps one (``timeout=None`` would wait on a frozen server for good).
             connect = _CONNECT_SECONDS if self._timeout is None else self._timeout
             self._pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=self._pool_size, command_timeout=self._timeout, timeout=connect
