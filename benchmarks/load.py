@@ -75,12 +75,20 @@ async def unloaded(lsh: LSHRS, queries: np.ndarray, count: int = 300) -> dict[st
 
 
 async def run(
-    url: str, seconds: float, concurrency: int, timeout: float, max_inflight: int, freeze: bool = False
+    url: str,
+    seconds: float,
+    concurrency: int,
+    timeout: float,
+    max_inflight: int,
+    max_waiting: int | None = None,
+    freeze: bool = False,
 ) -> dict[str, Any]:
     data = load("minilm", 100_000, 1000)
     # The deadline goes on each call (timeout=): the client's own timeout stays
     # the default, which also bounds every Redis command of the build.
-    async with LSHRS(dim=384, redis_url=url, prefix="load", store=InMemoryStore(), max_inflight=max_inflight) as lsh:
+    async with LSHRS(
+        dim=384, redis_url=url, prefix="load", store=InMemoryStore(), max_inflight=max_inflight, max_waiting=max_waiting
+    ) as lsh:
         await lsh.drop()
         await lsh.index(np.arange(100_000), data.base)
         await lsh.warm()  # as a service does at start-up
@@ -170,6 +178,7 @@ async def run(
             "seconds": seconds,
             "timeout_s": timeout,
             "max_inflight": max_inflight,
+            "max_waiting": lsh._admission.most_waiting,
             "gc_frozen_objects": frozen,
             "elapsed_s": round(elapsed, 1),
             "served": len(served),
@@ -196,11 +205,16 @@ async def run(
         }
 
 
+def waiting(result: dict[str, Any]) -> int:
+    """Calls that could queue (results from before ``max_waiting`` existed had 64 a slot)."""
+    return int(result.get("max_waiting", 64 * result["max_inflight"]))
+
+
 def table(result: dict[str, Any]) -> str:
     served, alone = result["served_ms"], result["unloaded_ms"]
     rows = [
         ("calls in flight", result["concurrency"]),
-        ("max_inflight, deadline", f"{result['max_inflight']}, {result['timeout_s']} s"),
+        ("max_inflight, max_waiting, deadline", f"{result['max_inflight']}, {waiting(result)}, {result['timeout_s']}s"),
         ("objects frozen at start-up (gc.freeze)", result.get("gc_frozen_objects", 0)),
         ("served / refused / timed out", f"{result['served']} / {result['refused']} / {result['timed_out']}"),
         ("served QPS", result["served_qps"]),
@@ -231,7 +245,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     outcomes = ["served", "refused", "timed_out"]
     right.bar(outcomes, [result[o] for o in outcomes])
     right.set_yscale("log")
-    setting = f"max_inflight {result['max_inflight']}, deadline {result['timeout_s']} s"
+    setting = f"max_inflight {result['max_inflight']}, max_waiting {waiting(result)}, deadline {result['timeout_s']} s"
     figure.suptitle(f"{result['concurrency']} calls in flight, {setting}")
     finish(figure, path)
 
@@ -242,14 +256,25 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=10_000)
     parser.add_argument("--timeout", type=float, default=1.0, help="each call's deadline, seconds")
     parser.add_argument("--max-inflight", type=int, default=64)
+    parser.add_argument("--max-waiting", type=int, default=None, help="calls that may queue (default 64 a slot)")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after start-up, as a service may")
     args = parser.parse_args()
     with redis_server("--appendonly", "no") as server:
         result = asyncio.run(
-            run(server.url, args.seconds, args.concurrency, args.timeout, args.max_inflight, args.gc_freeze)
+            run(
+                server.url,
+                args.seconds,
+                args.concurrency,
+                args.timeout,
+                args.max_inflight,
+                args.max_waiting,
+                args.gc_freeze,
+            )
         )
+    queue = "" if args.max_waiting is None else f"-queue{args.max_waiting}"
     frozen = "-frozen" if args.gc_freeze else ""
-    save(result, stem(args, f"load-{args.concurrency}-{args.max_inflight}x{args.timeout:g}s{frozen}"), table, plot)
+    name = f"load-{args.concurrency}-{args.max_inflight}x{args.timeout:g}s{queue}{frozen}"
+    save(result, stem(args, name), table, plot)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,37 @@ async def test_overload_is_refused_at_once_and_the_rest_served(redis_proc: Any) 
         await lsh.drop()
 
 
+@pytest.mark.parametrize("max_waiting", [0, 3])
+async def test_max_waiting_bounds_the_queue_and_zero_queues_nothing(redis_proc: Any, max_waiting: int) -> None:
+    """With ``max_waiting=0`` a call that finds every slot busy is refused
+    at once, never queued behind the others; with 3, three wait."""
+    url, store = redis_url_of(redis_proc, 6), InMemoryStore()
+    async with LSHRS(dim=DIM, redis_url=url, prefix="queue", store=store) as builder:
+        await builder.drop()
+        await builder.index(np.arange(1000), BASE[:1000])
+        expected = (await builder.query(BASE[9], top_k=3))[0].id
+    async with LSHRS(
+        dim=DIM, redis_url=url, prefix="queue", store=store, max_inflight=2, max_waiting=max_waiting
+    ) as lsh:
+        await lsh.query(BASE[9], top_k=3)  # opened, so every call below starts at once
+
+        async def one() -> float | None:
+            started = time.monotonic()
+            try:
+                hits = await lsh.query(BASE[9], top_k=3)
+            except Overloaded as refusal:
+                assert "2 calls running and" in str(refusal) and "(max_inflight, max_waiting)" in str(refusal)
+                return time.monotonic() - started
+            assert hits[0].id == expected
+            return None
+
+        outcomes = await asyncio.gather(*(one() for _ in range(50)))
+        refused = [took for took in outcomes if took is not None]
+        assert len(refused) == 50 - 2 - max_waiting
+        assert max(refused) < 0.005
+        await lsh.drop()
+
+
 async def test_a_wait_that_would_pass_the_deadline_is_refused() -> None:
     """The admission queue judges the wait from how long calls held their
     slot: past half the time left, it refuses at once; within it, it waits."""

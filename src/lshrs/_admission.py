@@ -61,14 +61,15 @@ ADMIT_WITHIN = 0.5
 
 
 class Admission:
-    """At most ``limit`` calls run at once and ``WAITING_PER_SLOT * limit``
-    more wait, in arrival order. A call that would not finish within half its
+    """At most ``limit`` calls run at once and ``waiting`` more (by default
+    ``WAITING_PER_SLOT * limit``) wait, in arrival order. A call that would not finish within half its
     time left, judged from how long recent calls held their slot, is refused
     at once (``Overloaded``). Memory stays bounded whatever arrives: refused
     calls hold nothing."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, waiting: int | None = None) -> None:
         self.limit = limit
+        self.most_waiting = WAITING_PER_SLOT * limit if waiting is None else waiting
         self._running = 0
         self._waiting: collections.deque[anyio.Event] = collections.deque()
         self._hold = 0.0  # seconds a call held its slot, smoothed
@@ -81,9 +82,11 @@ class Admission:
         if self._running < self.limit and not self._waiting:
             self._running += 1
             return None
-        if len(self._waiting) >= WAITING_PER_SLOT * self.limit:
+        if len(self._waiting) >= self.most_waiting:
             self.refused += 1
-            raise Overloaded(f"{self._running} calls running and {len(self._waiting)} waiting (max_inflight)")
+            raise Overloaded(
+                f"{self._running} calls running and {len(self._waiting)} waiting (max_inflight, max_waiting)"
+            )
         # The wait for a slot, then the call's own work: admitting a call that
         # gets its slot just before its deadline would only time it out later.
         expected = self._hold * ((len(self._waiting) + 1) / self.limit + 1)

@@ -185,9 +185,12 @@ class LSHRS:
     ``timeout`` bounds each call of ``query``, ``query_many``, ``ingest`` and
     ``delete`` as a whole (each also takes ``timeout=`` for itself) and every
     Redis command; past it a call raises ``TimeoutError``. At most
-    ``max_inflight`` of those calls run at once and 64 times as many wait;
-    more, or one that would not finish within half its time left, fail at
-    once with ``Overloaded`` (a ``TimeoutError``).
+    ``max_inflight`` of those calls run at once and ``max_waiting`` more
+    wait (by default 64 times ``max_inflight``, so a ``gather`` of thousands
+    just waits); more, or one that would not finish within half its time
+    left, fail at once with ``Overloaded`` (a ``TimeoutError``). A service
+    that would rather refuse than answer late sets ``max_waiting=0``: a
+    served call then never queues behind others.
 
     A client keeps the records of up to ``signature_cache`` ids a shard, so
     a warm query reads only bucket ids from Redis; one that did not build
@@ -224,6 +227,7 @@ class LSHRS:
         batch_size: int = 10_000,
         timeout: float | None = 10.0,
         max_inflight: int = 64,
+        max_waiting: int | None = None,
         redis_options: Mapping[str, Any] | None = None,
         progress: bool | ProgressCallback | None = None,
     ) -> None:
@@ -242,6 +246,8 @@ class LSHRS:
             ("expected_size", expected_size),
         ):
             _positive_int(name, value)
+        if max_waiting is not None:
+            _positive_int("max_waiting", max_waiting, least=0)
         banded = num_bands is not None or rows_per_band is not None
         if hashing is None:
             family = "hyperplane" if banded else "kmeans"
@@ -315,7 +321,7 @@ class LSHRS:
         self._warm_in_background = warm_in_background
         self._batch_size = batch_size
         self._timeout = timeout
-        self._admission = Admission(max_inflight)
+        self._admission = Admission(max_inflight, max_waiting)
         self._redis_options = dict(redis_options or {})
         self._progress = _progress.check(progress)
         self._open_lock = asyncio.Lock()
