@@ -8,6 +8,7 @@ acknowledged writes missing at the end, and memory.
     nox -s load                       # 10,000 queries in flight for 60 s, 1 s deadlines
     python -m benchmarks.load --seconds 10 --concurrency 1000 --timeout 0.5
     python -m benchmarks.load --gc-freeze   # as a service that freezes its start-up objects
+    python -m benchmarks.load --gc-off      # ... and then turns the cycle collector off
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ async def run(
     timeout: float,
     max_inflight: int,
     max_waiting: int | None = None,
-    freeze: bool = False,
+    collector: str = "on",
 ) -> dict[str, Any]:
+    """``collector``: "on", "freeze" (``gc.freeze()`` after start-up) or
+    "off" (frozen, then ``gc.disable()``)."""
     data = load("minilm", 100_000, 1000)
     # The deadline goes on each call (timeout=): the client's own timeout stays
     # the default, which also bounds every Redis command of the build.
@@ -93,11 +96,15 @@ async def run(
         await lsh.index(np.arange(100_000), data.base)
         await lsh.warm()  # as a service does at start-up
         alone = await unloaded(lsh, data.queries)
-        if freeze:
+        if collector != "on":
             # What start-up made (modules, the client, the data) lives as long
             # as the process: frozen, a full collection no longer walks it.
             gc.collect()
             gc.freeze()
+        if collector == "off":
+            # No collection pauses at all, safe only if the calls leave no
+            # cyclic garbage: what one collection finds at the end is reported.
+            gc.disable()
         deadline = time.monotonic() + seconds
         served: list[float] = []
         refused: list[float] = []
@@ -168,6 +175,8 @@ async def run(
         elapsed = time.monotonic() - started
         gc.callbacks.remove(stalls.on_gc)
         frozen = gc.get_freeze_count()
+        cyclic = gc.collect() if collector == "off" else None
+        gc.enable()
         gc.unfreeze()
         client = Redis.from_url(url)
         present = set(await index_state(client, lsh))
@@ -180,6 +189,8 @@ async def run(
             "max_inflight": max_inflight,
             "max_waiting": lsh._admission.most_waiting,
             "gc_frozen_objects": frozen,
+            "gc": collector,
+            "cyclic_garbage_after_run": cyclic,
             "elapsed_s": round(elapsed, 1),
             "served": len(served),
             "served_qps": round(len(served) / elapsed, 1),
@@ -218,6 +229,8 @@ def table(result: dict[str, Any]) -> str:
         ("calls in flight", result["concurrency"]),
         ("max_inflight, max_waiting, deadline", f"{result['max_inflight']}, {waiting(result)}, {result['timeout_s']}s"),
         ("objects frozen at start-up (gc.freeze)", result.get("gc_frozen_objects", 0)),
+        ("cycle collector during the run", result.get("gc", "-")),
+        ("cyclic garbage left by the run (gc off: objects)", result.get("cyclic_garbage_after_run", "-")),
         ("served / refused / timed out", f"{result['served']} / {result['refused']} / {result['timed_out']}"),
         ("served QPS", result["served_qps"]),
         ("served p50 / p95 / p99 ms", f"{served['p50_ms']} / {served['p95_ms']} / {served['p99_ms']}"),
@@ -261,8 +274,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1.0, help="each call's deadline, seconds")
     parser.add_argument("--max-inflight", type=int, default=64)
     parser.add_argument("--max-waiting", type=int, default=None, help="calls that may queue (default 64 a slot)")
-    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after start-up, as a service may")
+    collector = parser.add_mutually_exclusive_group()
+    collector.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after start-up, as a service may")
+    collector.add_argument("--gc-off", action="store_true", help="gc.freeze(), then gc.disable(), after start-up")
     args = parser.parse_args()
+    collector = "off" if args.gc_off else "freeze" if args.gc_freeze else "on"
     with redis_server("--appendonly", "no") as server:
         result = asyncio.run(
             run(
@@ -272,12 +288,12 @@ def main() -> None:
                 args.timeout,
                 args.max_inflight,
                 args.max_waiting,
-                args.gc_freeze,
+                collector,
             )
         )
     queue = "" if args.max_waiting is None else f"-queue{args.max_waiting}"
-    frozen = "-frozen" if args.gc_freeze else ""
-    name = f"load-{args.concurrency}-{args.max_inflight}x{args.timeout:g}s{queue}{frozen}"
+    suffix = {"on": "", "freeze": "-frozen", "off": "-gcoff"}[collector]
+    name = f"load-{args.concurrency}-{args.max_inflight}x{args.timeout:g}s{queue}{suffix}"
     save(result, stem(args, name), table, plot)
 
 

@@ -545,3 +545,40 @@ async def test_a_build_over_a_frozen_postgres_ends_at_the_stores_command_timeout
                 os.kill(backend, signal.SIGCONT)
         await store.close()
         await conn.close()
+
+
+async def test_calls_leave_no_cyclic_garbage(redis_proc: Any) -> None:
+    """A latency-first service may turn the cycle collector off once it has
+    started (Guarantees, Load: its pauses are what makes calls overrun their
+    deadlines). That is safe only if lshrs's calls, served, refused and timed
+    out alike, leave no reference cycles for a collection to free."""
+    url, store = redis_url_of(redis_proc, 6), InMemoryStore()
+    async with (
+        LSHRS(dim=DIM, redis_url=url, prefix="cycles", store=store) as lsh,
+        LSHRS(dim=DIM, redis_url=url, prefix="cycles", store=store, max_inflight=1, max_waiting=0) as strict,
+    ):
+        await lsh.drop()
+        await lsh.index(np.arange(1000), BASE[:1000])
+
+        async def calls(round: int) -> None:
+            await lsh.query(BASE[round], top_k=5)
+            await asyncio.gather(*(lsh.query(BASE[round + i], top_k=5) for i in range(8)))  # one batch
+            await lsh.query_many(BASE[round : round + 4], top_k=5)
+            await lsh.ingest(2000 + round, BASE[2000 + round])
+            await lsh.delete([2000 + round])
+            with pytest.raises(TimeoutError):
+                await lsh.query(BASE[round], timeout=1e-9)
+            outcomes = await asyncio.gather(*(strict.query(BASE[round]) for _ in range(3)), return_exceptions=True)
+            assert [type(o) for o in outcomes] == [list, Overloaded, Overloaded]
+
+        await calls(0)  # caches, scripts and connections made once, as at start-up
+        gc.collect()
+        gc.disable()
+        try:
+            for round in range(1, 31):
+                await calls(round)
+            left = gc.collect()
+        finally:
+            gc.enable()
+        assert left == 0
+        await lsh.drop()
