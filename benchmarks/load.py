@@ -263,7 +263,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     right.bar(outcomes, [result[o] for o in outcomes])
     right.set_yscale("log")
     setting = f"max_inflight {result['max_inflight']}, max_waiting {waiting(result)}, deadline {result['timeout_s']} s"
-    figure.suptitle(f"{result['concurrency']} calls in flight, {setting}")
+    collector = {"on": "", "freeze": ", collector frozen", "off": ", collector off"}[result.get("gc", "on")]
+    figure.suptitle(f"{result['concurrency']} calls in flight, {setting}{collector}")
     finish(figure, path)
 
 
