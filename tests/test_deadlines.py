@@ -560,23 +560,23 @@ async def test_calls_leave_no_cyclic_garbage(redis_proc: Any) -> None:
         await lsh.drop()
         await lsh.index(np.arange(1000), BASE[:1000])
 
-        async def calls(round: int) -> None:
-            await lsh.query(BASE[round], top_k=5)
-            await asyncio.gather(*(lsh.query(BASE[round + i], top_k=5) for i in range(8)))  # one batch
-            await lsh.query_many(BASE[round : round + 4], top_k=5)
-            await lsh.ingest(2000 + round, BASE[2000 + round])
-            await lsh.delete([2000 + round])
+        async def calls(turn: int) -> None:
+            await lsh.query(BASE[turn], top_k=5)
+            await asyncio.gather(*(lsh.query(BASE[turn + i], top_k=5) for i in range(8)))  # one batch
+            await lsh.query_many(BASE[turn : turn + 4], top_k=5)
+            await lsh.ingest(2000 + turn, BASE[2000 + turn])
+            await lsh.delete([2000 + turn])
             with pytest.raises(TimeoutError):
-                await lsh.query(BASE[round], timeout=1e-9)
-            outcomes = await asyncio.gather(*(strict.query(BASE[round]) for _ in range(3)), return_exceptions=True)
+                await lsh.query(BASE[turn], timeout=1e-9)
+            outcomes = await asyncio.gather(*(strict.query(BASE[turn]) for _ in range(3)), return_exceptions=True)
             assert [type(o) for o in outcomes] == [list, Overloaded, Overloaded]
 
         await calls(0)  # caches, scripts and connections made once, as at start-up
         gc.collect()
         gc.disable()
         try:
-            for round in range(1, 31):
-                await calls(round)
+            for turn in range(1, 31):
+                await calls(turn)
             left = gc.collect()
         finally:
             gc.enable()

@@ -62,9 +62,9 @@ ADMIT_WITHIN = 0.5
 
 class Admission:
     """At most ``limit`` calls run at once and ``waiting`` more (by default
-    ``WAITING_PER_SLOT * limit``) wait, in arrival order. A call that would not finish within half its
-    time left, judged from how long recent calls held their slot, is refused
-    at once (``Overloaded``). Memory stays bounded whatever arrives: refused
+    ``WAITING_PER_SLOT * limit``) wait, in arrival order. A call that would
+    not finish within half its time left, judged from how long recent calls
+    held their slot, is refused at once (``Overloaded``). Memory stays bounded whatever arrives: refused
     calls hold nothing."""
 
     def __init__(self, limit: int, waiting: int | None = None) -> None:
