@@ -225,12 +225,14 @@ def waiting(result: dict[str, Any]) -> int:
 
 def table(result: dict[str, Any]) -> str:
     served, alone = result["served_ms"], result["unloaded_ms"]
+    deadline = f"{result['timeout_s']} s"
+    cyclic = result.get("cyclic_garbage_after_run")
     rows = [
         ("calls in flight", result["concurrency"]),
-        ("max_inflight, max_waiting, deadline", f"{result['max_inflight']}, {waiting(result)}, {result['timeout_s']}s"),
+        ("max_inflight, max_waiting, deadline", f"{result['max_inflight']}, {waiting(result)}, {deadline}"),
         ("objects frozen at start-up (gc.freeze)", result.get("gc_frozen_objects", 0)),
         ("cycle collector during the run", result.get("gc", "-")),
-        ("cyclic garbage left by the run (gc off: objects)", result.get("cyclic_garbage_after_run", "-")),
+        ("cyclic garbage left by the run (gc off: objects)", "-" if cyclic is None else cyclic),
         ("served / refused / timed out", f"{result['served']} / {result['refused']} / {result['timed_out']}"),
         ("served QPS", result["served_qps"]),
         ("served p50 / p95 / p99 ms", f"{served['p50_ms']} / {served['p95_ms']} / {served['p99_ms']}"),
@@ -275,9 +277,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1.0, help="each call's deadline, seconds")
     parser.add_argument("--max-inflight", type=int, default=64)
     parser.add_argument("--max-waiting", type=int, default=None, help="calls that may queue (default 64 a slot)")
-    collector = parser.add_mutually_exclusive_group()
-    collector.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after start-up, as a service may")
-    collector.add_argument("--gc-off", action="store_true", help="gc.freeze(), then gc.disable(), after start-up")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after start-up, as a service may")
+    modes.add_argument("--gc-off", action="store_true", help="gc.freeze(), then gc.disable(), after start-up")
     args = parser.parse_args()
     collector = "off" if args.gc_off else "freeze" if args.gc_freeze else "on"
     with redis_server("--appendonly", "no") as server:
