@@ -275,8 +275,10 @@ def test_a_partition_of_flat_probe_buckets_is_probed_flat(fitted: Partition, mon
     for limit, exact in ((fitted.buckets, True), (fitted.buckets - 1, False)):
         monkeypatch.setattr(_partition, "FLAT_PROBE", limit)
         batch = [p.tolist() for p in fitted.probe_many(queries, 20)]
+        few = [p.tolist() for p in fitted.probe_many(queries[:3], 20)]  # scored row by row
         alone = [fitted.probe(q, 20).tolist() for q in queries]
         assert (batch == flat) == exact and (alone == flat) == exact, limit
+        assert (few == flat[:3]) == exact, limit
 
 
 def default_probes(buckets: int, spill: bool) -> int:
