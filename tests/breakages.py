@@ -100,7 +100,7 @@ BREAKAGES = [
      "test_deadlines.py -k cyclic"),
     ("max_waiting ignored (the default queue whatever it says)", "src/lshrs/_admission.py",
      "WAITING_PER_SLOT * limit if waiting is None else waiting", "WAITING_PER_SLOT * limit",
-     "test_deadlines.py -k max_waiting"),
+     "test_deadlines.py -k overload"),
     ("a wait past the deadline queued", "src/lshrs/_admission.py",
      "if remaining is not None and expected > ADMIT_WITHIN * remaining:", "if False:",
      "test_deadlines.py -k would_pass"),

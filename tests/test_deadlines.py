@@ -112,11 +112,15 @@ async def test_queries_answered_as_one_batch_each_keep_their_own_deadline(redis_
         await lsh.drop()
 
 
-async def test_overload_is_refused_at_once_and_the_rest_served(redis_proc: Any) -> None:
-    """2 slots and 128 places in the queue: of 500 queries sent at once,
-    the 370 that find the queue full fail at once; every other one gets the
-    answer it would get alone."""
-    async with LSHRS(dim=DIM, redis_url=redis_url_of(redis_proc, 6), store=InMemoryStore(), max_inflight=2) as lsh:
+@pytest.mark.parametrize("max_waiting", [None, 0, 3])
+async def test_overload_is_refused_at_once_and_the_rest_served(redis_proc: Any, max_waiting: int | None) -> None:
+    """2 slots and 128 places in the queue by default (``max_waiting=0``:
+    none, 3: three): of 500 queries sent at once, those that find the queue
+    full (370, 498, 495) fail at once; every other one gets the answer it
+    would get alone."""
+    async with LSHRS(
+        dim=DIM, redis_url=redis_url_of(redis_proc, 6), store=InMemoryStore(), max_inflight=2, max_waiting=max_waiting
+    ) as lsh:
         await lsh.drop()
         await lsh.index(np.arange(1000), BASE[:1000])
         expected = (await lsh.query(BASE[9], top_k=3))[0].id
@@ -125,45 +129,16 @@ async def test_overload_is_refused_at_once_and_the_rest_served(redis_proc: Any) 
             started = time.monotonic()
             try:
                 hits = await lsh.query(BASE[9], top_k=3)
-            except Overloaded:
+            except Overloaded as refusal:
+                assert "2 calls running and" in str(refusal) and "(max_inflight, max_waiting)" in str(refusal)
                 return "refused", time.monotonic() - started
             assert hits[0].id == expected
             return "served", time.monotonic() - started
 
         outcomes = await asyncio.gather(*(one(i) for i in range(500)))
         refused = [took for what, took in outcomes if what == "refused"]
-        assert len(refused) == 500 - 2 - 2 * WAITING_PER_SLOT
-        assert max(refused) < 0.005
-        await lsh.drop()
-
-
-@pytest.mark.parametrize("max_waiting", [0, 3])
-async def test_max_waiting_bounds_the_queue_and_zero_queues_nothing(redis_proc: Any, max_waiting: int) -> None:
-    """With ``max_waiting=0`` a call that finds every slot busy is refused
-    at once, never queued behind the others; with 3, three wait."""
-    url, store = redis_url_of(redis_proc, 6), InMemoryStore()
-    async with LSHRS(dim=DIM, redis_url=url, prefix="queue", store=store) as builder:
-        await builder.drop()
-        await builder.index(np.arange(1000), BASE[:1000])
-        expected = (await builder.query(BASE[9], top_k=3))[0].id
-    async with LSHRS(
-        dim=DIM, redis_url=url, prefix="queue", store=store, max_inflight=2, max_waiting=max_waiting
-    ) as lsh:
-        await lsh.query(BASE[9], top_k=3)  # opened, so every call below starts at once
-
-        async def one() -> float | None:
-            started = time.monotonic()
-            try:
-                hits = await lsh.query(BASE[9], top_k=3)
-            except Overloaded as refusal:
-                assert "2 calls running and" in str(refusal) and "(max_inflight, max_waiting)" in str(refusal)
-                return time.monotonic() - started
-            assert hits[0].id == expected
-            return None
-
-        outcomes = await asyncio.gather(*(one() for _ in range(50)))
-        refused = [took for took in outcomes if took is not None]
-        assert len(refused) == 50 - 2 - max_waiting
+        queued = 2 * WAITING_PER_SLOT if max_waiting is None else max_waiting
+        assert len(refused) == 500 - 2 - queued
         assert max(refused) < 0.005
         await lsh.drop()
 
